@@ -1,0 +1,123 @@
+"""Gradient family: gradient, guided backprop, DeconvNet, Integrated Gradients, SmoothGrad."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..hooks import relu_backward
+from ..registry import Method, Param, register
+
+BATCH_SIZE = Param("batch_size", 32, kind="int", low=1, doc="samples per model call (memory)")
+
+
+@register
+class Gradient(Method):
+    """Plain gradient of the target logit with respect to the input (Simonyan et al.)."""
+
+    name = "gradient"
+    family = "gradient"
+    relu_rule: str | None = None
+
+    def attribute(self, ex, target, layer, **params: Any) -> torch.Tensor:
+        if self.relu_rule is None:
+            return ex.input_gradient(ex.inputs, target)
+        with relu_backward(self.relu_rule):
+            return ex.input_gradient(ex.inputs, target)
+
+
+@register
+class GuidedBackprop(Gradient):
+    """Backward through ReLUs passes only positive gradients at positive inputs."""
+
+    name = "guided_backprop"
+    relu_rule = "guided"
+
+
+@register
+class DeconvNet(Gradient):
+    """Backward through ReLUs passes only positive gradients (forward sign ignored)."""
+
+    name = "deconvnet"
+    relu_rule = "deconvnet"
+
+
+def baseline_tensor(ex, baseline: Any) -> torch.Tensor:
+    """Baseline in model-input space: a float, a tensor, or ``"black"`` (the
+    preprocessed all-zero image)."""
+    x = ex.inputs
+    if isinstance(baseline, str):
+        if baseline != "black":
+            raise ValueError(f"baseline={baseline!r}: use a number, a tensor or 'black'")
+        black = torch.zeros_like(ex.images)
+        return ex.preprocess(black) if ex.preprocess is not None else black
+    if isinstance(baseline, torch.Tensor):
+        b = baseline.to(device=x.device, dtype=x.dtype)
+        try:
+            return torch.broadcast_to(b, x.shape)
+        except RuntimeError as err:
+            raise ValueError(
+                f"baseline of shape {tuple(b.shape)} does not broadcast to the inputs "
+                f"{tuple(x.shape)}"
+            ) from err
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        return torch.full_like(x, float(baseline))
+    raise TypeError(f"baseline must be a number, a tensor or 'black', got {baseline!r}")
+
+
+BASELINE = Param("baseline", 0.0, kind="any", doc="reference input: number, tensor or 'black'")
+
+
+@register
+class IntegratedGradients(Method):
+    """(x − x')·mean_k ∇f(x' + k/m (x − x')), k = 1..m (right Riemann sum, SPEC.md)."""
+
+    name = "integrated_gradients"
+    family = "gradient"
+    default_reduce = "sum"
+    signed = True
+    quick_params = {"steps": 4}
+    params = (
+        Param("steps", 32, kind="int", low=1, high=4096, doc="integration steps m"),
+        BASELINE,
+        BATCH_SIZE,
+    )
+
+    def attribute(self, ex, target, layer, steps, baseline, batch_size) -> torch.Tensor:
+        x = ex.inputs
+        base = baseline_tensor(ex, baseline)
+        delta = x - base
+        alphas = torch.arange(1, steps + 1, device=x.device, dtype=x.dtype) / steps
+        n = len(x)
+        # rows ordered (step, image) so one chunk holds consecutive steps of all images
+        path = (base[None] + alphas[:, None, None, None, None] * delta[None]).reshape(
+            steps * n, *x.shape[1:]
+        )
+        grads = ex.input_gradient(path, target.repeat(steps), batch_size=batch_size)
+        return delta * grads.reshape(steps, n, *x.shape[1:]).mean(dim=0)
+
+
+@register
+class SmoothGrad(Method):
+    """Mean gradient over noisy copies x + N(0, (σ·(max−min))²) (Smilkov et al.)."""
+
+    name = "smoothgrad"
+    family = "gradient"
+    quick_params = {"n": 3}
+    params = (
+        Param("n", 25, kind="int", low=1, high=10000, doc="noise samples"),
+        Param("sigma", 0.15, low=0.0, high=2.0, step=0.01,
+              doc="noise std as a fraction of x.max() - x.min()"),
+        Param("seed", 0, kind="int", low=0, doc="random seed of the noise"),
+        BATCH_SIZE,
+    )
+
+    def attribute(self, ex, target, layer, n, sigma, seed, batch_size) -> torch.Tensor:
+        x = ex.inputs
+        span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).reshape(-1, 1, 1, 1)
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        noise = torch.randn((n, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
+        noisy = (x[None] + noise * (sigma * span)[None]).reshape(n * len(x), *x.shape[1:])
+        grads = ex.input_gradient(noisy, target.repeat(n), batch_size=batch_size)
+        return grads.reshape(n, *x.shape).mean(dim=0)

@@ -1,0 +1,153 @@
+"""Scoped changes to a user's model: every one is undone on exit, exception or not.
+
+* :func:`model_guard` – eval mode and non-in-place ReLUs for the duration of a call,
+  then the exact ``training`` flags and ``inplace`` flags restored.
+* :func:`capture` – forward hooks that record layer outputs; handles removed on exit.
+* :func:`relu_backward` – swaps the backward rule of every ReLU (module, functional
+  or in-place, shared modules included) for guided backprop / DeconvNet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+@contextlib.contextmanager
+def model_guard(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode with non-in-place ReLUs; restore everything after.
+
+    In-place activations break forward/backward hooks and overwrite captured
+    activations, so they are switched off here rather than rejected.
+
+    >>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(inplace=True)).train()
+    >>> with model_guard(m):
+    ...     assert not m.training and not m[1].inplace
+    >>> m.training, m[1].inplace
+    (True, True)
+    """
+    modules = list(model.modules())
+    training = [m.training for m in modules]
+    inplace = [(m, m.inplace) for m in modules if hasattr(m, "inplace") and m.inplace is True]
+    try:
+        model.eval()
+        for m, _ in inplace:
+            m.inplace = False
+        yield model
+    finally:
+        for m, flag in zip(modules, training):
+            m.training = flag
+        for m, flag in inplace:
+            m.inplace = flag
+
+
+class HookSet:
+    """Handles collected in one place and removed in one call."""
+
+    def __init__(self) -> None:
+        self.handles: list[RemovableHandle] = []
+
+    def add(self, handle: RemovableHandle) -> None:
+        self.handles.append(handle)
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+
+@contextlib.contextmanager
+def capture(
+    modules: dict[str, nn.Module], detach: bool = False
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the output of each named module during forward passes inside the block.
+
+    The recorded tensor is the module's own output; downstream code receives a
+    copy, so later in-place operations (``out += identity`` in ResNets) cannot
+    change what was recorded. With ``detach=True`` the record is detached.
+
+    >>> conv = nn.Conv2d(3, 4, 3)
+    >>> with capture({"conv": conv}) as acts:
+    ...     _ = conv(torch.zeros(1, 3, 8, 8))
+    >>> acts["conv"].shape
+    torch.Size([1, 4, 6, 6])
+    """
+    records: dict[str, torch.Tensor] = {}
+    hooks = HookSet()
+
+    def make_hook(name: str) -> Callable:
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"layer {name!r} returns {type(output).__name__}, not a tensor; "
+                    "pick a layer whose output is a single feature map"
+                )
+            records[name] = output.detach() if detach else output
+            return output.clone()
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            hooks.add(module.register_forward_hook(make_hook(name)))
+        yield records
+    finally:
+        hooks.remove()
+
+
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU whose backward passes ``g * [x > 0] * [g > 0]`` (guided backprop)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad.clamp(min=0) * (x > 0).to(grad.dtype)
+
+
+class _DeconvReLU(torch.autograd.Function):
+    """ReLU whose backward passes ``g * [g > 0]`` (DeconvNet), ignoring the forward sign."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.clamp(min=0)
+
+
+_RELU_RULES = {"guided": _GuidedReLU, "deconvnet": _DeconvReLU}
+
+
+@contextlib.contextmanager
+def relu_backward(rule: str) -> Iterator[None]:
+    """Swap the backward rule of every ReLU called inside the block.
+
+    ``rule`` is ``"guided"`` or ``"deconvnet"``. It works by swapping
+    ``torch.nn.functional.relu`` (which ``nn.ReLU`` calls) and ``torch.relu``
+    for the duration of the block, so a ReLU module used twice, a functional
+    ReLU and an in-place ReLU all get the rule, and no module is edited.
+    """
+    function = _RELU_RULES[rule]
+
+    def relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        return function.apply(x)
+
+    saved = (F.relu, F.relu_, torch.relu, torch.relu_)
+    try:
+        F.relu = relu
+        F.relu_ = relu
+        torch.relu = relu
+        torch.relu_ = relu
+        yield
+    finally:
+        F.relu, F.relu_, torch.relu, torch.relu_ = saved

@@ -1,0 +1,108 @@
+"""Layer discovery: which named modules make sense as ``layer=...`` and the defaults.
+
+Rules (documented for users, used by :meth:`Explainer.layers`):
+
+* candidate layers are convolutions, and the *block outputs*: residual blocks
+  (torchvision ``BasicBlock``/``Bottleneck``, timm-style blocks, anything whose
+  class name ends in ``Block``/``Bottleneck``) and, for plain conv stacks, the
+  activation (ReLU-like) or pooling module that follows each convolution;
+* the default layer for CAM/FEM is the last block output (the last convolutional
+  block, as in Grad-CAM);
+* the FEM stack of MLFEM uses every residual block output when the model has
+  residual blocks, else every conv block's output (the activation after each conv),
+  else every candidate layer that is not a bare convolution.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .registry import close_matches
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.PReLU)
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+
+
+def is_residual_block(module: nn.Module) -> bool:
+    """True for ResNet-style blocks (by class name, which covers torchvision and timm)."""
+    name = type(module).__name__
+    return name.endswith(("Block", "Bottleneck", "BasicBlock")) or name in {
+        "InvertedResidual",
+        "_DenseLayer",
+    }
+
+
+def _ordered_named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if n]
+
+
+def block_outputs(model: nn.Module) -> list[str]:
+    """Names of the modules whose outputs are 'blocks', shallowest first.
+
+    Residual blocks when the model has any (nested blocks are skipped: only the
+    outermost counts), else the activation after each convolution (plain nets).
+    """
+    named = _ordered_named_modules(model)
+    blocks: list[str] = []
+    for name, module in named:
+        if is_residual_block(module) and not any(name.startswith(b + ".") for b in blocks):
+            blocks.append(name)
+    if blocks:
+        return blocks
+    return conv_activations(model)
+
+
+def conv_activations(model: nn.Module) -> list[str]:
+    """For plain conv stacks: the first activation module after each convolution."""
+    named = _ordered_named_modules(model)
+    out: list[str] = []
+    pending = False
+    for name, module in named:
+        if isinstance(module, nn.Conv2d):
+            pending = True
+        elif pending and isinstance(module, _ACTIVATIONS):
+            out.append(name)
+            pending = False
+    return out
+
+
+def candidate_layers(model: nn.Module) -> list[str]:
+    """Every layer usable as ``layer=`` in forward (definition) order:
+    convolutions and block outputs."""
+    blocks = set(block_outputs(model))
+    named = _ordered_named_modules(model)
+    # a block's output comes after everything inside it: sort by its last descendant
+    last_position = {}
+    for position, (name, _) in enumerate(named):
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            last_position[".".join(parts[:depth])] = position
+    chosen = [name for name, module in named if isinstance(module, nn.Conv2d) or name in blocks]
+    return sorted(chosen, key=lambda name: last_position[name])
+
+
+def default_layer(model: nn.Module) -> str:
+    """The last convolutional block's output (Grad-CAM and FEM default)."""
+    blocks = block_outputs(model)
+    if blocks:
+        return blocks[-1]
+    convs = [n for n, m in _ordered_named_modules(model) if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(
+            "the model has no convolutional layer; layer-based methods (gradcam, fem...) "
+            "need a CNN. Pass layer=<module name> explicitly if your model is unusual."
+        )
+    return convs[-1]
+
+
+def resolve_layer(model: nn.Module, layer: str) -> nn.Module:
+    """The module called ``layer``; an unknown name gets a list of close matches."""
+    modules = dict(model.named_modules())
+    if not isinstance(layer, str) or layer not in modules or layer == "":
+        options = candidate_layers(model)
+        close = close_matches(str(layer), options) or close_matches(str(layer), list(modules))
+        raise ValueError(
+            f"unknown layer {layer!r}. Close matches: {close or 'none'}. "
+            f"Explainer.layers() lists the usable layers (e.g. {options[-3:]})."
+        )
+    return modules[layer]

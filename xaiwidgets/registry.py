@@ -1,0 +1,185 @@
+"""Method registry: every explanation method is a small registered object.
+
+A method declares its parameters once (name, default, range, doc); the
+:class:`~xaiwidgets.explainer.Explainer` uses them for validation and attrs,
+the widgets use them to build sliders.  Adding a method is one class::
+
+    @register
+    class Saliency(Method):
+        name = "my_saliency"
+        params = (Param("power", 2.0, low=0.0, doc="exponent"),)
+
+        def attribute(self, ex, target, layer, power):
+            return ex.input_gradient(target) ** power
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .explainer import Explainer
+
+_REGISTRY: dict[str, Method] = {}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One method parameter: default, valid range and how a slider should show it.
+
+    ``kind`` is ``"float"``, ``"int"``, ``"choice"`` or ``"any"`` (tensors, strings...).
+    ``low``/``high`` are inclusive bounds; ``log`` asks widgets for a log-scale slider.
+
+    >>> Param("steps", 32, kind="int", low=1).validate(8)
+    8
+    """
+
+    name: str
+    default: Any
+    kind: str = "float"
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] = ()
+    log: bool = False
+    step: float | None = None
+    doc: str = ""
+    optional: bool = False  # ``None`` is an accepted value
+
+    def validate(self, value: Any) -> Any:
+        """Return ``value`` converted to this parameter's type, or raise ``ValueError``."""
+        if value is None and self.optional:
+            return None
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise ValueError(
+                    f"{self.name}={value!r} is not valid; choose one of {list(self.choices)}"
+                )
+            return value
+        if self.kind in ("float", "int"):
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(
+                    f"{self.name} must be a number, got {type(value).__name__} ({value!r})"
+                )
+            if self.kind == "int":
+                if float(value) != int(value):
+                    raise ValueError(f"{self.name} must be a whole number, got {value!r}")
+                value = int(value)
+            else:
+                value = float(value)
+            if math.isnan(value):
+                raise ValueError(f"{self.name} is NaN; pass a finite number")
+            if self.low is not None and value < self.low:
+                raise ValueError(f"{self.name}={value} is too small: it must be >= {self.low}")
+            if self.high is not None and value > self.high:
+                raise ValueError(f"{self.name}={value} is too large: it must be <= {self.high}")
+            return value
+        return value
+
+
+class Method:
+    """Base class of an explanation method.
+
+    Subclasses set the class attributes and implement :meth:`attribute`, which
+    gets the :class:`Explainer` (model, cached passes, helpers), the resolved
+    target tensor (one class index per image), the layer name (or ``None``) and
+    the validated parameters, and returns a tensor of shape ``(N, C, H, W)``
+    (pixel-space attribution, reduced later) or ``(N, H, W)`` (a map).
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    params: ClassVar[tuple[Param, ...]] = ()
+    #: "max_abs" (gradient RGB rule), "sum" (signed) or "map" (already one channel)
+    default_reduce: ClassVar[str] = "max_abs"
+    #: True when ``layer`` is meaningful (CAM, FEM)
+    uses_layer: ClassVar[bool] = False
+    #: True when the map keeps a meaningful sign (diverging colormap)
+    signed: ClassVar[bool] = False
+    #: True when the method ignores the target class (FEM)
+    class_agnostic: ClassVar[bool] = False
+    #: normalise the final 2-D map to [0, 1] (CAM, FEM)
+    normalize_output: ClassVar[bool] = False
+    #: parameter overrides for a quick run (tests, previews): few samples/steps
+    quick_params: ClassVar[dict[str, Any]] = {}
+
+    def attribute(
+        self, ex: Explainer, target: torch.Tensor, layer: str | None, **params: Any
+    ) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def default_layer(self, ex: Explainer) -> str | None:
+        """The layer used when the caller gives none (only for ``uses_layer`` methods)."""
+        return ex.default_layer() if self.uses_layer else None
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Defaults filled in, unknown names rejected, values validated."""
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            allowed = ", ".join(known) or "none"
+            raise TypeError(
+                f"method {self.name!r} does not take parameter(s) {unknown}; "
+                f"its parameters are: {allowed}"
+            )
+        out = {}
+        for name, p in known.items():
+            out[name] = p.validate(given[name]) if name in given else p.default
+        return self.check_params(out)
+
+    def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Hook for cross-parameter rules (e.g. alpha - beta = 1). Returns the params."""
+        return params
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a :class:`Method` subclass under its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def methods() -> list[str]:
+    """Names of every registered method, e.g. ``['gradient', 'guided_backprop', ...]``."""
+    _load_builtin_methods()
+    return list(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``; a clear error lists the known ones."""
+    _load_builtin_methods()
+    if not isinstance(name, str) or name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
+        hint = f" Did you mean {close}?" if close else ""
+        raise ValueError(
+            f"unknown method {name!r}.{hint} Known methods: {', '.join(sorted(_REGISTRY))}"
+        )
+    return _REGISTRY[name]
+
+
+def _load_builtin_methods() -> None:
+    import importlib
+
+    importlib.import_module(f"{__package__}.families")  # importing registers them
+
+
+def close_matches(word: str, options: Sequence[str], n: int = 5) -> list[str]:
+    """Options that look like ``word`` (for 'did you mean' errors)."""
+    matches = difflib.get_close_matches(word, list(options), n=n, cutoff=0.5)
+    if not matches:
+        matches = [o for o in options if word.lower() in o.lower()][:n]
+    return matches
