@@ -1,0 +1,225 @@
+"""The engine's contract for every registered method: no hooks left, model untouched,
+clear errors for bad input. Driven by the registry, so new methods are covered."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import xaiwidgets as xw
+
+from .conftest import TinyBlock
+
+
+class Bomb(nn.Module):
+    """Identity until armed; then raises in forward (a failure deep inside a call)."""
+
+    armed = False
+
+    def forward(self, x):
+        if self.armed:
+            raise RuntimeError("boom")
+        return x
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+        TinyBlock(6), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), Bomb(), nn.Linear(32, 3),
+    )
+
+
+def hook_count(model: nn.Module) -> int:
+    total = 0
+    for m in model.modules():
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                     "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+            total += len(getattr(m, name, {}))
+    return total
+
+
+def snapshot(model: nn.Module):
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [getattr(m, "inplace", None) for m in model.modules()],
+        [type(m) for m in model.modules()],
+        hook_count(model),
+    )
+
+
+def assert_unchanged(model, before):
+    after = snapshot(model)
+    state, training, inplace, types, hooks = before
+    assert after[4] == hooks, "a hook was left on the model"
+    assert after[1] == training, "train/eval flags changed"
+    assert after[2] == inplace, "inplace flags changed"
+    assert after[3] == types, "modules were replaced"
+    assert state.keys() == after[0].keys()
+    for key in state:
+        assert torch.equal(state[key], after[0][key]), f"{key} changed"
+    assert all(p.grad is None for p in model.parameters()), "gradients accumulated on params"
+
+
+def quick(method: str) -> dict:
+    return dict(xw.get_method(method).quick_params)
+
+
+@pytest.mark.parametrize("method", xw.methods())
+def test_method_leaves_model_untouched_on_success(method):
+    model = make_model().train()  # explained in eval mode, train mode restored
+    before = snapshot(model)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ex = xw.Explainer(model, x, classes=["a", "b", "c"])
+    result = ex.explain(method, target=[0, 2], **quick(method))
+    assert result.dims == ("image", "y", "x")
+    assert result.dtype == np.float32 and result.shape == (2, 16, 16)
+    assert np.isfinite(result.values).all()
+    assert result.attrs["method"] == method
+    assert list(result.attrs["target"]) == [0, 2]
+    assert list(result.coords["class_name"].values) == ["a", "c"]
+    for p in xw.get_method(method).params:
+        assert p.name in result.attrs, f"parameter {p.name} missing from attrs"
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", xw.methods())
+def test_method_leaves_model_untouched_when_it_raises(method):
+    model = make_model().train()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ex = xw.Explainer(model, x)
+    ex.logits()  # so the failure happens inside the method, not in target resolution
+    before = snapshot(model)
+    model[9].armed = True
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            ex.explain(method, target=1, **quick(method))
+    finally:
+        model[9].armed = False
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", xw.methods())
+def test_method_rejects_unknown_and_out_of_range_parameters(method):
+    ex = xw.Explainer(make_model(), torch.rand(1, 3, 16, 16))
+    with pytest.raises(TypeError, match="does not take parameter"):
+        ex.explain(method, target=0, not_a_parameter=1)
+    for p in xw.get_method(method).params:
+        if p.kind in ("float", "int") and p.low is not None:
+            with pytest.raises(ValueError, match=p.name):
+                ex.explain(method, target=0, **{p.name: p.low - 1})
+        if p.kind == "choice":
+            with pytest.raises(ValueError, match=p.name):
+                ex.explain(method, target=0, **{p.name: "no-such-choice"})
+
+
+def test_in_place_relu_models_work_and_keep_their_flag(tiny_cnn, images):
+    a = xw.explain(tiny_cnn, images, "guided_backprop", target=0)
+    assert np.isfinite(a.values).all() and a.values.max() > 0
+    assert tiny_cnn[2].inplace is True
+
+
+@pytest.mark.parametrize(
+    ("images", "error", "match"),
+    [
+        (torch.rand(2, 16, 16), ValueError, "grayscale|3 channels|shape"),
+        (torch.rand(1, 1, 16, 16), ValueError, "grayscale"),
+        (torch.rand(1, 16, 16, 3), ValueError, "channels-last"),
+        (torch.rand(16, 16), ValueError, "shape"),
+        (torch.randint(0, 255, (1, 3, 16, 16)), TypeError, "dtype"),
+        (torch.full((1, 3, 16, 16), float("nan")), ValueError, "NaN"),
+        ([[1.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_images_are_rejected_clearly(images, error, match):
+    with pytest.raises(error, match=match):
+        xw.Explainer(make_model(), images)
+
+
+def test_display_images_outside_unit_range_with_preprocess():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        xw.Explainer(make_model(), torch.rand(1, 3, 16, 16) * 255, preprocess=lambda x: x)
+
+
+def test_clear_errors_for_method_layer_and_target():
+    ex = xw.Explainer(make_model(), torch.rand(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="unknown method 'gradcm'.*gradcam"):
+        ex.explain("gradcm")
+    with pytest.raises(ValueError, match="unknown layer '3.conv3'.*3.conv"):
+        ex.explain("gradcam", layer="3.conv3")
+    with pytest.raises(ValueError, match="out of range.*3 classes"):
+        ex.explain("gradient", target=3)
+    with pytest.raises(ValueError, match="got 3 targets for 2 images"):
+        ex.explain("gradient", target=[0, 1, 2])
+    with pytest.raises(TypeError, match="does not take a layer"):
+        ex.explain("gradient", layer="0")
+    with pytest.raises(ValueError, match="reduce"):
+        ex.explain("gradient", reduce="mean")
+
+
+def test_model_on_another_device_is_reported():
+    model = make_model()
+    x = torch.rand(1, 3, 16, 16, dtype=torch.float32)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="model is on"):
+            xw.Explainer(model, x.cuda())
+    else:  # the meta device stands in for a second device on CPU-only machines
+        with pytest.raises(ValueError, match="model is on"):
+            xw.Explainer(model.to("meta"), x)
+
+
+def test_target_default_is_the_predicted_class():
+    model = make_model()
+    x = torch.rand(3, 3, 16, 16)
+    a = xw.explain(model, x, "gradient")
+    with torch.no_grad():
+        assert list(a.attrs["target"]) == model.eval()(x).argmax(1).tolist()
+
+
+def test_predict_returns_sorted_probabilities():
+    ex = xw.Explainer(make_model(), torch.rand(2, 3, 16, 16), classes=["a", "b", "c"])
+    p = ex.predict(top=2)
+    assert p.dims == ("image", "rank") and p.shape == (2, 2)
+    assert (p.values[:, 0] >= p.values[:, 1]).all()
+    assert set(p.coords["class_name"].values.ravel()) <= {"a", "b", "c"}
+
+
+def test_forward_pass_is_cached_and_invalidated_when_weights_change():
+    model = make_model()
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    ex = xw.Explainer(model, torch.rand(1, 3, 16, 16))
+    ex.predict()
+    ex.activations(["3"])
+    ex.predict()
+    ex.activations(["3"])
+    assert len(calls) == 2  # logits once, then the missing layer once
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    ex.predict()
+    assert len(calls) == 3
+
+
+def live_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_many_explanations_keep_memory_flat():
+    model = make_model()
+    ex = xw.Explainer(model, torch.rand(2, 3, 16, 16))
+    for method in ("gradient", "gradcam", "integrated_gradients"):
+        ex.explain(method, target=1, **quick(method))
+    start = live_tensors()
+    for _ in range(100):
+        for method in ("gradient", "gradcam", "integrated_gradients"):
+            ex.explain(method, target=1, **quick(method))
+    assert live_tensors() - start <= 2
+    assert hook_count(model) == 0
