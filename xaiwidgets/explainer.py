@@ -233,6 +233,16 @@ class Explainer:
         """Last convolutional block: the default layer of Grad-CAM and FEM."""
         return _layers.default_layer(self.model)
 
+    def fem_stack(self, layers: Sequence[str] | str | None = None, K: float = 1.0) -> xr.DataArray:
+        """Each layer's FEM map (default: every block output), dims ("image","layer","y","x").
+
+        Maps are at input size and min-max normalised; a ``K`` change re-uses the
+        cached activations. Fuse them with :func:`xaiwidgets.fuse`.
+        """
+        from .families.fem import fem_stack
+
+        return fem_stack(self, layers, K)
+
     def predict(self, top: int = 5) -> xr.DataArray:
         """Top-``top`` class probabilities per image, dims ("image", "rank").
 
@@ -374,7 +384,7 @@ class Explainer:
         m = get_method(method)
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce={reduce!r} is not valid; choose one of {list(REDUCTIONS)}")
-        resolved = m.resolve_params(params)
+        resolved = m.bind(self, m.resolve_params(params))
         if layer is not None and not m.uses_layer:
             raise TypeError(
                 f"method {m.name!r} does not take a layer; layer methods: "

@@ -144,6 +144,10 @@ class Method:
         """Hook for cross-parameter rules (e.g. alpha - beta = 1). Returns the params."""
         return params
 
+    def bind(self, ex: Explainer, params: dict[str, Any]) -> dict[str, Any]:
+        """Hook for defaults that depend on the model (e.g. MLFEM's layers). Returns the params."""
+        return params
+
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: register a :class:`Method` subclass under its ``name``."""

@@ -1,0 +1,192 @@
+"""Feature Explanation Method (FEM) and its multi-layer fusion (MLFEM).
+
+FEM (Ahmed Asif et al.) needs a forward pass only: for a layer's activation F
+with channels k, μ_k and σ_k are the spatial mean and population std of F_k,
+B_k = [F_k ≥ μ_k + K·σ_k] and the map is R = Σ_k μ_k·B_k. MLFEM (Bourroux et al.)
+computes one FEM map per block, normalises each at input size (the *FEM stack*)
+and fuses them (see :mod:`xaiwidgets.fusion`).
+
+Which layers the stack uses (``Explainer.block_layers()``): the output of every
+residual block when the model has residual blocks (the 16 bottlenecks of a
+ResNet50, after their final ReLU), else the activation after every convolution
+(VGG-style plain nets).
+
+Everything here works on the Explainer's cached activations, so changing ``K``,
+the operator, ``alpha`` or ``normalize`` never runs the model again.
+
+>>> import torch
+>>> F = torch.tensor([[[[0., 0.], [0., 4.]], [[2., 2.], [2., 2.]]]])
+>>> fem_map(F, K=1.0)
+tensor([[[2., 2.],
+         [2., 3.]]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .. import layers as _layers
+from ..explainer import minmax, upsample
+from ..registry import Method, Param, register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..explainer import Explainer
+
+K_PARAM = Param("K", 1.0, low=0.0, high=10.0, step=0.1,
+                doc="threshold: a feature fires where it exceeds its mean + K·std")
+
+
+def fem_map(activation: torch.Tensor, K: float = 1.0) -> torch.Tensor:
+    """FEM of one activation: (N, D, h, w) → (N, h, w), not upsampled nor normalised.
+
+    R(u,v) = Σ_k μ_k·[F_k(u,v) ≥ μ_k + K·σ_k], σ the population std (ddof = 0). A
+    channel with zero variance fires everywhere (F = μ), an all-zero channel adds 0.
+
+    >>> fem_map(torch.zeros(1, 3, 4, 4)).abs().sum().item()
+    0.0
+    """
+    if activation.ndim != 4:
+        raise ValueError(
+            f"FEM needs a convolutional feature map (N,C,h,w); got shape "
+            f"{tuple(activation.shape)}: pick a layer from Explainer.layers()"
+        )
+    n, _, h, w = activation.shape
+    dtype = torch.promote_types(activation.dtype, torch.float32)
+    flat = activation.flatten(2).to(dtype)
+    # mean accumulated in float64: a constant channel then gets μ exactly equal to its
+    # value and σ = 0, so it fires everywhere as the definition says
+    mean = flat.mean(dim=-1, keepdim=True, dtype=torch.float64).to(dtype)
+    std = (flat - mean).square_().mean(dim=-1, keepdim=True).sqrt_()
+    threshold = mean + K * std
+    # F ≥ t  ⇔  F > the float just below t, and for floats a > b ⇔ a − b > 0, so
+    # sign(relu(F − below)) is the exact binary mask, built in place (this is the
+    # hot loop of a K change; a bool mask plus a float copy is several times slower)
+    below = torch.nextafter(threshold, threshold.new_tensor(-float("inf")))
+    fired = (flat - below).relu_().sign_()
+    return torch.bmm(mean.transpose(1, 2), fired).reshape(n, h, w)
+
+
+def resolve_layers(ex: Explainer, layers: str | Sequence[str] | None) -> list[str]:
+    """Layer names for a FEM stack: ``None`` = ``ex.block_layers()``; a comma-joined
+    string or a sequence of names, each checked against the model."""
+    if layers is None:
+        names = ex.block_layers()
+    elif isinstance(layers, str):
+        names = [name.strip() for name in layers.split(",") if name.strip()]
+    else:
+        names = list(layers)
+    if not names:
+        raise ValueError(
+            "no layers for the FEM stack: the model has no block outputs; pass "
+            "layers=[...] with names from Explainer.layers()"
+        )
+    for name in names:
+        _layers.resolve_layer(ex.model, name)  # unknown names fail before any forward pass
+    return names
+
+
+def fem_maps(ex: Explainer, layers: Sequence[str], K: float = 1.0) -> torch.Tensor:
+    """Per-layer FEM maps upsampled to the input size and normalised: (N, L, H, W).
+
+    Uses ``ex.activations`` (cached), so only the first call runs the model.
+    """
+    acts = ex.activations(list(layers))
+    return torch.stack([minmax(upsample(fem_map(acts[name], K), ex.size)) for name in layers],
+                       dim=1)
+
+
+def model_name(model: Any) -> str:
+    """The package name of a shipped model (``xw.models.load`` tags it), else ``""``."""
+    return str(getattr(model, "xaiwidgets_name", "") or "")
+
+
+def fem_stack(ex: Explainer, layers: str | Sequence[str] | None = None,
+              K: float = 1.0) -> xr.DataArray:
+    """Every layer's FEM map at input size, min-max normalised, as a DataArray.
+
+    Dims ``("image", "layer", "y", "x")``, shallowest layer first; coords ``layer``
+    (names), ``layer_height``/``layer_width`` (each feature map's resolution);
+    attrs ``method``, ``K``, ``layers`` (comma-joined) and ``model``.
+
+    >>> stack = ex.fem_stack(K=1.5)            # doctest: +SKIP
+    >>> xw.fuse(stack, operator="add", alpha=0.7)  # doctest: +SKIP
+    """
+    K = K_PARAM.validate(K)
+    names = resolve_layers(ex, layers)
+    maps = fem_maps(ex, names, K)
+    acts = ex.activations(names)
+    return xr.DataArray(
+        maps.to(torch.float32).cpu().numpy(),
+        dims=("image", "layer", "y", "x"),
+        coords={
+            "image": np.arange(ex.n_images),
+            "layer": names,
+            "y": np.arange(maps.shape[-2]),
+            "x": np.arange(maps.shape[-1]),
+            "layer_height": ("layer", [int(acts[n].shape[-2]) for n in names]),
+            "layer_width": ("layer", [int(acts[n].shape[-1]) for n in names]),
+        },
+        attrs={"method": "fem_stack", "K": K, "layers": ",".join(names),
+               "model": model_name(ex.model)},
+        name="fem_stack",
+    )
+
+
+@register
+class FEM(Method):
+    """FEM on one layer (default: the last convolutional block). Class-agnostic,
+    forward pass only; a ``K`` change re-uses the cached activation."""
+
+    name = "fem"
+    family = "fem"
+    default_reduce = "map"
+    uses_layer = True
+    class_agnostic = True
+    normalize_output = True
+    params = (K_PARAM,)
+
+    def attribute(self, ex, target, layer, K) -> torch.Tensor:
+        return fem_map(ex.activations([layer])[layer], K)
+
+
+@register
+class MLFEM(Method):
+    """Multi-layer FEM: the FEM stack of ``layers`` (default: every block output)
+    fused recursively, shallowest to deepest, by ``operator`` (see :func:`xw.fuse`)."""
+
+    name = "mlfem"
+    family = "fem"
+    default_reduce = "map"
+    class_agnostic = True
+    params = (
+        Param("layers", None, kind="any", optional=True,
+              doc="layer names, shallowest first (default: every block output)"),
+        K_PARAM,
+        Param("operator", "max", kind="choice", choices=("max", "add", "top", "fem", "net"),
+              doc="fusion operator: max, add(α), top(α), fem (deepest map), net (trained CNN)"),
+        Param("alpha", 0.5, low=0.0, high=1.0, step=0.05,
+              doc="add/top: weight of the fused map so far (1 − α for the new layer)"),
+        Param("normalize", "end", kind="choice", choices=("end", "interleaved"),
+              doc="min-max normalise once at the end, or after every fusion step"),
+        Param("net", None, kind="any", optional=True,
+              doc="trained FusionNet for operator='net' (default: the shipped one, if any)"),
+    )
+
+    def bind(self, ex, params: dict[str, Any]) -> dict[str, Any]:
+        # record the actual layer names (comma-joined in attrs), not "none"
+        return {**params, "layers": resolve_layers(ex, params["layers"])}
+
+    def attribute(self, ex, target, layer, layers, K, operator, alpha, normalize,
+                  net) -> torch.Tensor:
+        from ..fusion import fuse_maps
+        from ..net_operator import resolve_net
+
+        maps = fem_maps(ex, layers, K)
+        if operator == "net":
+            net = resolve_net(net, model_name(ex.model), layers, ex.device)
+        return fuse_maps(maps, operator, alpha, normalize, net)

@@ -1,0 +1,158 @@
+"""MLFEM fusion: combine a stack of per-layer maps into one map.
+
+Recursive fusion (shallowest → deepest): S ← S_1, then S ← op(S, S_l) for
+l = 2..L, min-max normalised at the end (``"end"``) or after every step
+(``"interleaved"``). Elementwise operators, ``a`` being the map fused so far:
+
+* ``max``: max(a, b)
+* ``add``: α·a + (1 − α)·b — unrolled, layer l gets weight α^(L−l)(1 − α)
+  (l > 1) and the first layer α^(L−1) (see :func:`add_weights`)
+* ``top``: add(a, b′) with b′ = b where b > mean(b) (per image), else 0
+* ``fem``: b, i.e. the deepest layer's map
+* ``net``: a small trained CNN taking all L maps at once
+  (:class:`xaiwidgets.net_operator.FusionNet`); ``normalize`` does not apply, its
+  output is the sigmoid's, in [0, 1], trained to match gaze density maps.
+
+>>> import torch
+>>> a = torch.tensor([[0., 1.], [0.5, 0.2]]); b = torch.tensor([[1., 0.], [0.2, 0.6]])
+>>> top(a, b, alpha=0.5)
+tensor([[0.5000, 0.5000],
+        [0.2500, 0.4000]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from .explainer import minmax
+
+Operator = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def maximum(a: torch.Tensor, b: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """max(a, b) elementwise (``alpha`` unused: every operator takes the same arguments)."""
+    return torch.maximum(a, b)
+
+
+def add(a: torch.Tensor, b: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """α·a + (1 − α)·b: ``alpha`` weighs the map fused so far against the new one."""
+    return alpha * a + (1 - alpha) * b
+
+
+def top(a: torch.Tensor, b: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """add(a, b′) with b′ = b above its per-image mean, 0 elsewhere (the top of b)."""
+    b_top = torch.where(b > b.mean(dim=(-2, -1), keepdim=True), b, torch.zeros_like(b))
+    return add(a, b_top, alpha)
+
+
+def fem(a: torch.Tensor, b: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """b: the recursion ends with the deepest layer's map (= add with α = 0)."""
+    return b
+
+
+OPERATORS: dict[str, Operator] = {"max": maximum, "add": add, "top": top, "fem": fem}
+OPERATOR_NAMES = (*OPERATORS, "net")
+NORMALIZATIONS = ("end", "interleaved")
+
+
+def add_weights(n_layers: int, alpha: float) -> np.ndarray:
+    """Closed-form weight of each layer (shallowest first) in the recursive ``add``.
+
+    w_L = 1 − α, w_l = α^(L−l)(1 − α) for 1 < l < L, w_1 = α^(L−1); they sum to 1.
+
+    >>> add_weights(3, 0.5)
+    array([0.25, 0.25, 0.5 ])
+    """
+    exponents = np.arange(n_layers - 1, -1, -1, dtype=float)
+    weights = alpha**exponents * (1 - alpha)
+    weights[0] = alpha ** (n_layers - 1)
+    return weights
+
+
+def fold(maps: torch.Tensor, operator: str = "max", alpha: float = 0.5,
+         interleaved: bool = False) -> torch.Tensor:
+    """Recursive fusion of (..., L, H, W) maps along L, before the final normalisation.
+
+    With ``interleaved`` the running map is min-max normalised after every step.
+    """
+    op = _operator(operator)
+    fused = maps[..., 0, :, :]
+    for index in range(1, maps.shape[-3]):
+        fused = op(fused, maps[..., index, :, :], alpha)
+        if interleaved:
+            fused = minmax(fused)
+    return fused
+
+
+def fuse_maps(maps: torch.Tensor, operator: str = "max", alpha: float = 0.5,
+              normalize: str = "end", net: nn.Module | None = None) -> torch.Tensor:
+    """Fuse a (N, L, H, W) stack into (N, H, W) maps in [0, 1]; the tensor form of :func:`fuse`.
+
+    ``net`` is required for ``operator="net"`` (a FusionNet taking L channels).
+    """
+    if maps.ndim != 4:
+        raise ValueError(f"maps must have shape (N, L, H, W); got {tuple(maps.shape)}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize={normalize!r} is not valid; choose one of {NORMALIZATIONS}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha={alpha} must lie in [0, 1]")
+    if operator == "net":
+        if net is None:
+            raise ValueError("operator='net' needs a trained fusion network: pass net=...")
+        from .net_operator import apply_net
+
+        return apply_net(net, maps)
+    return minmax(fold(maps, operator, float(alpha), interleaved=normalize == "interleaved"))
+
+
+def fuse(stack: Any, operator: str = "max", alpha: float = 0.5, normalize: str = "end",
+         net: nn.Module | None = None) -> xr.DataArray:
+    """Fuse a FEM stack (``Explainer.fem_stack``) into one map per image.
+
+    ``stack``: DataArray with dims ("image", "layer", "y", "x") (or a tensor/array of
+    that shape), layers shallowest first. Returns dims ("image", "y", "x") with the
+    stack's attrs plus ``operator``, ``alpha``, ``normalize``. For ``operator="net"``
+    without ``net=``, the NET shipped for the stack's model is used (shapes-resnet).
+
+    >>> stack = ex.fem_stack()                      # doctest: +SKIP
+    >>> xw.fuse(stack, "top", alpha=0.7).dims       # doctest: +SKIP
+    ('image', 'y', 'x')
+    """
+    if operator not in OPERATOR_NAMES:
+        raise ValueError(f"unknown operator {operator!r}; choose one of {list(OPERATOR_NAMES)}")
+    attrs = dict(stack.attrs) if isinstance(stack, xr.DataArray) else {}
+    if isinstance(stack, xr.DataArray):
+        if set(stack.dims) != {"image", "layer", "y", "x"}:
+            raise ValueError(f"stack must have dims (image, layer, y, x); got {stack.dims}")
+        stack = stack.transpose("image", "layer", "y", "x")
+        maps = torch.as_tensor(np.asarray(stack.values), dtype=torch.float32)
+        layers = [str(name) for name in stack["layer"].values] if "layer" in stack.coords \
+            else None
+    else:
+        maps = torch.as_tensor(stack).float()
+        layers = None
+    if operator == "net" and net is None:
+        from .net_operator import resolve_net
+
+        net = resolve_net(None, str(attrs.get("model", "")), layers)
+    fused = fuse_maps(maps, operator, alpha, normalize, net).detach().cpu().numpy()
+    attrs.update(method="mlfem", operator=operator, alpha=float(alpha), normalize=normalize)
+    return xr.DataArray(
+        fused.astype(np.float32), dims=("image", "y", "x"),
+        coords={"image": np.arange(fused.shape[0]), "y": np.arange(fused.shape[1]),
+                "x": np.arange(fused.shape[2])},
+        attrs=attrs, name="mlfem",
+    )
+
+
+def _operator(name: str) -> Operator:
+    if name not in OPERATORS:
+        hint = " ('net' needs fuse_maps(..., net=...))" if name == "net" else ""
+        raise ValueError(f"unknown operator {name!r}{hint}; choose one of {list(OPERATORS)}")
+    return OPERATORS[name]
