@@ -1,0 +1,378 @@
+"""Saliency metrics: compare explanation maps with gaze data (MIT saliency benchmark).
+
+Every metric takes the explanation map first and the reference second, as numpy
+arrays, torch tensors or ``xr.DataArray``; it computes one number per map over
+the trailing two dims (y, x) and broadcasts the leading dims, so a stack of maps
+gives an array of results (a DataArray over the leading dims for DataArray input).
+
+* ``"map"`` metrics compare with a density map (the GFDM): :func:`pcc`, :func:`sim`,
+  :func:`kld`, :func:`ssim`, :func:`spearman`, :func:`l1`;
+* ``"fixations"`` metrics take a fixation map (counts or a mask; a pixel counts as
+  fixated when > 0): :func:`nss`, :func:`auc_judd`, :func:`auc_borji`.
+
+Degenerate inputs give defined values, never NaN or a crash: a constant map has
+PCC/Spearman/NSS 0 and AUC 0.5, a map with no mass is the uniform density for SIM
+and KLD. Only a fixation map without fixations gives NaN (NSS, AUC), as the
+question has no answer.
+
+Each metric describes itself in :data:`METRICS` (direction, what it needs):
+
+>>> import numpy as np
+>>> from xaiwidgets import metrics
+>>> e, g = np.array([[0.9, 0.1], [0.4, 0.0]]), np.array([[0.8, 0.2], [0.6, 0.4]])
+>>> round(metrics.pcc(e, g), 6), metrics.METRICS["kld"].higher_is_better
+(0.894427, False)
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from scipy.stats import rankdata
+
+EPS = float(np.finfo(np.float64).eps)  # the MIT code's ``eps`` (KLD)
+BORJI_THRESHOLDS = np.round(np.arange(11) * 0.1, 10)  # 0, 0.1, ..., 1 (MIT: 0:0.1:max)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric: its function, direction and the reference it needs.
+
+    ``needs`` is ``"map"`` (a density map such as the GFDM) or ``"fixations"``
+    (fixation counts / a binary mask).
+
+    >>> METRICS["nss"].needs, METRICS["nss"].higher_is_better
+    ('fixations', True)
+    """
+
+    name: str
+    function: Callable[..., Any]
+    higher_is_better: bool
+    needs: str
+    doc: str
+
+    def __call__(self, saliency: Any, reference: Any, **kwargs: Any) -> Any:
+        return self.function(saliency, reference, **kwargs)
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def available(needs: str | None = None) -> list[str]:
+    """Names of the registered metrics (optionally only those needing ``"map"``/``"fixations"``).
+
+    >>> available("fixations")
+    ['nss', 'auc_judd', 'auc_borji']
+    """
+    return [name for name, m in METRICS.items() if needs is None or m.needs == needs]
+
+
+def get(name: str) -> Metric:
+    """The metric called ``name``; a clear error lists the known ones."""
+    if name not in METRICS:
+        close = difflib.get_close_matches(str(name), list(METRICS), n=3)
+        hint = f" Did you mean {close}?" if close else ""
+        raise ValueError(f"unknown metric {name!r}.{hint} Known metrics: {', '.join(METRICS)}")
+    return METRICS[name]
+
+
+# --------------------------------------------------------------------- plumbing
+def _as_array(value: Any) -> np.ndarray:
+    if isinstance(value, xr.DataArray):
+        value = value.values
+    elif hasattr(value, "detach") and hasattr(value, "cpu"):  # torch tensor, any device
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _as_dataarrays(s: Any, r: Any) -> tuple[xr.DataArray, xr.DataArray]:
+    """Both inputs as DataArrays; a plain array takes the trailing dim names of the other."""
+    if not isinstance(s, xr.DataArray):
+        s_arr = _as_array(s)
+        s = xr.DataArray(s_arr, dims=r.dims[r.ndim - s_arr.ndim:] if s_arr.ndim <= r.ndim
+                         else None)
+    if not isinstance(r, xr.DataArray):
+        r_arr = _as_array(r)
+        r = xr.DataArray(r_arr, dims=s.dims[s.ndim - r_arr.ndim:] if r_arr.ndim <= s.ndim
+                         else None)
+    return s, r
+
+
+def _stacked(s: Any, r: Any, core: Callable, needs: str, kwargs: dict) -> Any:
+    """Run ``core`` on (B, H, W) float64 stacks and give back the leading shape."""
+    s, r = _as_array(s).astype(np.float64), _as_array(r)
+    r = r > 0 if needs == "fixations" else r.astype(np.float64)
+    if s.ndim < 2 or r.ndim < 2:
+        raise ValueError(
+            f"metrics compare 2-D maps (..., y, x); got shapes {s.shape} and {r.shape}"
+        )
+    try:
+        s, r = np.broadcast_arrays(s, r)
+    except ValueError:
+        raise ValueError(
+            f"map shapes {s.shape} and {r.shape} do not match; both need the same (y, x) "
+            "size (resize the saliency map to the reference first)"
+        ) from None
+    lead, hw = s.shape[:-2], s.shape[-2:]
+    out = np.asarray(core(s.reshape(-1, *hw), r.reshape(-1, *hw), **kwargs), dtype=np.float64)
+    out = out.reshape(lead)
+    return float(out) if not lead else out
+
+
+def _metric(higher_is_better: bool, needs: str = "map") -> Callable[[Callable], Callable]:
+    """Register a core ``f(saliency (B,H,W), reference (B,H,W), **kw) -> (B,)`` as a metric.
+
+    The registered function accepts numpy/torch/xarray inputs of any leading shape.
+    """
+
+    def decorate(core: Callable) -> Callable:
+        @functools.wraps(core)
+        def metric(saliency: Any, reference: Any, **kwargs: Any) -> Any:
+            if isinstance(saliency, xr.DataArray) or isinstance(reference, xr.DataArray):
+                s, r = _as_dataarrays(saliency, reference)
+                core_dims = [list(s.dims[-2:]), list(r.dims[-2:])]
+                # the (y, x) coordinates are not compared: only the shapes must agree
+                s = s.drop_vars([d for d in core_dims[0] if d in s.indexes])
+                r = r.drop_vars([d for d in core_dims[1] if d in r.indexes])
+                out = xr.apply_ufunc(
+                    _stacked, s, r, kwargs={"core": core, "needs": needs, "kwargs": kwargs},
+                    input_core_dims=core_dims, dask="parallelized", output_dtypes=[np.float64],
+                )
+                return out.rename(core.__name__)
+            return _stacked(saliency, reference, core, needs, kwargs)
+
+        doc = (core.__doc__ or "").strip().splitlines()[0]
+        METRICS[core.__name__] = Metric(core.__name__, metric, higher_is_better, needs, doc)
+        return metric
+
+    return decorate
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    return a.reshape(len(a), -1)
+
+
+def _minmax(a: np.ndarray) -> np.ndarray:
+    """Per-row min-max to [0, 1]; a constant row becomes zeros (SPEC "normalise")."""
+    low, high = a.min(axis=1, keepdims=True), a.max(axis=1, keepdims=True)
+    span = high - low
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(span > 0, (a - low) / np.where(span > 0, span, 1.0), 0.0)
+
+
+def _distribution(a: np.ndarray) -> np.ndarray:
+    """Per-row division by the sum; a row without mass becomes the uniform density."""
+    total = a.sum(axis=1, keepdims=True)
+    uniform = np.full_like(a, 1.0 / a.shape[1])
+    return np.where(total > 0, a / np.where(total > 0, total, 1.0), uniform)
+
+
+def _correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise Pearson correlation; 0 where either row is constant."""
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    den = np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
+    num = (x * y).sum(axis=1)
+    return np.clip(np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0), -1.0, 1.0)
+
+
+# ------------------------------------------------------------------ map metrics
+@_metric(higher_is_better=True)
+def pcc(saliency: Any, reference: Any) -> Any:
+    """Pearson correlation (CC) of the two maps over pixels; 0 when either is constant.
+
+    >>> pcc(np.eye(3), np.eye(3))
+    1.0
+    """
+    return _correlation(_flat(saliency), _flat(reference))
+
+
+@_metric(higher_is_better=True)
+def sim(saliency: Any, reference: Any) -> Any:
+    """Similarity (histogram intersection): Σ min(s, g) of the min-max-then-sum normalised maps.
+
+    A constant (or all-zero) map counts as the uniform density. In [0, 1].
+
+    >>> sim(np.eye(3), np.eye(3))
+    1.0
+    """
+    p = _distribution(_minmax(_flat(saliency)))
+    q = _distribution(_minmax(_flat(reference)))
+    return np.minimum(p, q).sum(axis=1)
+
+
+@_metric(higher_is_better=False)
+def kld(saliency: Any, reference: Any) -> Any:
+    """Kullback-Leibler divergence KL(reference ‖ saliency) of the sum-normalised maps.
+
+    Σ g·log(ε + g/(s + ε)) with ε the float64 machine epsilon (MIT code). Negative
+    values (signed methods) are clipped to 0 first, as the MIT code assumes
+    non-negative maps; a map without mass counts as the uniform density. Lower is better.
+
+    >>> kld(np.eye(3), np.eye(3)) < 1e-12
+    True
+    """
+    p = _distribution(np.clip(_flat(saliency), 0, None))
+    q = _distribution(np.clip(_flat(reference), 0, None))
+    return (q * np.log(EPS + q / (p + EPS))).sum(axis=1)
+
+
+@_metric(higher_is_better=True)
+def ssim(saliency: Any, reference: Any) -> Any:
+    """Structural similarity (scikit-image) of the two min-max normalised maps.
+
+    Gaussian window σ = 1.5 (11×11, as scikit-image with ``gaussian_weights=True``),
+    population covariances and ``data_range=1`` (Wang et al.'s settings). Maps must be
+    at least 11×11.
+
+    >>> ssim(np.eye(16), np.eye(16))
+    1.0
+    """
+    from skimage.metrics import structural_similarity
+
+    h, w = saliency.shape[-2:]
+    if min(h, w) < 11:
+        raise ValueError(f"SSIM needs maps of at least 11x11 pixels (its window); got {h}x{w}")
+    s = _minmax(_flat(saliency)).reshape(saliency.shape)
+    g = _minmax(_flat(reference)).reshape(reference.shape)
+    return np.array([
+        structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                              use_sample_covariance=False)
+        for a, b in zip(s, g, strict=True)
+    ])
+
+
+@_metric(higher_is_better=True)
+def spearman(saliency: Any, reference: Any, abs: bool = False) -> Any:  # noqa: A002
+    """Spearman rank correlation over pixels (ties get average ranks); of |s| and |g|
+    with ``abs=True`` (Adebayo et al.'s sanity checks use both). 0 for a constant map.
+
+    >>> spearman(np.array([[0.9, 0.1], [0.4, 0.0]]), np.array([[0.8, 0.2], [0.6, 0.4]]))
+    0.8
+    """
+    s, g = _flat(saliency), _flat(reference)
+    if abs:
+        s, g = np.abs(s), np.abs(g)
+    return _correlation(rankdata(s, axis=1), rankdata(g, axis=1))
+
+
+@_metric(higher_is_better=False)
+def l1(saliency: Any, reference: Any, normalize: str = "minmax") -> Any:
+    """L1 distance: mean |s − g| of the min-max normalised maps (``normalize="minmax"``).
+
+    ``normalize="distribution"`` gives instead Σ |p − q| of SIM's normalised maps,
+    which equals 2 − 2·SIM. Lower is better.
+
+    >>> l1(np.eye(3), 2 * np.eye(3) + 1)
+    0.0
+    """
+    if normalize == "minmax":
+        return np.abs(_minmax(_flat(saliency)) - _minmax(_flat(reference))).mean(axis=1)
+    if normalize == "distribution":
+        p = _distribution(_minmax(_flat(saliency)))
+        q = _distribution(_minmax(_flat(reference)))
+        return np.abs(p - q).sum(axis=1)
+    raise ValueError(f"normalize={normalize!r}: use 'minmax' or 'distribution'")
+
+
+# ------------------------------------------------------------ fixation metrics
+@_metric(higher_is_better=True, needs="fixations")
+def nss(saliency: Any, fixations: Any) -> Any:
+    """Normalised scanpath saliency: mean of the standardised map at fixated pixels.
+
+    Standardised with the sample std (ddof = 1, as the MIT code). A constant map
+    gives 0; a map without fixations gives NaN.
+
+    >>> nss(np.array([[0.9, 0.1], [0.4, 0.0]]), np.array([[1, 0], [1, 0]])).round(6)
+    0.742307
+    """
+    s, f = _flat(saliency), _flat(fixations)
+    std = s.std(axis=1, ddof=1, keepdims=True) if s.shape[1] > 1 else np.zeros((len(s), 1))
+    z = np.where(std > 0, (s - s.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1), 0)
+    n = f.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (z * f).sum(axis=1) / n, np.nan)
+
+
+@_metric(higher_is_better=True, needs="fixations")
+def auc_judd(saliency: Any, fixations: Any) -> Any:
+    """AUC-Judd: ROC area with the saliency values at fixated pixels as thresholds.
+
+    At threshold t, TPR = fraction of fixated pixels with s ≥ t and FPR = fraction
+    of the other pixels with s ≥ t (ties count as above, no jitter); the curve runs
+    from (0, 0) to (1, 1), trapezoidal area. A constant map gives 0.5.
+
+    >>> auc_judd(np.array([[1.0, 0.0], [0.5, 0.2]]), np.array([[1, 0], [0, 0]]))
+    1.0
+    """
+    s, f = _flat(saliency), _flat(fixations)
+    b, n = s.shape
+    order = np.argsort(-s, axis=1)  # order inside ties is irrelevant (run ends)
+    v = np.take_along_axis(s, order, axis=1)
+    fix = np.take_along_axis(f, order, axis=1)
+    idx = np.broadcast_to(np.arange(n), (b, n))
+    # last index of each run of tied values: the pixels with s >= v[k] are 0..end[k]
+    is_last = np.ones((b, n), dtype=bool)
+    is_last[:, :-1] = v[:, :-1] != v[:, 1:]
+    end = np.minimum.accumulate(np.where(is_last, idx, n)[:, ::-1], axis=1)[:, ::-1]
+    tp = np.take_along_axis(np.cumsum(fix, axis=1), end, axis=1)
+    fp = end + 1 - tp
+    # a non-fixated position repeats the previous fixation's point (zero-area step)
+    last_fix = np.maximum.accumulate(np.where(fix, idx, -1), axis=1)
+    has = last_fix >= 0
+    safe = np.maximum(last_fix, 0)
+    tp = np.where(has, np.take_along_axis(tp, safe, axis=1), 0)
+    fp = np.where(has, np.take_along_axis(fp, safe, axis=1), 0)
+    n_fix = fix.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = tp / n_fix
+        fpr = fp / (n - n_fix)
+    zeros, ones = np.zeros((b, 1)), np.ones((b, 1))
+    area = np.trapezoid(np.hstack([zeros, tpr, ones]), np.hstack([zeros, fpr, ones]), axis=1)
+    valid = (n_fix[:, 0] > 0) & (n_fix[:, 0] < n)
+    return np.where(valid, area, np.nan)
+
+
+@_metric(higher_is_better=True, needs="fixations")
+def auc_borji(saliency: Any, fixations: Any, seed: int = 0, n_splits: int = 100) -> Any:
+    """AUC-Borji: ROC area against uniformly random pixels, averaged over ``n_splits``.
+
+    Each split draws as many random pixels (with replacement, anywhere) as there are
+    fixations; thresholds 0, 0.1, …, 1 on the min-max normalised map (MIT code).
+    Every map uses its own generator seeded with ``seed``, so a stack gives the same
+    numbers as one map at a time.
+
+    >>> 0.9 < auc_borji(np.eye(32), np.eye(32)) <= 1
+    True
+    """
+    s, f = _minmax(_flat(saliency)), _flat(fixations)
+    t = BORJI_THRESHOLDS
+    nt = len(t)
+    out = np.full(len(s), np.nan)
+    for i, (row, mask) in enumerate(zip(s, f, strict=True)):
+        fixated = row[mask]
+        if fixated.size == 0:
+            continue
+        rng = np.random.default_rng(seed)
+        random = row[rng.integers(0, row.size, size=(n_splits, fixated.size))]
+        # number of thresholds each value reaches; then counts above each threshold
+        level_fix = np.searchsorted(t, fixated, side="right")
+        level_rand = np.searchsorted(t, random, side="right")
+        hist_fix = np.bincount(level_fix, minlength=nt + 1)
+        hist_rand = np.bincount(
+            (level_rand + (nt + 1) * np.arange(n_splits)[:, None]).ravel(),
+            minlength=(nt + 1) * n_splits,
+        ).reshape(n_splits, nt + 1)
+        # above[j] = #values >= t[j] = #levels > j; listed from the highest threshold down
+        tp = np.cumsum(hist_fix[::-1])[:-1] / fixated.size
+        fp = np.cumsum(hist_rand[:, ::-1], axis=1)[:, :-1] / fixated.size
+        tp = np.broadcast_to(np.concatenate([[0.0], tp, [1.0]]), (n_splits, nt + 2))
+        fp = np.hstack([np.zeros((n_splits, 1)), fp, np.ones((n_splits, 1))])
+        out[i] = np.trapezoid(tp, fp, axis=1).mean()
+    return out
