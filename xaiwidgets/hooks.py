@@ -40,7 +40,7 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
             m.inplace = False
         yield model
     finally:
-        for m, flag in zip(modules, training):
+        for m, flag in zip(modules, training, strict=True):
             m.training = flag
         for m, flag in inplace:
             m.inplace = flag

@@ -26,10 +26,7 @@ _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 def is_residual_block(module: nn.Module) -> bool:
     """True for ResNet-style blocks (by class name, which covers torchvision and timm)."""
     name = type(module).__name__
-    return name.endswith(("Block", "Bottleneck", "BasicBlock")) or name in {
-        "InvertedResidual",
-        "_DenseLayer",
-    }
+    return name.endswith(("Block", "Bottleneck", "MBConv")) or name == "InvertedResidual"
 
 
 def _ordered_named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -69,7 +66,7 @@ def conv_activations(model: nn.Module) -> list[str]:
 def candidate_layers(model: nn.Module) -> list[str]:
     """Every layer usable as ``layer=`` in forward (definition) order:
     convolutions and block outputs."""
-    blocks = set(block_outputs(model))
+    blocks = set(block_outputs(model)) | {default_layer(model)}
     named = _ordered_named_modules(model)
     # a block's output comes after everything inside it: sort by its last descendant
     last_position = {}
@@ -78,15 +75,28 @@ def candidate_layers(model: nn.Module) -> list[str]:
         for depth in range(1, len(parts) + 1):
             last_position[".".join(parts[:depth])] = position
     chosen = [name for name, module in named if isinstance(module, nn.Conv2d) or name in blocks]
-    return sorted(chosen, key=lambda name: last_position[name])
+    return sorted(chosen, key=lambda name: (last_position[name], -name.count(".")))
 
 
 def default_layer(model: nn.Module) -> str:
-    """The last convolutional block's output (Grad-CAM and FEM default)."""
+    """The last convolutional block's output (Grad-CAM and FEM default).
+
+    That is the last block output, unless a convolution follows it (the 1×1 head
+    convolution of MobileNet/EfficientNet): then the activation after that convolution.
+    """
+    named = _ordered_named_modules(model)
+    position = {name: i for i, (name, _) in enumerate(named)}
     blocks = block_outputs(model)
+    activations = conv_activations(model)
+    if blocks and activations and position[activations[-1]] > position[blocks[-1]]:
+        # a head conv after the last block; its activation is the deepest feature map
+        last_block_end = max(i for i, (n, _) in enumerate(named)
+                             if n == blocks[-1] or n.startswith(blocks[-1] + "."))
+        if position[activations[-1]] > last_block_end:
+            return activations[-1]
     if blocks:
         return blocks[-1]
-    convs = [n for n, m in _ordered_named_modules(model) if isinstance(m, nn.Conv2d)]
+    convs = [n for n, m in named if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError(
             "the model has no convolutional layer; layer-based methods (gradcam, fem...) "
