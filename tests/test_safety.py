@@ -223,3 +223,20 @@ def test_many_explanations_keep_memory_flat():
             ex.explain(method, target=1, **quick(method))
     assert live_tensors() - start <= 2
     assert hook_count(model) == 0
+
+
+def test_threads_sharing_a_model_do_not_mix_rules_or_captures():
+    """dask's threaded scheduler runs explanations concurrently on one model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = make_model().train()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    jobs = ["gradient", "guided_backprop", "deconvnet", "gradcam"] * 6
+    serial = {m: xw.explain(model, x, m, target=1).values for m in set(jobs)}
+    before = snapshot(model)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda m: xw.explain(model, x, m, target=1).values, jobs))
+    for method, values in zip(jobs, results, strict=True):
+        np.testing.assert_allclose(values, serial[method], rtol=1e-5, atol=1e-6)
+    assert_unchanged(model, before)
+    assert torch.nn.functional.relu.__module__ == "torch.nn.functional"

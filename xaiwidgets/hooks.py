@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -17,13 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+# Explanations may run in several threads on one model (dask's threaded scheduler):
+# the guard is reference-counted per model so the first entry saves the state and
+# the last exit restores it, and hooks/ReLU swaps only act in the thread that made them.
+_GUARD_LOCK = threading.Lock()
+_GUARDED: dict[int, list] = {}  # id(model) -> [entries, training flags, inplace flags]
+
 
 @contextlib.contextmanager
 def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` in eval mode with non-in-place ReLUs; restore everything after.
 
     In-place activations break forward/backward hooks and overwrite captured
-    activations, so they are switched off here rather than rejected.
+    activations, so they are switched off here rather than rejected. Nested and
+    concurrent guards on one model are fine: the last one out restores the state.
 
     >>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(inplace=True)).train()
     >>> with model_guard(m):
@@ -31,19 +39,30 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     >>> m.training, m[1].inplace
     (True, True)
     """
-    modules = list(model.modules())
-    training = [m.training for m in modules]
-    inplace = [(m, m.inplace) for m in modules if hasattr(m, "inplace") and m.inplace is True]
+    key = id(model)
+    with _GUARD_LOCK:
+        if key in _GUARDED:
+            _GUARDED[key][0] += 1
+        else:
+            modules = list(model.modules())
+            training = [(m, m.training) for m in modules]
+            inplace = [(m, True) for m in modules if getattr(m, "inplace", None) is True]
+            _GUARDED[key] = [1, training, inplace]
+            model.eval()
+            for m, _ in inplace:
+                m.inplace = False
     try:
-        model.eval()
-        for m, _ in inplace:
-            m.inplace = False
         yield model
     finally:
-        for m, flag in zip(modules, training, strict=True):
-            m.training = flag
-        for m, flag in inplace:
-            m.inplace = flag
+        with _GUARD_LOCK:
+            entry = _GUARDED[key]
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _GUARDED[key]
+                for m, flag in entry[1]:
+                    m.training = flag
+                for m, flag in entry[2]:
+                    m.inplace = flag
 
 
 class HookSet:
@@ -78,9 +97,12 @@ def capture(
     """
     records: dict[str, torch.Tensor] = {}
     hooks = HookSet()
+    owner = threading.get_ident()
 
     def make_hook(name: str) -> Callable:
-        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if threading.get_ident() != owner:  # another thread's pass on the same model
+                return None
             if not isinstance(output, torch.Tensor):
                 raise TypeError(
                     f"layer {name!r} returns {type(output).__name__}, not a tensor; "
@@ -126,28 +148,50 @@ class _DeconvReLU(torch.autograd.Function):
 
 
 _RELU_RULES = {"guided": _GuidedReLU, "deconvnet": _DeconvReLU}
+_ORIGINAL_RELUS = (F.relu, F.relu_, torch.relu, torch.relu_)
+_relu_state = threading.local()
+_swap_lock = threading.Lock()
+_swap_users = 0
+
+
+def _dispatch(original: Callable, takes_inplace: bool) -> Callable:
+    """A stand-in for a ReLU function: the swapped rule in threads that asked for one."""
+
+    def relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        rule = getattr(_relu_state, "rule", None)
+        if rule is None:
+            return original(x, inplace=inplace) if takes_inplace else original(x)
+        return rule.apply(x)
+
+    return relu
+
+
+_SWAPPED = tuple(_dispatch(f, i == 0) for i, f in enumerate(_ORIGINAL_RELUS))
 
 
 @contextlib.contextmanager
 def relu_backward(rule: str) -> Iterator[None]:
-    """Swap the backward rule of every ReLU called inside the block.
+    """Swap the backward rule of every ReLU called inside the block (this thread only).
 
     ``rule`` is ``"guided"`` or ``"deconvnet"``. It works by swapping
     ``torch.nn.functional.relu`` (which ``nn.ReLU`` calls) and ``torch.relu``
-    for the duration of the block, so a ReLU module used twice, a functional
-    ReLU and an in-place ReLU all get the rule, and no module is edited.
+    while any thread is inside such a block, so a ReLU module used twice, a
+    functional ReLU and an in-place ReLU all get the rule, and no module is
+    edited. Other threads keep ordinary ReLUs.
     """
+    global _swap_users
     function = _RELU_RULES[rule]
-
-    def relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        return function.apply(x)
-
-    saved = (F.relu, F.relu_, torch.relu, torch.relu_)
+    previous = getattr(_relu_state, "rule", None)
+    with _swap_lock:
+        if _swap_users == 0:
+            F.relu, F.relu_, torch.relu, torch.relu_ = _SWAPPED
+        _swap_users += 1
+    _relu_state.rule = function
     try:
-        F.relu = relu
-        F.relu_ = relu
-        torch.relu = relu
-        torch.relu_ = relu
         yield
     finally:
-        F.relu, F.relu_, torch.relu, torch.relu_ = saved
+        _relu_state.rule = previous
+        with _swap_lock:
+            _swap_users -= 1
+            if _swap_users == 0:
+                F.relu, F.relu_, torch.relu, torch.relu_ = _ORIGINAL_RELUS
