@@ -8,6 +8,7 @@ import gc
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from torch import nn
 
 import xaiwidgets as xw
@@ -73,7 +74,7 @@ def quick(method: str) -> dict:
 
 
 @pytest.mark.parametrize("method", xw.methods())
-def test_method_leaves_model_untouched_on_success(method):
+def test_method_leaves_model_untouched_on_success(method, tmp_path):
     model = make_model().train()  # explained in eval mode, train mode restored
     before = snapshot(model)
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -88,6 +89,11 @@ def test_method_leaves_model_untouched_on_success(method):
     for p in xw.get_method(method).params:
         assert p.name in result.attrs, f"parameter {p.name} missing from attrs"
     assert_unchanged(model, before)
+    # every result exports: attrs are netCDF-safe
+    result.to_netcdf(tmp_path / "r.nc", engine="h5netcdf")
+    back = xr.load_dataarray(tmp_path / "r.nc", engine="h5netcdf")
+    np.testing.assert_array_equal(back.values, result.values)
+    assert back.attrs["method"] == method
 
 
 @pytest.mark.parametrize("method", xw.methods())
