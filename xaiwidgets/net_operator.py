@@ -178,7 +178,7 @@ def fit(maps: torch.Tensor, targets: torch.Tensor, val: tuple[torch.Tensor, torc
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         history["train_mse"].append(total / len(maps))
         if val is not None:
             val_mse = float(F.mse_loss(apply_net(net, val[0]), val[1]))
