@@ -1,0 +1,70 @@
+"""Engine-side drawing: colour limits, colormaps, overlays, PNG export, the ``.xai`` accessor."""
+
+from __future__ import annotations
+
+import matplotlib
+import matplotlib.image
+import numpy as np
+import pytest
+import xarray as xr
+
+from xaiwidgets import rendering
+
+
+def test_color_limits():
+    assert rendering.color_limits(np.array([-1.0, 3.0]), signed=True) == (-3.0, 3.0)
+    assert rendering.color_limits(np.array([0.2, 0.7]), signed=False) == (0.2, 0.7)
+    assert rendering.color_limits(np.zeros(4), signed=True) == (-1.0, 1.0)   # no NaN
+    assert rendering.color_limits(np.full(4, 2.0), signed=False) == (2.0, 3.0)
+
+
+def test_colormap_choice_follows_the_sign():
+    assert rendering.resolve_colormap("auto", signed=True) == "RdBu_r"
+    assert rendering.resolve_colormap(None, signed=False) == "inferno"
+    assert rendering.resolve_colormap("jet", signed=True) == "jet"
+    with pytest.raises(ValueError, match="unknown colormap"):
+        rendering.resolve_colormap("nope", signed=False)
+
+
+def test_signed_zero_is_the_diverging_midpoint():
+    rgb = rendering.colorize(np.array([[-2.0, 0.0, 2.0]]), signed=True)
+    mid = matplotlib.colormaps["RdBu_r"](0.5)[:3]
+    np.testing.assert_allclose(rgb[0, 1], mid)
+    assert rgb[0, 0, 2] > rgb[0, 0, 0] and rgb[0, 2, 0] > rgb[0, 2, 2]  # blue low, red high
+
+
+def test_overlay_blends_image_and_map():
+    image = np.random.default_rng(0).random((3, 4, 5))
+    values = np.arange(20.0).reshape(4, 5)
+    only_image = rendering.overlay(values, image, "gray", opacity=0.0)
+    np.testing.assert_array_equal(only_image, np.round(image.transpose(1, 2, 0) * 255))
+    only_map = rendering.overlay(values, image, "gray", opacity=1.0)
+    np.testing.assert_allclose(only_map[..., 0], values / 19 * 255, atol=1)  # 256-entry LUT
+    half = rendering.overlay(values, image, "gray", opacity=0.5).astype(float)
+    np.testing.assert_allclose(half, (only_image.astype(float) + only_map) / 2, atol=1)
+
+
+def test_display_image_rescales_model_inputs():
+    normalised = np.linspace(-2, 2, 3 * 2 * 2).reshape(3, 2, 2)
+    shown = rendering.display_image(normalised)
+    assert shown.shape == (2, 2, 3) and shown.min() == 0 and shown.max() == 1
+
+
+def test_accessor_png_round_trip(tmp_path):
+    da = xr.DataArray(np.random.default_rng(1).normal(size=(2, 6, 7)).astype(np.float32),
+                      dims=("image", "y", "x"), attrs={"signed": 1})
+    image = np.random.default_rng(2).random((2, 3, 6, 7))
+    path = da.xai.to_png(tmp_path / "m.png", image=image, index=1, opacity=0.7)
+    back = matplotlib.image.imread(path)[..., :3]
+    expected = rendering.overlay(da.values[1], image[1], "RdBu_r", 0.7, signed=True)
+    np.testing.assert_allclose(back * 255, expected, atol=1)
+    with pytest.raises(ValueError, match="dims"):
+        xr.DataArray(np.zeros((1, 3, 4, 4)), dims=("image", "channel", "y", "x")).xai.map2d()
+
+
+def test_read_image_resizes(tmp_path):
+    picture = np.zeros((10, 20, 3), dtype=np.uint8)
+    picture[..., 0] = 255
+    out = rendering.read_image(rendering.png_bytes(picture), (5, 8))
+    assert out.shape == (3, 5, 8) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0], 1.0) and np.testing.assert_allclose(out[1:], 0.0)

@@ -1,0 +1,15 @@
+"""Jupyter widgets (ipywidgets 8 + plotly ``FigureWidget``) over the explanation engine.
+
+Imported lazily by ``xaiwidgets`` (``xw.ExplainerWidget`` ...), so the engine never
+pulls in ipywidgets or plotly.
+
+* :class:`ExplainerWidget` – one image, one method, every parameter live;
+* :class:`FEMStackWidget` – the per-layer FEM maps of MLFEM and their fusion;
+* :class:`CompareWidget` – several methods side by side, with metrics against a reference.
+"""
+
+from .compare_widget import CompareWidget
+from .explainer_widget import ExplainerWidget
+from .fem_stack_widget import FEMStackWidget
+
+__all__ = ["CompareWidget", "ExplainerWidget", "FEMStackWidget"]
