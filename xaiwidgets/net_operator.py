@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -104,6 +105,41 @@ def shipped_net(model: str, device: str = "cpu") -> FusionNet:
     if model not in SHIPPED:
         raise ValueError(f"no NET ships for model {model!r}; shipped: {sorted(SHIPPED)}")
     return load_net(WEIGHTS_DIR / SHIPPED[model], device)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-1 of a model's state (names, shapes and float32 values of every tensor)."""
+    digest = hashlib.sha1()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_numel(model: nn.Module) -> int:
+    """Number of parameter and buffer elements (a cheap first test of identity)."""
+    return sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+
+
+def identify_model(model: nn.Module) -> str:
+    """The package name of a model a NET ships for, else ``""``.
+
+    A ``xaiwidgets_name`` attribute wins; otherwise the weights are compared with
+    the model each shipped NET was trained on (class and size first: other models
+    cost nothing).
+    """
+    tagged = getattr(model, "xaiwidgets_name", None)
+    if tagged:
+        return str(tagged)
+    for name in SHIPPED:
+        if not (WEIGHTS_DIR / SHIPPED[name]).exists():
+            continue
+        meta = shipped_net(name).meta
+        if (meta.get("model_class") == type(model).__name__
+                and meta.get("model_numel") == model_numel(model)
+                and meta.get("model_fingerprint") == model_fingerprint(model)):
+            return name
+    return ""
 
 
 def resolve_net(net: nn.Module | None, model: str, layers: Sequence[str] | None = None,
@@ -217,7 +253,9 @@ def _train_command(args: argparse.Namespace) -> None:
         fused = fuse_maps(maps, operator).numpy()
         scores[operator] = float(np.mean(metrics.pcc(fused, targets.numpy())))
     print("validation PCC to the GFDM: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    save_net(net, args.out, model=args.model, layers=list(layers), K=args.K, size=args.size,
+    save_net(net, args.out, model=args.model, model_fingerprint=model_fingerprint(model),
+             model_numel=model_numel(model), model_class=type(model).__name__,
+             layers=list(layers), K=args.K, size=args.size,
              n_train=args.n_train, n_val=args.n_val, seed=args.seed, epochs=args.epochs,
              lr=args.lr, val_mse=min(history["val_mse"]), val_pcc=scores["net"],
              train_seconds=round(time.perf_counter() - start, 1))

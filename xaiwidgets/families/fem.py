@@ -32,6 +32,7 @@ import xarray as xr
 
 from .. import layers as _layers
 from ..explainer import minmax, upsample
+from ..net_operator import identify_model
 from ..registry import Method, Param, register
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,17 +77,20 @@ def resolve_layers(ex: Explainer, layers: str | Sequence[str] | None) -> list[st
     string or a sequence of names, each checked against the model."""
     if layers is None:
         names = ex.block_layers()
-    elif isinstance(layers, str):
+        if not names:
+            raise ValueError("the model has no block outputs (residual blocks or activation "
+                             "modules after convolutions); pass layers=[...] explicitly")
+        return names
+    if isinstance(layers, str):
         names = [name.strip() for name in layers.split(",") if name.strip()]
     else:
         names = list(layers)
     if not names:
-        raise ValueError(
-            "no layers for the FEM stack: the model has no block outputs; pass "
-            "layers=[...] with names from Explainer.layers()"
-        )
+        raise ValueError("layers is empty: pass layer names from Explainer.layers()")
+    modules = dict(ex.model.named_modules())
     for name in names:
-        _layers.resolve_layer(ex.model, name)  # unknown names fail before any forward pass
+        if name not in modules or not name:
+            _layers.resolve_layer(ex.model, name)  # raises, listing close matches
     return names
 
 
@@ -95,14 +99,22 @@ def fem_maps(ex: Explainer, layers: Sequence[str], K: float = 1.0) -> torch.Tens
 
     Uses ``ex.activations`` (cached), so only the first call runs the model.
     """
-    acts = ex.activations(list(layers))
-    return torch.stack([minmax(upsample(fem_map(acts[name], K), ex.size)) for name in layers],
-                       dim=1)
+    return stack_maps(ex.activations(list(layers)), layers, K, ex.size)
 
 
-def model_name(model: Any) -> str:
-    """The package name of a shipped model (``xw.models.load`` tags it), else ``""``."""
-    return str(getattr(model, "xaiwidgets_name", "") or "")
+def stack_maps(acts: dict[str, torch.Tensor], layers: Sequence[str], K: float,
+               size: tuple[int, int]) -> torch.Tensor:
+    """FEM maps of the activations ``acts[layer]``, upsampled to ``size``, normalised."""
+    raw = [fem_map(acts[name], K) for name in layers]
+    first = raw[0]
+    maps = first.new_empty((first.shape[0], len(raw), *size))
+    # layers of one resolution are upsampled in one call (ResNet50: 4 calls, not 16)
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for index, r in enumerate(raw):
+        by_size.setdefault(tuple(r.shape[-2:]), []).append(index)
+    for indices in by_size.values():
+        maps[:, indices] = upsample(torch.stack([raw[i] for i in indices], dim=1), size)
+    return minmax(maps)
 
 
 def fem_stack(ex: Explainer, layers: str | Sequence[str] | None = None,
@@ -118,8 +130,8 @@ def fem_stack(ex: Explainer, layers: str | Sequence[str] | None = None,
     """
     K = K_PARAM.validate(K)
     names = resolve_layers(ex, layers)
-    maps = fem_maps(ex, names, K)
     acts = ex.activations(names)
+    maps = stack_maps(acts, names, K, ex.size)
     return xr.DataArray(
         maps.to(torch.float32).cpu().numpy(),
         dims=("image", "layer", "y", "x"),
@@ -132,7 +144,7 @@ def fem_stack(ex: Explainer, layers: str | Sequence[str] | None = None,
             "layer_width": ("layer", [int(acts[n].shape[-1]) for n in names]),
         },
         attrs={"method": "fem_stack", "K": K, "layers": ",".join(names),
-               "model": model_name(ex.model)},
+               "model": identify_model(ex.model)},
         name="fem_stack",
     )
 
@@ -188,5 +200,6 @@ class MLFEM(Method):
 
         maps = fem_maps(ex, layers, K)
         if operator == "net":
-            net = resolve_net(net, model_name(ex.model), layers, ex.device)
+            shipped_for = identify_model(ex.model) if net is None else ""
+            net = resolve_net(net, shipped_for, layers, ex.device)
         return fuse_maps(maps, operator, alpha, normalize, net)
