@@ -5,11 +5,17 @@
 ['gradient', 'guided_backprop', 'deconvnet']
 """
 
+from . import datasets, metrics, models
+from .evaluate import evaluate
 from .explainer import Explainer, explain
 from .fusion import fuse
+from .gfdm import gfdm
 from .registry import Method, Param, get_method, methods, register
 
-__all__ = ["Explainer", "Method", "Param", "explain", "fuse", "get_method", "methods", "register"]
+__all__ = [
+    "Explainer", "Method", "Param", "datasets", "evaluate", "explain", "fuse", "get_method",
+    "gfdm", "methods", "metrics", "models", "register",
+]
 __version__ = "0.1.0"
 
 from . import rendering  # noqa: E402,F401  (registers the ``da.xai`` accessor)

@@ -1,0 +1,172 @@
+"""xw.evaluate: dataset-scale runs on dask (threads and a LocalCluster), sweeps, netCDF."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import xaiwidgets as xw
+from xaiwidgets import metrics
+from xaiwidgets.evaluate import evaluate, variants, wins
+
+from .conftest import make_tiny_cnn
+
+FAST_METRICS = ("pcc", "sim", "kld", "nss", "auc_judd")
+
+
+def synthetic_dataset(n: int = 10, size: int = 32, seed: int = 0) -> xr.Dataset:
+    """The variables of xw.datasets.shapes: images, labels, fixation counts, GFDM."""
+    rng = np.random.default_rng(seed)
+    fixations = (rng.random((n, size, size)) > 0.97).astype(np.int32)
+    fixations[:, size // 2, size // 2] += 2  # every image has fixations
+    gfdm = np.stack([xw_gfdm_like(f) for f in fixations])
+    return xr.Dataset(
+        {
+            "image": (("image", "channel", "y", "x"),
+                      rng.random((n, 3, size, size)).astype(np.float32)),
+            "label": ("image", rng.integers(0, 4, n)),
+            "clutter": ("image", rng.integers(0, 3, n)),
+            "fixations": (("image", "y", "x"), fixations),
+            "gfdm": (("image", "y", "x"), gfdm.astype(np.float32)),
+        },
+        attrs={"classes": ["circle", "square", "triangle", "star"], "seed": seed},
+    )
+
+
+def xw_gfdm_like(fixations: np.ndarray, sigma: float = 2.0) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    g = gaussian_filter(fixations.astype(float), sigma)
+    return g / g.max()
+
+
+@pytest.fixture(scope="module")
+def dataset() -> xr.Dataset:
+    return synthetic_dataset()
+
+
+def preprocess(images: torch.Tensor) -> torch.Tensor:
+    return (images - 0.5) / 0.25
+
+
+def test_matches_a_direct_computation(dataset):
+    model = make_tiny_cnn()
+    result = evaluate(model, dataset, ["gradient", "gradcam"], FAST_METRICS,
+                      preprocess=preprocess, batch_size=4, progress=False)
+    assert result.pcc.dims == ("image", "method")
+    assert list(result.method.values) == ["gradient", "gradcam"]
+    ex = xw.Explainer(model, torch.from_numpy(dataset.image.values), preprocess=preprocess)
+    predicted = ex.logits().argmax(1).numpy()
+    for name in ("gradient", "gradcam"):
+        maps = ex.explain(name).values
+        for m in FAST_METRICS:
+            ref = dataset.gfdm if metrics.METRICS[m].needs == "map" else dataset.fixations
+            expected = metrics.METRICS[m](maps, ref)
+            # a dim called "method" needs the dict form: sel(method=...) is the lookup mode
+            np.testing.assert_allclose(result[m].sel({"method": name}), expected,
+                                       rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(result.predicted, predicted)
+    np.testing.assert_array_equal(result.correct, predicted == dataset.label.values)
+    np.testing.assert_array_equal(result.clutter, dataset.clutter)  # per-image facts kept
+    assert result.kld.attrs["higher_is_better"] == 0 and result.nss.attrs["needs"] == "fixations"
+    assert json.loads(result.attrs["classes"])[0] == "circle"
+    assert result.attrs["metrics"] == ",".join(FAST_METRICS)
+    assert (result.seconds > 0).all()
+    # splitting correct from wrong predictions is one groupby
+    assert set(result.pcc.groupby("correct").mean().correct.values) <= {False, True}
+
+
+@pytest.mark.filterwarnings("ignore:.*Zarr")
+def test_threads_and_local_cluster_agree_and_netcdf_round_trip(dataset, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    model = make_tiny_cnn()
+    kwargs = {"metrics": FAST_METRICS, "preprocess": preprocess, "batch_size": 3,
+              "params": {"mlfem": {"operator": ["max", "add"]}}}
+    methods = ["gradient", "fem", "mlfem"]
+    local = evaluate(model, dataset, methods, progress=False, **kwargs)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        remote = evaluate(model, dataset, methods, client=client, progress=True, **kwargs)
+    assert remote.attrs["scheduler"] == "distributed"
+    for m in FAST_METRICS:
+        np.testing.assert_allclose(remote[m], local[m], rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(remote.method, local.method)
+
+    path = tmp_path / "result.nc"
+    local.to_netcdf(path, engine="h5netcdf")
+    with xr.open_dataset(path, engine="h5netcdf") as back:
+        xr.testing.assert_identical(back.load(), local)
+    local.to_zarr(tmp_path / "result.zarr")
+    xr.testing.assert_identical(xr.open_zarr(tmp_path / "result.zarr").load(), local)
+
+
+def test_parameter_sweeps_become_method_variants(dataset):
+    specs = variants(["gradcam", "mlfem"], {"gradcam": {"layer": ["1", "4"]},
+                                            "mlfem": {"operator": ["max", "top"], "K": 2}})
+    assert [s.label for s in specs] == ["gradcam(layer=1)", "gradcam(layer=4)",
+                                        "mlfem(operator=max)", "mlfem(operator=top)"]
+    assert specs[3].params == {"K": 2, "operator": "top"}
+    result = evaluate(make_tiny_cnn(), dataset.isel(image=slice(0, 4)), ["gradcam", "fem"],
+                      ("pcc",), params={"gradcam": {"layer": ["2", "5"]}, "fem": {"K": 0.5}},
+                      progress=False)
+    assert list(result.method_name.values) == ["gradcam", "gradcam", "fem"]
+    used = [json.loads(p) for p in result.method_params.values]
+    assert [u["layer"] for u in used] == ["2", "5", "5"]
+    assert used[2]["K"] == 0.5  # defaults and given values are recorded
+    assert not np.allclose(result.pcc.isel(method=0), result.pcc.isel(method=1))
+
+
+def test_target_label(dataset):
+    result = evaluate(make_tiny_cnn(), dataset, "gradient", ("pcc",), target="label",
+                      progress=False, batch_size=16)
+    np.testing.assert_array_equal(result.target, dataset.label)
+
+
+def test_every_registered_method_runs(dataset):
+    small = dataset.isel(image=slice(0, 2))
+    names = xw.methods()
+    params = {name: dict(xw.get_method(name).quick_params) for name in names
+              if xw.get_method(name).quick_params}
+    result = evaluate(make_tiny_cnn(), small, names, ("pcc", "nss"), params=params,
+                      progress=False)
+    assert list(result.method_name.values) == names
+    assert np.isfinite(result.pcc).all() and np.isfinite(result.nss).all()
+
+
+def test_errors_are_raised_before_any_task(dataset):
+    model = make_tiny_cnn()
+    with pytest.raises(ValueError, match="lacks"):
+        evaluate(model, dataset.drop_vars("gfdm"), "gradient", ("pcc",))
+    evaluate(model, dataset.drop_vars("gfdm").isel(image=[0]), "gradient", ("nss",),
+             progress=False)  # fixation metrics only: no GFDM needed
+    with pytest.raises(ValueError, match="unknown method"):
+        evaluate(model, dataset, "gradcm", ("pcc",))
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate(model, dataset, "gradient", ("pccc",))
+    with pytest.raises(TypeError, match="no parameter"):
+        evaluate(model, dataset, "fem", params={"fem": {"k": 1}})
+    with pytest.raises(TypeError, match="K must be a number"):
+        evaluate(model, dataset, "fem", params={"fem": {"K": [1.0, "big"]}})
+    with pytest.raises(ValueError, match="not in methods"):
+        evaluate(model, dataset, "fem", params={"gradcam": {"layer": "1"}})
+    with pytest.raises(ValueError, match="target"):
+        evaluate(model, dataset, "fem", target="truth")
+
+
+def test_wins_counts_images_where_a_method_is_better():
+    scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.1], [0.5, 0.4, np.nan]])
+    result = xr.Dataset(
+        {"pcc": (("image", "method"), scores), "kld": (("image", "method"), scores)},
+        coords={"method": ["a", "b", "c"], "method_name": ("method", ["a", "b", "c"])},
+    )
+    higher = wins(result, "pcc")
+    assert higher.sel({"method": "a", "other": "b"}) == 2
+    assert higher.sel({"method": "b", "other": "a"}) == 1
+    assert higher.sel({"method": "a", "other": "c"}) == 2  # NaN never wins nor loses
+    lower = wins(result, "kld")
+    assert lower.sel({"method": "a", "other": "b"}) == 1 and lower.attrs["higher_is_better"] == 0
