@@ -1,4 +1,4 @@
-"""xw.evaluate: dataset-scale runs on dask (threads and a LocalCluster), sweeps, netCDF."""
+"""xw.evaluate on the shapes data: dask threads vs a LocalCluster, sweeps, netCDF."""
 
 from __future__ import annotations
 
@@ -18,35 +18,11 @@ from .conftest import make_tiny_cnn
 FAST_METRICS = ("pcc", "sim", "kld", "nss", "auc_judd")
 
 
-def synthetic_dataset(n: int = 10, size: int = 32, seed: int = 0) -> xr.Dataset:
-    """The variables of xw.datasets.shapes: images, labels, fixation counts, GFDM."""
-    rng = np.random.default_rng(seed)
-    fixations = (rng.random((n, size, size)) > 0.97).astype(np.int32)
-    fixations[:, size // 2, size // 2] += 2  # every image has fixations
-    gfdm = np.stack([xw_gfdm_like(f) for f in fixations])
-    return xr.Dataset(
-        {
-            "image": (("image", "channel", "y", "x"),
-                      rng.random((n, 3, size, size)).astype(np.float32)),
-            "label": ("image", rng.integers(0, 4, n)),
-            "clutter": ("image", rng.integers(0, 3, n)),
-            "fixations": (("image", "y", "x"), fixations),
-            "gfdm": (("image", "y", "x"), gfdm.astype(np.float32)),
-        },
-        attrs={"classes": ["circle", "square", "triangle", "star"], "seed": seed},
-    )
-
-
-def xw_gfdm_like(fixations: np.ndarray, sigma: float = 2.0) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-
-    g = gaussian_filter(fixations.astype(float), sigma)
-    return g / g.max()
-
-
 @pytest.fixture(scope="module")
 def dataset() -> xr.Dataset:
-    return synthetic_dataset()
+    """The shipped shapes data, plus one per-image fact to carry into the result."""
+    ds = xw.datasets.shapes(n=10, size=32, seed=0)
+    return ds.assign(n_fixations=ds.fixations.sum(("y", "x")))
 
 
 def preprocess(images: torch.Tensor) -> torch.Tensor:
@@ -71,7 +47,7 @@ def test_matches_a_direct_computation(dataset):
                                        rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(result.predicted, predicted)
     np.testing.assert_array_equal(result.correct, predicted == dataset.label.values)
-    np.testing.assert_array_equal(result.clutter, dataset.clutter)  # per-image facts kept
+    np.testing.assert_array_equal(result.n_fixations, dataset.n_fixations)  # per-image facts
     assert result.kld.attrs["higher_is_better"] == 0 and result.nss.attrs["needs"] == "fixations"
     assert json.loads(result.attrs["classes"])[0] == "circle"
     assert result.attrs["metrics"] == ",".join(FAST_METRICS)
