@@ -312,31 +312,20 @@ def auc_judd(saliency: Any, fixations: Any) -> Any:
     1.0
     """
     s, f = _flat(saliency), _flat(fixations)
-    b, n = s.shape
-    order = np.argsort(-s, axis=1)  # order inside ties is irrelevant (run ends)
-    v = np.take_along_axis(s, order, axis=1)
-    fix = np.take_along_axis(f, order, axis=1)
-    idx = np.broadcast_to(np.arange(n), (b, n))
-    # last index of each run of tied values: the pixels with s >= v[k] are 0..end[k]
-    is_last = np.ones((b, n), dtype=bool)
-    is_last[:, :-1] = v[:, :-1] != v[:, 1:]
-    end = np.minimum.accumulate(np.where(is_last, idx, n)[:, ::-1], axis=1)[:, ::-1]
-    tp = np.take_along_axis(np.cumsum(fix, axis=1), end, axis=1)
-    fp = end + 1 - tp
-    # a non-fixated position repeats the previous fixation's point (zero-area step)
-    last_fix = np.maximum.accumulate(np.where(fix, idx, -1), axis=1)
-    has = last_fix >= 0
-    safe = np.maximum(last_fix, 0)
-    tp = np.where(has, np.take_along_axis(tp, safe, axis=1), 0)
-    fp = np.where(has, np.take_along_axis(fp, safe, axis=1), 0)
-    n_fix = fix.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tpr = tp / n_fix
-        fpr = fp / (n - n_fix)
-    zeros, ones = np.zeros((b, 1)), np.ones((b, 1))
-    area = np.trapezoid(np.hstack([zeros, tpr, ones]), np.hstack([zeros, fpr, ones]), axis=1)
-    valid = (n_fix[:, 0] > 0) & (n_fix[:, 0] < n)
-    return np.where(valid, area, np.nan)
+    values = np.sort(s, axis=1)  # one sort per map: counts above a threshold by bisection
+    out = np.full(len(s), np.nan)
+    for i, (row, mask, ordered) in enumerate(zip(s, f, values, strict=True)):
+        fixated = np.sort(row[mask])
+        n_fix, n_other = fixated.size, row.size - fixated.size
+        if n_fix == 0 or n_other == 0:
+            continue
+        thresholds = fixated[::-1]
+        above = row.size - np.searchsorted(ordered, thresholds, side="left")  # s >= t
+        tp = n_fix - np.searchsorted(fixated, thresholds, side="left")
+        tpr = np.concatenate([[0.0], tp / n_fix, [1.0]])
+        fpr = np.concatenate([[0.0], (above - tp) / n_other, [1.0]])
+        out[i] = np.trapezoid(tpr, fpr)
+    return out
 
 
 @_metric(higher_is_better=True, needs="fixations")

@@ -99,7 +99,8 @@ def randomize_(module: nn.Module, generator_seed: int) -> None:
     """Re-initialise ``module``'s parameters in place (their own ``reset_parameters``).
 
     Submodules without ``reset_parameters`` get normal noise with the std of the
-    trained weights. Seeded without disturbing the global random state.
+    trained weights; a BatchNorm's reset also forgets its running statistics.
+    Seeded without disturbing the global random state.
     """
     devices = [p.device for p in module.parameters() if p.device.type == "cuda"]
     with torch.random.fork_rng(devices=list(dict.fromkeys(devices))), torch.no_grad():
