@@ -139,6 +139,12 @@ def test_every_method_updates_result_and_figure(widget, model, method):
                                rtol=1e-4, atol=1e-5 * np.abs(expected.values).max())
 
 
+def test_a_new_widget_starts_from_the_method_defaults(model):
+    w = xw.ExplainerWidget(model, IMAGES, method="mlfem")  # alpha is also LRP's (1..10)
+    assert w.controls["alpha"].value == 0.5 and w.result.attrs["alpha"] == 0.5
+    assert (w.controls["alpha"].min, w.controls["alpha"].max) == (0.0, 1.0)
+
+
 def test_parameter_change_recomputes(widget, model):
     with widget.hold():
         widget.controls["method"].value = "fem"

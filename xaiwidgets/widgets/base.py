@@ -208,8 +208,8 @@ class ExplorerBase(W.VBox):
                                  f"{self.last_compute_s:.2f} s</span>")
 
     def refresh(self) -> None:
-        """Recompute everything from the controls' current values."""
-        self._apply(set(self.controls))
+        """Recompute everything from the controls' current values (as for a new image)."""
+        self._apply({"image", "method"} & set(self.controls))
 
     def _update(self, changed: set[str]) -> str | None:  # pragma: no cover - abstract
         """Recompute what ``changed`` affects and redraw; return a short description of

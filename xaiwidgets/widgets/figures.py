@@ -115,7 +115,7 @@ class MapGrid:
         width = None if self.cols > 1 else int(panel_px * 1.25)
         base.update_layout(
             height=int(panel_px * self.rows + 40), width=width,
-            margin=dict(l=10, r=10, t=40, b=10), plot_bgcolor="white",
+            margin=dict(l=10, r=10, t=40, b=24), plot_bgcolor="white",
         )
         self.figure = go.FigureWidget(base)
         self._maps: list[np.ndarray | None] = [None] * n
