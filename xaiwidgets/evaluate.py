@@ -15,12 +15,17 @@ correct from wrong predictions, and netCDF-safe attrs saying how to reproduce it
     ds = xw.datasets.shapes(n=64, seed=1)
     result = xw.evaluate(model, ds, ["gradcam", "fem"], preprocess=preprocess)
     result.pcc.where(result.correct).mean("image")
+    result.pcc.sel({"method": "fem"})        # not .sel(method="fem"): see below
     result.to_netcdf("result.nc", engine="h5netcdf")     # or result.to_zarr(...)
 
 Parameter sweeps: a list where a method parameter takes one number or choice
 (``params={"mlfem": {"operator": ["max", "add"]}}``; also ``"layer"``) runs one
 variant per value; each is an entry of the ``method`` dim, e.g.
 ``"mlfem(operator=max)"``, with coords ``method_name`` and ``method_params``.
+
+Selecting methods: write ``result.sel({"method": "fem"})`` (or ``.loc``). In
+``result.sel(method="fem")`` xarray takes ``method`` as its own argument (the
+inexact-lookup mode) and silently selects nothing.
 """
 
 from __future__ import annotations
