@@ -201,6 +201,11 @@ def fit(maps: torch.Tensor, targets: torch.Tensor, val: tuple[torch.Tensor, torc
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = FusionNet(maps.shape[1]).to(maps.device)
+    with torch.no_grad():
+        # start at the mean target: gaze maps are mostly near 0, and from the sigmoid's
+        # 0.5 the first steps drive every ReLU negative (a dead, constant net)
+        mean = targets.mean().clamp(1e-3, 1 - 1e-3)
+        net.combine.bias.fill_(float(torch.logit(mean)))
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.Adam(net.parameters(), lr=lr)
     history: dict[str, list[float]] = {"train_mse": [], "val_mse": []}
