@@ -9,7 +9,7 @@ against the gaze density maps (GFDM, min-max scaled to [0, 1]).
 A trained instance ships for the ``shapes-resnet`` model; ``operator="net"`` uses
 it by default on that model. Train one for another model::
 
-    python -m xaiwidgets.net_operator train --model shapes-resnet --epochs 30 \\
+    python -m xaiwidgets.net_operator train --model shapes-resnet --epochs 20 \\
         --out xaiwidgets/models/weights/net-shapes-resnet.pt
 
 or in Python: ``maps, targets, layers = fem_dataset(...)``, ``net, _ = fit(maps, targets)``.
@@ -190,7 +190,7 @@ def fem_dataset(model: nn.Module, images: torch.Tensor, gfdm: torch.Tensor,
 
 
 def fit(maps: torch.Tensor, targets: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor]
-        | None = None, epochs: int = 20, lr: float = 3e-3, batch_size: int = 32,
+        | None = None, epochs: int = 20, lr: float = 3e-3, batch_size: int = 16,
         seed: int = 0, log: Callable[[str], None] | None = None) -> tuple[FusionNet, dict]:
     """Train a :class:`FusionNet` on (N, L, H, W) ``maps`` against (N, H, W) ``targets``.
 
@@ -278,9 +278,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     train.add_argument("--n-val", type=int, default=200)
     train.add_argument("--size", type=int, default=128, help="image side (px)")
     train.add_argument("--K", type=float, default=1.0, help="FEM threshold")
-    train.add_argument("--epochs", type=int, default=25)
+    train.add_argument("--epochs", type=int, default=20)
     train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--seed", type=int, default=10, help="train data and init (val: +1)")
     train.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     train.add_argument("--out", default=str(WEIGHTS_DIR / "net-shapes-resnet.pt"))

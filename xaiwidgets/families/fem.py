@@ -60,8 +60,9 @@ def fem_map(activation: torch.Tensor, K: float = 1.0) -> torch.Tensor:
     dtype = torch.promote_types(activation.dtype, torch.float32)
     flat = activation.flatten(2).to(dtype)
     # mean accumulated in float64: a constant channel then gets μ exactly equal to its
-    # value and σ = 0, so it fires everywhere as the definition says
-    mean = flat.mean(dim=-1, keepdim=True, dtype=torch.float64).to(dtype)
+    # value and σ = 0, so it fires everywhere as the definition says (MPS has no float64)
+    accumulate = dtype if flat.device.type == "mps" else torch.float64
+    mean = flat.mean(dim=-1, keepdim=True, dtype=accumulate).to(dtype)
     std = (flat - mean).square_().mean(dim=-1, keepdim=True).sqrt_()
     threshold = mean + K * std
     # F ≥ t  ⇔  F > the float just below t, and for floats a > b ⇔ a − b > 0, so
