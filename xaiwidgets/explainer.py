@@ -71,10 +71,16 @@ def as_image_batch(images: Any, name: str = "images") -> torch.Tensor:
 
 def minmax(maps: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
     """Min-max normalise to [0, 1] over ``dims``; a constant map becomes all zeros."""
-    low = maps.amin(dim=dims, keepdim=True)
-    high = maps.amax(dim=dims, keepdim=True)
+    if tuple(dims) == (-2, -1) and maps.ndim >= 2:
+        # one pass for both extremes (a slider re-normalises whole FEM stacks)
+        low, high = torch.aminmax(maps.flatten(-2), dim=-1, keepdim=True)
+        low, high = low.unsqueeze(-1), high.unsqueeze(-1)
+    else:
+        low = maps.amin(dim=dims, keepdim=True)
+        high = maps.amax(dim=dims, keepdim=True)
     span = high - low
-    return torch.where(span > 0, (maps - low) / span.clamp_min(1e-30), torch.zeros_like(maps))
+    # a constant map has maps - low == 0 everywhere: dividing by 1 keeps it all zeros
+    return (maps - low).div_(torch.where(span > 0, span, torch.ones_like(span)))
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -317,6 +323,47 @@ class Explainer:
             self.report_progress(done, len(chunks))
         return grads
 
+    def summed_input_gradient(
+        self,
+        sample: Callable[[int], torch.Tensor],
+        n: int,
+        target: torch.Tensor,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Σ_k ∂ logit[target] / ∂ x at the inputs ``sample(k)``, k < n; (N, C, H, W).
+
+        ``sample(k)`` returns the k-th sample of every image, shaped like the inputs.
+        The n·N rows run ``batch_size`` at a time and each sample is built only when
+        its rows are due, so memory is bounded by ``batch_size`` whatever ``n`` is
+        (IG steps, SmoothGrad samples). Call inside ``relu_backward`` for the ReLU rules.
+        """
+        n_img = self.n_images
+        total = n * n_img
+        batch_size = batch_size or total
+        summed = torch.zeros_like(self.inputs)
+        pending: list[torch.Tensor] = []  # rows built but not run yet, in row order
+        n_pending, k, row = 0, 0, 0
+        n_chunks = -(-total // batch_size)
+        for done in range(1, n_chunks + 1):
+            while n_pending < batch_size and k < n:
+                pending.append(sample(k))
+                n_pending, k = n_pending + n_img, k + 1
+            rows = torch.cat(pending) if len(pending) > 1 else pending[0]
+            take = min(batch_size, n_pending)
+            pending = [rows[take:]] if take < n_pending else []
+            n_pending -= take
+            xb = rows[:take].detach().requires_grad_(True)
+            image = torch.arange(row, row + take, device=xb.device) % n_img
+            logits, _ = self.forward(xb, grad=True)
+            (grad,) = torch.autograd.grad(logits.gather(1, target[image, None]).sum(), xb)
+            # add each row's gradient to its image's sum; a one-hot matmul is
+            # deterministic on GPUs, unlike index_add_
+            onehot = torch.nn.functional.one_hot(image, n_img).to(grad.dtype)
+            summed += (onehot.T @ grad.flatten(1)).view_as(summed)
+            row += take
+            self.report_progress(done, n_chunks)
+        return summed
+
     def layer_gradient(
         self, layer: str, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,9 +441,16 @@ class Explainer:
             layer = layer if layer is not None else m.default_layer(self)
             if layer is not None:
                 _layers.resolve_layer(self.model, layer)
-        target_t = self.resolve_target(target)
         with model_guard(self.model):
-            raw = m.attribute(self, target_t, layer, **resolved)
+            if m.class_agnostic:
+                # the target only labels the result: computing first lets the forward
+                # that fills the activation cache also give the logits target=None
+                # needs, instead of a second forward pass
+                raw = m.attribute(self, None, layer, **resolved)
+                target_t = self.resolve_target(target)
+            else:
+                target_t = self.resolve_target(target)
+                raw = m.attribute(self, target_t, layer, **resolved)
         return self.pack(raw, m, target_t, layer, reduce, resolved)
 
     def pack(

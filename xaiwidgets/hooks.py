@@ -48,7 +48,12 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
             training = [(m, m.training) for m in modules]
             inplace = [(m, True) for m in modules if getattr(m, "inplace", None) is True]
             _GUARDED[key] = [1, training, inplace]
-            model.eval()
+            # flags are only written where they change: Module.train()/__setattr__ on
+            # every module of an eval-mode ResNet50 costs milliseconds, paid by every
+            # slider change
+            for m, flag in training:
+                if flag:
+                    m.training = False
             for m, _ in inplace:
                 m.inplace = False
     try:
@@ -60,7 +65,8 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
             if entry[0] == 0:
                 del _GUARDED[key]
                 for m, flag in entry[1]:
-                    m.training = flag
+                    if m.training != flag:
+                        m.training = flag
                 for m, flag in entry[2]:
                     m.inplace = flag
 
@@ -121,30 +127,55 @@ def capture(
         hooks.remove()
 
 
+class RuleSwitch:
+    """On/off switch of a swapped ReLU backward rule, read at backward time.
+
+    One forward pass inside :func:`relu_backward` can then serve two backward passes:
+    ``active = False`` gives ordinary ReLU gradients (e.g. Grad-CAM's, to a layer),
+    ``active = True`` the rule's (e.g. guided backprop's, to the input).
+    """
+
+    def __init__(self) -> None:
+        self.active = True
+
+
+def _relu_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad * [x > 0]`` in one kernel (autograd's own ReLU backward)."""
+    return torch.ops.aten.threshold_backward(grad, x, 0)
+
+
 class _GuidedReLU(torch.autograd.Function):
     """ReLU whose backward passes ``g * [x > 0] * [g > 0]`` (guided backprop)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, switch: RuleSwitch) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(x)
+        ctx.switch = switch
         return x.clamp(min=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return grad.clamp(min=0) * (x > 0).to(grad.dtype)
+        if ctx.switch.active:
+            grad = grad.clamp(min=0)
+        return _relu_grad(grad, x), None
 
 
 class _DeconvReLU(torch.autograd.Function):
     """ReLU whose backward passes ``g * [g > 0]`` (DeconvNet), ignoring the forward sign."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, switch: RuleSwitch) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)  # only read when the switch is off (ordinary ReLU)
+        ctx.switch = switch
         return x.clamp(min=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return grad.clamp(min=0)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        if ctx.switch.active:
+            return grad.clamp(min=0), None
+        (x,) = ctx.saved_tensors
+        return _relu_grad(grad, x), None
 
 
 _RELU_RULES = {"guided": _GuidedReLU, "deconvnet": _DeconvReLU}
@@ -161,7 +192,7 @@ def _dispatch(original: Callable, takes_inplace: bool) -> Callable:
         rule = getattr(_relu_state, "rule", None)
         if rule is None:
             return original(x, inplace=inplace) if takes_inplace else original(x)
-        return rule.apply(x)
+        return rule.apply(x, _relu_state.switch)
 
     return relu
 
@@ -170,27 +201,28 @@ _SWAPPED = tuple(_dispatch(f, i == 0) for i, f in enumerate(_ORIGINAL_RELUS))
 
 
 @contextlib.contextmanager
-def relu_backward(rule: str) -> Iterator[None]:
+def relu_backward(rule: str) -> Iterator[RuleSwitch]:
     """Swap the backward rule of every ReLU called inside the block (this thread only).
 
     ``rule`` is ``"guided"`` or ``"deconvnet"``. It works by swapping
     ``torch.nn.functional.relu`` (which ``nn.ReLU`` calls) and ``torch.relu``
     while any thread is inside such a block, so a ReLU module used twice, a
     functional ReLU and an in-place ReLU all get the rule, and no module is
-    edited. Other threads keep ordinary ReLUs.
+    edited. Other threads keep ordinary ReLUs. The block yields a :class:`RuleSwitch`
+    that turns the rule off and on for later backward passes of the same forward.
     """
     global _swap_users
     function = _RELU_RULES[rule]
-    previous = getattr(_relu_state, "rule", None)
+    previous = getattr(_relu_state, "rule", None), getattr(_relu_state, "switch", None)
     with _swap_lock:
         if _swap_users == 0:
             F.relu, F.relu_, torch.relu, torch.relu_ = _SWAPPED
         _swap_users += 1
-    _relu_state.rule = function
+    _relu_state.rule, _relu_state.switch = function, RuleSwitch()
     try:
-        yield
+        yield _relu_state.switch
     finally:
-        _relu_state.rule = previous
+        _relu_state.rule, _relu_state.switch = previous
         with _swap_lock:
             _swap_users -= 1
             if _swap_users == 0:

@@ -103,7 +103,8 @@ class Method:
     uses_layer: ClassVar[bool] = False
     #: True when the map keeps a meaningful sign (diverging colormap)
     signed: ClassVar[bool] = False
-    #: True when the method ignores the target class (FEM)
+    #: True when the method ignores the target class (FEM); its ``attribute`` then gets
+    #: ``target=None`` (the target, resolved after it, only labels the result)
     class_agnostic: ClassVar[bool] = False
     #: normalise the final 2-D map to [0, 1] (CAM, FEM)
     normalize_output: ClassVar[bool] = False

@@ -11,7 +11,11 @@ from ..registry import Method, register
 
 def gradcam_map(ex, target: torch.Tensor, layer: str) -> torch.Tensor:
     """ReLU(Σ_k α_k A_k) with α_k the spatial mean of ∂f_c/∂A_k; (N, h, w), unnormalised."""
-    activation, grad = ex.layer_gradient(layer, target)
+    return cam_map(*ex.layer_gradient(layer, target), layer)
+
+
+def cam_map(activation: torch.Tensor, grad: torch.Tensor, layer: str) -> torch.Tensor:
+    """Grad-CAM of a layer's activation and the target's gradient there, both (N,C,h,w)."""
     if activation.ndim != 4:
         raise ValueError(
             f"layer {layer!r} outputs shape {tuple(activation.shape)}; Grad-CAM needs a "
@@ -46,7 +50,15 @@ class GuidedGradCAM(Method):
     normalize_output = True
 
     def attribute(self, ex, target, layer, **params) -> torch.Tensor:
-        cam = minmax(upsample(gradcam_map(ex, target, layer), ex.size))
-        with relu_backward("guided"):
-            guided = ex.input_gradient(ex.inputs, target)
-        return guided.abs().amax(dim=1) * cam
+        x = ex.inputs.detach().requires_grad_(True)
+        with relu_backward("guided") as guided:
+            logits, acts = ex.forward(x, layers=[layer], grad=True)
+            score = logits.gather(1, target[:, None]).sum()
+            # one forward serves both backward passes: ordinary ReLU gradients down to
+            # the layer (Grad-CAM), then guided ones on to the input
+            guided.active = False
+            (layer_grad,) = torch.autograd.grad(score, acts[layer], retain_graph=True)
+            guided.active = True
+            (input_grad,) = torch.autograd.grad(score, x)
+        cam = minmax(upsample(cam_map(acts[layer].detach(), layer_grad, layer), ex.size))
+        return input_grad.abs().amax(dim=1) * cam

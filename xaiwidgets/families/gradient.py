@@ -88,14 +88,10 @@ class IntegratedGradients(Method):
         x = ex.inputs
         base = baseline_tensor(ex, baseline)
         delta = x - base
-        alphas = torch.arange(1, steps + 1, device=x.device, dtype=x.dtype) / steps
-        n = len(x)
-        # rows ordered (step, image) so one chunk holds consecutive steps of all images
-        path = (base[None] + alphas[:, None, None, None, None] * delta[None]).reshape(
-            steps * n, *x.shape[1:]
-        )
-        grads = ex.input_gradient(path, target.repeat(steps), batch_size=batch_size)
-        return delta * grads.reshape(steps, n, *x.shape[1:]).mean(dim=0)
+        # path points are built chunk by chunk: memory does not grow with steps
+        summed = ex.summed_input_gradient(lambda k: base + ((k + 1) / steps) * delta, steps,
+                                          target, batch_size=batch_size)
+        return delta * summed / steps
 
 
 @register
@@ -117,7 +113,11 @@ class SmoothGrad(Method):
         x = ex.inputs
         span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).reshape(-1, 1, 1, 1)
         generator = torch.Generator(device=x.device).manual_seed(seed)
-        noise = torch.randn((n, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
-        noisy = (x[None] + noise * (sigma * span)[None]).reshape(n * len(x), *x.shape[1:])
-        grads = ex.input_gradient(noisy, target.repeat(n), batch_size=batch_size)
-        return grads.reshape(n, *x.shape).mean(dim=0)
+
+        def noisy(_k: int) -> torch.Tensor:
+            # one noise draw per sample, in sample order: seeded, independent of
+            # batch_size, and never more than a chunk of noise in memory
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            return x + noise * (sigma * span)
+
+        return ex.summed_input_gradient(noisy, n, target, batch_size=batch_size) / n
