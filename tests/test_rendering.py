@@ -27,13 +27,22 @@ def test_colormap_choice_follows_the_sign():
 
 
 def test_signed_zero_is_the_diverging_midpoint():
-    rgb = rendering.colorize(np.array([[-2.0, 0.0, 2.0]]), signed=True)
+    rgba = rendering.colorize(np.array([[-2.0, 0.0, 1.0, 2.0]]), signed=True)
     mid = matplotlib.colormaps["RdBu_r"](0.5)[:3]
-    np.testing.assert_allclose(rgb[0, 1], mid)
-    assert rgb[0, 0, 2] > rgb[0, 0, 0] and rgb[0, 2, 0] > rgb[0, 2, 2]  # blue low, red high
+    np.testing.assert_allclose(rgba[0, 1, :3], mid)
+    assert rgba[0, 0, 2] > rgba[0, 0, 0] and rgba[0, 3, 0] > rgba[0, 3, 2]  # blue low, red high
+    np.testing.assert_allclose(rgba[0, :, 3], [1.0, 0.0, 0.5, 1.0])  # transparent at 0
 
 
-def test_overlay_blends_image_and_map():
+def test_signed_overlay_leaves_the_image_where_the_map_is_zero():
+    image = np.full((1, 3, 3), 0.25)  # (H, W, RGB)
+    out = rendering.overlay(np.array([[-1.0, 0.0, 1.0]]), image, opacity=1.0, signed=True)
+    assert tuple(out[0, 1]) == (64, 64, 64)  # untouched image
+    red = np.round(np.asarray(matplotlib.colormaps["RdBu_r"](1.0)[:3]) * 255)
+    np.testing.assert_allclose(out[0, 2], red, atol=1)
+
+
+def test_overlay_blends_image_and_map():  # unsigned: the colour covers evenly
     image = np.random.default_rng(0).random((3, 4, 5))
     values = np.arange(20.0).reshape(4, 5)
     only_image = rendering.overlay(values, image, "gray", opacity=0.0)

@@ -180,7 +180,8 @@ def test_signed_maps_get_a_diverging_colormap_centred_at_zero(widget):
     assert widget.result.attrs["signed"] == 1
     assert heat.zmid == 0 and heat.zmin == pytest.approx(-heat.zmax)
     assert heat.zmax == pytest.approx(np.abs(widget.result.values).max())
-    assert tuple(map(tuple, heat.colorscale)) == colorscale(rendering.DIVERGING)
+    assert tuple(map(tuple, heat.colorscale)) == colorscale(rendering.DIVERGING, signed=True)
+    assert heat.colorscale[len(heat.colorscale) // 2][1].endswith(",0)")  # clear at 0
     widget.controls["method"].value = "gradcam"
     assert heat.zmid is None and heat.zmin == pytest.approx(widget.result.values.min())
     assert tuple(map(tuple, heat.colorscale)) == colorscale(rendering.SEQUENTIAL)

@@ -63,9 +63,23 @@ def color_limits(values: Any, signed: bool) -> tuple[float, float]:
     return (low, high) if high > low else (low, low + 1.0)
 
 
+def coverage(scaled: Any, signed: bool) -> np.ndarray:
+    """How much of the colour covers the image, per colour-scale position in [0, 1].
+
+    Signed maps fade to transparent at 0 (the middle of the scale), so the image
+    shows where the attribution is neutral and colour marks evidence for or against;
+    unsigned maps cover evenly.
+
+    >>> coverage(np.array([0.0, 0.5, 1.0]), signed=True)
+    array([1., 0., 1.])
+    """
+    scaled = np.asarray(scaled, dtype=np.float64)
+    return np.abs(2.0 * scaled - 1.0) if signed else np.ones_like(scaled)
+
+
 def colorize(values: Any, colormap: str | None = None, signed: bool = False,
              limits: tuple[float, float] | None = None) -> np.ndarray:
-    """A 2-D map as RGB floats in [0, 1], shape (H, W, 3).
+    """A 2-D map as RGBA floats in [0, 1], shape (H, W, 4); alpha is :func:`coverage`.
 
     >>> colorize(np.array([[0.0, 1.0]]), "gray")[0, :, 0]
     array([0., 1.])
@@ -75,8 +89,9 @@ def colorize(values: Any, colormap: str | None = None, signed: bool = False,
         raise ValueError(f"colorize takes one 2-D map, got shape {v.shape}")
     low, high = limits if limits is not None else color_limits(v, signed)
     scaled = np.clip((np.nan_to_num(v, nan=low) - low) / (high - low), 0.0, 1.0)
-    cmap = matplotlib.colormaps[resolve_colormap(colormap, signed)]
-    return cmap(scaled)[..., :3]
+    rgba = matplotlib.colormaps[resolve_colormap(colormap, signed)](scaled)
+    rgba[..., 3] = coverage(scaled, signed)
+    return rgba
 
 
 def display_image(image: Any) -> np.ndarray:
@@ -104,16 +119,18 @@ def overlay(values: Any, image: Any = None, colormap: str | None = None, opacity
             signed: bool = False, limits: tuple[float, float] | None = None) -> np.ndarray:
     """The coloured map blended over ``image`` (or over black): RGB uint8 (H, W, 3).
 
-    ``opacity`` is the heatmap's weight: 0 shows only the image, 1 only the map.
+    ``opacity`` is the heatmap's weight: 0 shows only the image, 1 only the map
+    (for signed maps, times the :func:`coverage` that fades them out around 0).
 
     >>> overlay(np.array([[0.0, 1.0]]), np.zeros((3, 1, 2)), "gray", opacity=0.5)[0, :, 0]
     array([  0, 128], dtype=uint8)
     """
-    colored = colorize(values, colormap, signed, limits)
+    rgba = colorize(values, colormap, signed, limits)
+    colored, weight = rgba[..., :3], opacity * rgba[..., 3:]
     base = np.zeros_like(colored) if image is None else display_image(image)
     if base.shape[:2] != colored.shape[:2]:
         raise ValueError(f"image {base.shape[:2]} and map {colored.shape[:2]} differ in size")
-    mixed = (1.0 - opacity) * base + opacity * colored
+    mixed = (1.0 - weight) * base + weight * colored
     return np.round(np.clip(mixed, 0.0, 1.0) * 255).astype(np.uint8)
 
 

@@ -98,7 +98,8 @@ class FEMStackWidget(ExplorerBase):
         chosen = self.stack.isel(image=0, layer=position)
         with self.figure.batch_update():
             self.grid.restyle(colormap, opacity)
-            self.grid.show(0, chosen.values, image=image, title=f"layer {self.layers[position]}")
+            self.grid.show(0, chosen.values, image=image,
+                           title=f"{self.layers[position]} ({position + 1}/{len(self.layers)})")
             self.grid.show(1, self.result.xai.map2d(), image=image,
                            title=f"fused: {self.fusion_params().get('operator', '')}")
         if redraw_layers:

@@ -33,16 +33,19 @@ DIGITS = 5
 
 
 @lru_cache(maxsize=32)
-def colorscale(name: str, steps: int = 17) -> tuple[tuple[float, str], ...]:
-    """A matplotlib colormap as a plotly colorscale (so PNG export and figure agree).
+def colorscale(name: str, signed: bool = False, steps: int = 17) -> tuple[tuple[float, str], ...]:
+    """A matplotlib colormap as a plotly colorscale, with the transparency of
+    :func:`xaiwidgets.rendering.coverage` (so PNG export and figure agree).
 
-    >>> colorscale("gray", 2)
-    ((0.0, 'rgb(0,0,0)'), (1.0, 'rgb(255,255,255)'))
+    >>> colorscale("gray", steps=2)
+    ((0.0, 'rgba(0,0,0,1)'), (1.0, 'rgba(255,255,255,1)'))
     """
     cmap = matplotlib.colormaps[name]
     stops = np.linspace(0.0, 1.0, steps)
     rgb = np.round(np.asarray(cmap(stops))[:, :3] * 255).astype(int)
-    return tuple((float(s), "rgb({},{},{})".format(*c)) for s, c in zip(stops, rgb, strict=True))
+    alpha = rendering.coverage(stops, signed)
+    return tuple((float(s), "rgba({},{},{},{:.3g})".format(*c, a))
+                 for s, c, a in zip(stops, rgb, alpha, strict=True))
 
 
 def display_values(values: np.ndarray, digits: int = DIGITS) -> np.ndarray:
@@ -179,6 +182,6 @@ class MapGrid:
             return
         signed = self._signed[i]
         low, high = rendering.color_limits(values, signed)
-        heat.colorscale = colorscale(rendering.resolve_colormap(self.colormap, signed))
+        heat.colorscale = colorscale(rendering.resolve_colormap(self.colormap, signed), signed)
         heat.zmin, heat.zmax = low, high
         heat.zmid = 0.0 if signed else None
