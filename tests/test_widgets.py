@@ -204,6 +204,18 @@ def test_fem_parameters_reuse_the_cached_forward_pass(model):
     assert forwards == []
 
 
+def test_slow_methods_feed_the_progress_bar(model):
+    w = xw.ExplainerWidget(model, IMAGES, method="gradient")
+    seen: list[tuple[float, bool]] = []
+    w.progress.observe(lambda c: seen.append((c["new"], C.is_visible(w.progress))), "value")
+    with w.hold():
+        w.controls["method"].value = "integrated_gradients"
+        w.controls["steps"].value = 4
+        w.controls["batch_size"].value = 1  # one model call per step: 4 progress reports
+    assert seen == [(0.25, True), (0.5, True), (0.75, True), (1.0, True)]
+    assert not C.is_visible(w.progress)  # hidden again once done
+
+
 def test_errors_show_inline_and_the_widget_keeps_working(model):
     w = xw.ExplainerWidget(model, IMAGES, method="mlfem")
     good = w.result
