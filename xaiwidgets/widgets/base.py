@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import html
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from .controls import LAYOUT, STYLE, set_visible
 
 #: controls that only restyle the figure (never recompute an explanation)
 VIEW = frozenset({"opacity", "colormap"})
+#: explainers (with their cached activations) kept for the most recently shown images
+KEEP_EXPLAINERS = 8
 
 
 class ExplorerBase(W.VBox):
@@ -37,14 +40,13 @@ class ExplorerBase(W.VBox):
 
     def __init__(self, model: torch.nn.Module, images: Any,
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 classes: Sequence[str] | None = None, top: int = 5) -> None:
+                 classes: Sequence[str] | None = None) -> None:
         super().__init__()
         self.model = model
         self.preprocess = preprocess
         self.classes = list(classes) if classes is not None else None
-        self.top = top
         self.images = as_image_batch(images)
-        self._explainers: dict[int, Explainer] = {}
+        self._explainers: OrderedDict[int, Explainer] = OrderedDict()
         self.controls: dict[str, W.ValueWidget] = {}
         self.result: xr.DataArray | None = None
         #: the last error shown inline ("Type: message"), ``None`` after a successful update
@@ -73,6 +75,9 @@ class ExplorerBase(W.VBox):
             self._explainers[index] = Explainer(
                 self.model, self.images[index:index + 1], preprocess=self.preprocess,
                 classes=self.classes, progress=self._report_progress)
+            while len(self._explainers) > KEEP_EXPLAINERS:  # bound the cached activations
+                self._explainers.popitem(last=False)
+        self._explainers.move_to_end(index)
         return self._explainers[index]
 
     def add_image(self, image: Any, label: str = "uploaded") -> int:

@@ -67,8 +67,8 @@ class CompareWidget(ExplorerBase):
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  classes: Sequence[str] | None = None,
                  params: dict[str, dict[str, Any]] | None = None,
-                 metrics: Sequence[str] = DEFAULT_METRICS, top: int = 5) -> None:
-        super().__init__(model, images, preprocess, classes, top)
+                 metrics: Sequence[str] = DEFAULT_METRICS) -> None:
+        super().__init__(model, images, preprocess, classes)
         self.methods = list(methods) if methods is not None else _default_methods()
         for name in self.methods:
             get_method(name)  # unknown names fail here, with suggestions

@@ -37,8 +37,8 @@ class ExplainerWidget(ExplorerBase):
     def __init__(self, model: torch.nn.Module, images: Any,
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  classes: Sequence[str] | None = None, method: str | None = None,
-                 methods_shown: Sequence[str] | None = None, top: int = 5) -> None:
-        super().__init__(model, images, preprocess, classes, top)
+                 methods_shown: Sequence[str] | None = None) -> None:
+        super().__init__(model, images, preprocess, classes)
         names = list(methods_shown) if methods_shown is not None else methods()
         method = method or (DEFAULT_METHOD if DEFAULT_METHOD in names else names[0])
         ex = self.explainer()

@@ -38,8 +38,8 @@ class FEMStackWidget(ExplorerBase):
     def __init__(self, model: torch.nn.Module, images: Any,
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  classes: Sequence[str] | None = None, layers: Sequence[str] | None = None,
-                 net: torch.nn.Module | None = None, top: int = 5) -> None:
-        super().__init__(model, images, preprocess, classes, top)
+                 net: torch.nn.Module | None = None) -> None:
+        super().__init__(model, images, preprocess, classes)
         self.layers = list(layers) if layers is not None else self.explainer().block_layers()
         if not self.layers:
             raise ValueError("the model has no block layers for a FEM stack; pass layers=[...]")
