@@ -149,16 +149,18 @@ class _GuidedReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, switch: RuleSwitch) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
+        out = x.clamp(min=0)
+        # the output, as torch's own ReLU keeps ([out > 0] = [x > 0]): the input can go
+        ctx.save_for_backward(out)
         ctx.switch = switch
-        return x.clamp(min=0)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        if ctx.switch.active:
-            grad = grad.clamp(min=0)
-        return _relu_grad(grad, x), None
+        (out,) = ctx.saved_tensors
+        grad = _relu_grad(grad, out)
+        # in place: one new tensor per ReLU instead of two
+        return (grad.clamp_(min=0) if ctx.switch.active else grad), None
 
 
 class _DeconvReLU(torch.autograd.Function):
@@ -166,16 +168,17 @@ class _DeconvReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, switch: RuleSwitch) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)  # only read when the switch is off (ordinary ReLU)
+        out = x.clamp(min=0)
+        ctx.save_for_backward(out)  # only read when the switch is off (ordinary ReLU)
         ctx.switch = switch
-        return x.clamp(min=0)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         if ctx.switch.active:
             return grad.clamp(min=0), None
-        (x,) = ctx.saved_tensors
-        return _relu_grad(grad, x), None
+        (out,) = ctx.saved_tensors
+        return _relu_grad(grad, out), None
 
 
 _RELU_RULES = {"guided": _GuidedReLU, "deconvnet": _DeconvReLU}
