@@ -290,6 +290,11 @@ def test_fem_stack_widget(model, monkeypatch):
     assert layers == ex.block_layers() and w.layers_grid.n == len(layers)
     for i in range(len(layers)):  # small multiples: one panel per layer
         np.testing.assert_allclose(shown_map(w.layers_grid, i), w.stack.values[0, i], atol=6e-5)
+    grid = w.layers_grid  # larger maps are block-averaged for display (never the result)
+    grid.show(0, np.arange(130.0 * 130).reshape(130, 130))
+    shown, heat = shown_map(grid, 0), grid.heatmap(0)
+    assert shown.shape == (44, 44) and (heat.dx, heat.x0) == (3, 1.0)
+    assert shown[0, 0] == pytest.approx(np.arange(130.0 * 130).reshape(130, 130)[:3, :3].mean())
     forwards = count_forwards(model)
     stacks = count_calls(monkeypatch, xw.Explainer, "fem_stack")
     w.controls["operator"].value = "add"

@@ -58,7 +58,7 @@ class FEMStackWidget(ExplorerBase):
         self.grid = MapGrid(2, titles=["layer", "fused"])
         self.figure = self.grid.figure
         self.layers_grid = MapGrid(len(self.layers), cols=min(len(self.layers), 4),
-                                   titles=self.layers, panel_px=170)
+                                   titles=self.layers, panel_px=170, resolution=64)
         self.grid_figure = self.layers_grid.figure
         self._shown_image: int | None = None
         side = W.VBox([self._box(["image", "layer", *self.params.controls]),
@@ -87,7 +87,8 @@ class FEMStackWidget(ExplorerBase):
             set_visible(self.controls["alpha"], params.get("operator") in USES_ALPHA)
             self.result = fuse(self.stack, net=self.net, **params)
             done.append(f"fusion ({params.get('operator')})")
-        self._draw(redraw_layers=bool(done) or bool(changed & VIEW))
+        # the small multiples show the stack: a fusion change leaves them as they are
+        self._draw(redraw_layers="FEM stack" in done or bool(changed & VIEW))
         return " + ".join(done) or None
 
     def _draw(self, redraw_layers: bool) -> None:

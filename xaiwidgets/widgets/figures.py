@@ -60,6 +60,20 @@ def display_values(values: np.ndarray, digits: int = DIGITS) -> np.ndarray:
     return np.round(values, digits - 1 - math.floor(math.log10(scale)))
 
 
+def block_mean(values: np.ndarray, factor: int) -> np.ndarray:
+    """Average ``factor`` × ``factor`` blocks (edges padded by repetition).
+
+    >>> block_mean(np.arange(16.0).reshape(4, 4), 2)
+    array([[ 2.5,  4.5],
+           [10.5, 12.5]])
+    """
+    if factor <= 1:
+        return values
+    h, w = values.shape
+    padded = np.pad(values, ((0, -h % factor), (0, -w % factor)), mode="edge")
+    return padded.reshape(padded.shape[0] // factor, factor, -1, factor).mean(axis=(1, 3))
+
+
 def image_uri(image: Any) -> str:
     """An image (3,H,W)/(H,W,3) as a PNG data URI for a plotly ``Image`` trace."""
     rgb = np.round(rendering.display_image(image) * 255).astype(np.uint8)
@@ -84,13 +98,18 @@ class MapGrid:
         Height of one panel in pixels.
     colorbar
         Show a colour bar (only meaningful with one panel: panels have their own ranges).
+    resolution
+        Most heatmap cells per side sent to the browser (default ``panel_px``: no more
+        than the screen shows); larger maps are block-averaged for display only.
     """
 
     def __init__(self, n: int, cols: int | None = None, titles: Sequence[str] | None = None,
-                 panel_px: int = 320, colorbar: bool | None = None) -> None:
+                 panel_px: int = 320, colorbar: bool | None = None,
+                 resolution: int | None = None) -> None:
         if n < 1:
             raise ValueError("a MapGrid needs at least one panel")
         self.n = n
+        self.resolution = resolution or panel_px
         self.cols = cols or (n if n <= 4 else math.ceil(math.sqrt(n)))
         self.rows = math.ceil(n / self.cols)
         colorbar = n == 1 if colorbar is None else colorbar
@@ -147,19 +166,16 @@ class MapGrid:
         if values.ndim != 2:
             raise ValueError(f"panel {i} takes a 2-D map, got shape {values.shape}")
         self._maps[i], self._signed[i] = values, bool(signed)
+        factor = math.ceil(max(values.shape) / self.resolution)
+        heat = self.heatmap(i)
         with self.figure.batch_update():
             if image is not None:
                 self.image(i).source = image_uri(image)
-            self.heatmap(i).z = display_values(values)
+            heat.z = display_values(block_mean(values, factor))
+            # cell k covers pixels k·f .. k·f + f − 1: its centre sits at k·f + (f − 1)/2
+            heat.x0 = heat.y0 = (factor - 1) / 2
+            heat.dx = heat.dy = factor
             self._style_panel(i)
-            if title is not None:
-                self.set_title(i, title)
-
-    def clear(self, i: int, title: str | None = None) -> None:
-        """Empty panel ``i`` (e.g. after an error)."""
-        self._maps[i] = None
-        with self.figure.batch_update():
-            self.heatmap(i).z = None
             if title is not None:
                 self.set_title(i, title)
 
