@@ -145,6 +145,13 @@ def test_a_new_widget_starts_from_the_method_defaults(model):
     assert (w.controls["alpha"].min, w.controls["alpha"].max) == (0.0, 1.0)
 
 
+def test_methods_subset(model):
+    w = xw.ExplainerWidget(model, IMAGES, methods=["fem", "gradient"])
+    assert list(w.controls["method"].options) == ["fem", "gradient"]
+    assert w.result.attrs["method"] == "fem"  # gradcam is not offered: the first one
+    assert set(w.params.controls) == {"K"}
+
+
 def test_parameter_change_recomputes(widget, model):
     with widget.hold():
         widget.controls["method"].value = "fem"

@@ -8,7 +8,8 @@ from typing import Any
 import ipywidgets as W
 import torch
 
-from ..registry import get_method, methods
+from .. import registry
+from ..registry import get_method
 from .base import VIEW, ExplorerBase
 from .controls import LAYOUT, STYLE, ParamControls, set_visible
 from .figures import MapGrid
@@ -25,7 +26,9 @@ class ExplainerWidget(ExplorerBase):
     every method (only the current method's are shown), ``opacity`` and ``colormap``.
     ``w.figure`` is the plotly ``FigureWidget``; ``w.result`` the current map
     (dims ``("image","y","x")``, attrs = every parameter). Setting a control's
-    ``value`` from code updates both at once, exactly as a click would::
+    ``value`` from code updates both at once, exactly as a click would.
+    ``method`` is shown first (default Grad-CAM); ``methods`` limits the dropdown
+    (default: every registered method)::
 
         w = ExplainerWidget(model, images, preprocess=preprocess, classes=classes)
         w.controls["method"].value = "fem"
@@ -37,9 +40,9 @@ class ExplainerWidget(ExplorerBase):
     def __init__(self, model: torch.nn.Module, images: Any,
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  classes: Sequence[str] | None = None, method: str | None = None,
-                 methods_shown: Sequence[str] | None = None) -> None:
+                 methods: Sequence[str] | None = None) -> None:
         super().__init__(model, images, preprocess, classes)
-        names = list(methods_shown) if methods_shown is not None else methods()
+        names = list(methods) if methods is not None else registry.methods()
         method = method or (DEFAULT_METHOD if DEFAULT_METHOD in names else names[0])
         ex = self.explainer()
         self.params = ParamControls(names)
