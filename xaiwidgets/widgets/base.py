@@ -81,8 +81,14 @@ class ExplorerBase(W.VBox):
         return self._explainers[index]
 
     def add_image(self, image: Any, label: str = "uploaded") -> int:
-        """Append an image (3,H,W) in [0, 1] resized to the model's size; returns its index."""
+        """Append an image (3,H,W) in [0, 1], the size of the others; select it, return its index.
+
+        Uploaded pictures go through :func:`xaiwidgets.rendering.read_image` first (resized).
+        """
         image = as_image_batch(torch.as_tensor(np.asarray(image, dtype=np.float32)))
+        if image.shape[-2:] != self.images.shape[-2:]:
+            raise ValueError(f"the image is {tuple(image.shape[-2:])}, the others "
+                             f"{tuple(self.images.shape[-2:])}: resize it first")
         image = image.to(self.images.device, self.images.dtype)
         self.images = torch.cat([self.images, image])
         index = len(self.images) - 1
