@@ -1,0 +1,129 @@
+"""Peak memory of IG / SmoothGrad with many samples: bounded by ``batch_size``, not ``n``.
+
+Each configuration runs in a fresh subprocess (``python -m benchmarks.memory '<json>'``)
+so one run's allocations cannot hide another's. On CPU the peak resident set size
+(VmHWM, reset through ``/proc/self/clear_refs`` just before the call; ``getrusage``
+where that is unavailable) minus the resident size before the call; on CUDA
+``torch.cuda.max_memory_allocated`` minus the memory allocated before the call.
+
+>>> spec = {"method": "smoothgrad", "impl": "ours", "n": 4, "batch_size": 2,
+...         "model": "resnet18", "size": 32, "device": "cpu"}
+>>> measure(spec)["peak_mib"] > 0  # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import xaiwidgets as xw
+
+from .cases import Config, build_model, make_setup
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rss_bytes(field: str = "VmRSS") -> int | None:
+    """Resident (``VmRSS``) or peak resident (``VmHWM``) bytes, from /proc (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux ≥ 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def attribution(spec: dict[str, Any], setup) -> Any:
+    """The call whose peak memory is measured."""
+    n, bs, method, x = spec["n"], spec["batch_size"], spec["method"], setup.x
+    if spec["impl"] == "ours":
+        params = {"steps": n} if method == "integrated_gradients" else {"n": n}
+        return lambda: setup.explainer.explain(method, target=setup.targets, batch_size=bs,
+                                               **params)
+    from captum import attr as captum
+
+    if method == "integrated_gradients":
+        return lambda: captum.IntegratedGradients(setup.model).attribute(
+            x, baselines=0.0, target=setup.targets, n_steps=n, method="riemann_right",
+            internal_batch_size=bs)
+    return lambda: captum.NoiseTunnel(captum.Saliency(setup.model)).attribute(
+        x, nt_type="smoothgrad", nt_samples=n, nt_samples_batch_size=max(1, bs // len(x)),
+        stdevs=0.15 * float(x.max() - x.min()), target=setup.targets, abs=False)
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory (MiB) of one configuration, in this process."""
+    device = torch.device(spec.get("device", "cpu"))
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    model = build_model(spec["model"], device)
+    setup = make_setup(model, spec.get("batch", 1), spec["size"], device, Config())
+    call = attribution(spec, setup)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        call()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        how = "torch.cuda.max_memory_allocated"
+    else:
+        before = rss_bytes() or 0
+        if reset_peak_rss():
+            call()
+            peak, how = (rss_bytes("VmHWM") or 0) - before, "VmHWM (clear_refs)"
+        else:
+            call()
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+            how = "ru_maxrss"
+    return {**spec, "peak_mib": max(peak, 0) / 2**20, "measured_with": how,
+            "xaiwidgets": xw.__version__}
+
+
+def measure_in_subprocess(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+    """:func:`measure` in a fresh Python process; errors come back as ``{"error": ...}``."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", json.dumps(spec)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {**spec, "peak_mib": None, "error": tail[:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def memory_specs(model: str, size: int, device: str, n: int, batch_sizes: list[int],
+                 threads: int | None) -> list[dict[str, Any]]:
+    """Configurations: IG at n/4 with the smallest batch size (the peak must not grow
+    with n), then ours and Captum at n with every batch size."""
+    base = {"model": model, "size": size, "device": device, "threads": threads}
+    # n/4 once, for IG: SmoothGrad runs through the same chunked gradient sum
+    specs = [{**base, "method": "integrated_gradients", "impl": "ours", "n": max(1, n // 4),
+              "batch_size": min(batch_sizes)}]
+    for method in ("integrated_gradients", "smoothgrad"):
+        for impl in ("ours", "captum"):
+            for bs in batch_sizes:
+                specs.append({**base, "method": method, "impl": impl, "n": n,
+                              "batch_size": bs})
+    return specs
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(json.loads(sys.argv[1]))))

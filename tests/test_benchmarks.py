@@ -1,0 +1,74 @@
+"""Smoke run of the benchmark script: tiny sizes, one repeat, structure of the JSON.
+
+No timing is asserted (CI machines vary); only that every method has a row, every
+contender a median or a reason why not, and that ratios are finite where defined.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "result.json"
+    md = out.with_suffix(".md")
+    threads = torch.get_num_threads()
+    run.main(["--model", "resnet18", "--size", "32", "--batch", "2", "--repeats", "1",
+              "--threads", "1", "--slider-repeats", "1", "--memory-n", "4",
+              "--memory-batch-sizes", "2", "--memory-size", "32",
+              "--out", str(out), "--markdown", str(md)])
+    torch.set_num_threads(threads)  # main() sets it for the whole process
+    return json.loads(out.read_text()), md.read_text()
+
+
+def finite_or_none(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isfinite(value) and value > 0)
+
+
+def test_every_method_has_a_row_with_ours_peers_and_limit(result):
+    data, _ = result
+    rows = {row["method"]: row for row in data["methods"]}
+    assert {"gradient", "integrated_gradients", "smoothgrad", "gradcam", "occlusion", "fem",
+            "mlfem", "lrp"} <= set(rows)
+    for row in rows.values():
+        assert {"ours", "limit"} <= set(row["times"])
+        assert row["times"]["limit"]["median_s"] > 0  # bare torch always runs
+        for name, entry in row["times"].items():
+            # a median, or a note saying why not (method/library missing, or its error)
+            assert finite_or_none(entry["median_s"]), (row["method"], name)
+            assert entry["median_s"] is not None or entry["note"], (row["method"], name)
+        assert finite_or_none(row["ratio_best_peer"]) and finite_or_none(row["ratio_limit"])
+    # the engine's own methods always run; the peers named in the brief too
+    for method in ("gradient", "gradcam", "fem", "occlusion"):
+        assert rows[method]["times"]["ours"]["median_s"] is not None
+    assert rows["gradient"]["times"]["captum"]["median_s"] is not None
+    assert rows["gradcam"]["times"]["pytorch-grad-cam"]["median_s"] is not None
+    assert rows["lrp"]["times"]["zennit"]["median_s"] is not None
+    assert rows["integrated_gradients"]["params"]["steps"] == data["meta"]["sizes"]["steps"]
+
+
+def test_fem_sliders_reuse_the_cached_forward(result):
+    data, _ = result
+    sliders = {row["slider"]: row for row in data["slider"]}
+    for name in ("fem: K", "mlfem: K", "mlfem: operator", "mlfem: alpha"):
+        assert sliders[name]["model_calls"] == 0, name
+        assert sliders[name]["median_ms"] > 0
+    # LRP has nothing to cache: each change is a new forward (the counter does count)
+    assert sliders["lrp: epsilon"]["model_calls"] > 0
+
+
+def test_memory_rows_and_markdown(result):
+    data, table = result
+    assert len(data["memory"]) == 5  # IG at n/4, then IG and SmoothGrad x ours/captum
+    for row in data["memory"]:
+        assert row.get("error") is None and row["peak_mib"] >= 0, row
+    assert "| gradient |" in table and "ours / limit" in table and "model calls" in table
