@@ -107,12 +107,17 @@ def default_layer(model: nn.Module) -> str:
 
 def resolve_layer(model: nn.Module, layer: str) -> nn.Module:
     """The module called ``layer``; an unknown name gets a list of close matches."""
+    if isinstance(layer, str) and layer:
+        # a walk down the dotted path: MLFEM resolves 16 names on every slider change,
+        # and listing all named modules each time cost milliseconds
+        try:
+            return model.get_submodule(layer)
+        except AttributeError:
+            pass
     modules = dict(model.named_modules())
-    if not isinstance(layer, str) or layer not in modules or layer == "":
-        options = candidate_layers(model)
-        close = close_matches(str(layer), options) or close_matches(str(layer), list(modules))
-        raise ValueError(
-            f"unknown layer {layer!r}. Close matches: {close or 'none'}. "
-            f"Explainer.layers() lists the usable layers (e.g. {options[-3:]})."
-        )
-    return modules[layer]
+    options = candidate_layers(model)
+    close = close_matches(str(layer), options) or close_matches(str(layer), list(modules))
+    raise ValueError(
+        f"unknown layer {layer!r}. Close matches: {close or 'none'}. "
+        f"Explainer.layers() lists the usable layers (e.g. {options[-3:]})."
+    )
