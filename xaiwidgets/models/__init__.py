@@ -109,7 +109,7 @@ def _download_hint(name: str) -> str:
         f"not in the torch hub cache ({torch.hub.get_dir()}). Offline alternatives: "
         f"xw.models.load({name!r}, weights=None) for a randomly initialised model, "
         f"xw.models.load({name!r}, weights='path/to/state_dict.pt') for local weights, or a "
-        f"shipped model: {', '.join(available())}."
+        f"shipped model trained on xw.datasets.shapes: 'shapes-vgg', 'shapes-resnet'."
     )
 
 
