@@ -31,11 +31,7 @@ from zennit.canonizers import Canonizer, SequentialMergeBatchNorm
 from zennit.composites import SpecialFirstLayerMapComposite, layer_map_base
 from zennit.core import BasicHook, Composite, ParamMod, Stabilizer
 from zennit.rules import Epsilon, Flat, Gamma, ZBox, ZPlus
-from zennit.torchvision import (
-    ResNetBasicBlockCanonizer,
-    ResNetBottleneckCanonizer,
-    ResNetCanonizer,
-)
+from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 from zennit.types import BatchNorm, Convolution
 from zennit.types import Linear as AnyLinear
 
@@ -123,6 +119,24 @@ def rule(kind: str, *, epsilon: float = 1e-6, gamma: float = 0.25, alpha: float 
     raise ValueError(f"unknown LRP rule {kind!r}")
 
 
+class MergeBatchNorm(SequentialMergeBatchNorm):
+    """zennit's merge of each BatchNorm into the conv/linear layer before it, made exact.
+
+    zennit empties the BatchNorm (mean 0, variance 1, weight 1, bias 0) but leaves its
+    ``eps``, so the "identity" still divides by sqrt(1 + eps); relevance passes it
+    unchanged, and LRP-0 drifts from gradient × input. Here ``eps`` is 0 while merged.
+    """
+
+    def register(self, linears: Any, batch_norm: nn.Module) -> None:
+        super().register(linears, batch_norm)  # merges with the true eps first
+        self.saved_eps = batch_norm.eps
+        batch_norm.eps = 0.0
+
+    def remove(self) -> None:
+        super().remove()
+        self.batch_norm.eps = self.saved_eps
+
+
 def _mergeable(norm: nn.Module) -> bool:
     """zennit can fold a BatchNorm only when it has affine weights and running statistics."""
     return all(getattr(norm, key, None) is not None
@@ -142,11 +156,11 @@ def canonizers_for(model: nn.Module) -> list[Canonizer]:
     norms = [m for m in modules if isinstance(m, BatchNorm)]
     merge = bool(norms) and all(_mergeable(m) for m in norms)
     residual = any(isinstance(m, (BasicBlock, Bottleneck)) for m in modules)
+    canonizers: list[Canonizer] = [MergeBatchNorm()] if merge else []
     if residual:
-        if merge:
-            return [ResNetCanonizer()]
-        return [ResNetBasicBlockCanonizer(), ResNetBottleneckCanonizer()]
-    return [SequentialMergeBatchNorm()] if merge else []
+        # what zennit's ResNetCanonizer does, with the exact merge
+        canonizers += [ResNetBasicBlockCanonizer(), ResNetBottleneckCanonizer()]
+    return canonizers
 
 
 def make_composite(
@@ -172,7 +186,8 @@ def make_composite(
         raise ValueError(f"unknown composite {name!r}; choose one of {list(COMPOSITES)}")
     first, conv, dense = COMPOSITES[name]
     kwargs = dict(epsilon=epsilon, gamma=gamma, alpha=alpha, beta=beta, low=low, high=high)
-    layer_map = layer_map_base(STABILIZER) + [
+    # LRP-0 also splits sums and average pools with (almost) no stabiliser
+    layer_map = layer_map_base(ZERO_STABILIZER if name == "zero" else STABILIZER) + [
         (Convolution, rule(conv, **kwargs)),
         (nn.Linear, rule(dense, **kwargs)),
     ]

@@ -1,0 +1,354 @@
+"""LRP: SPEC.md's worked example, conservation, rule properties, agreement with zennit's
+own composites (reference used only here) and clean-up of the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchvision.models import resnet18, vgg11
+from torchvision.models.resnet import BasicBlock, ResNet
+from zennit.attribution import Gradient
+from zennit.composites import (
+    EpsilonAlpha2Beta1,
+    EpsilonGammaBox,
+    EpsilonPlus,
+    EpsilonPlusFlat,
+    SpecialFirstLayerMapComposite,
+)
+from zennit.rules import Epsilon
+from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+from zennit.types import Convolution
+
+import xaiwidgets as xw
+from xaiwidgets.families.lrp import make_composite, relevance, rule
+
+# ---------------------------------------------------------------- SPEC worked example
+# x = (1, 2); hidden z = (x1 + 2 x2, -x1 + x2) = (5, 1); y = a1 - 2 a2 = 3 (no biases)
+HIDDEN = [[1.0, 2.0], [-1.0, 1.0]]
+OUT = [1.0, -2.0]
+
+
+def spec_mlp() -> nn.Sequential:
+    first, second = nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False)
+    first.weight.data = torch.tensor(HIDDEN)
+    second.weight.data = torch.tensor([OUT])
+    return nn.Sequential(first, nn.ReLU(), second)
+
+
+@pytest.mark.parametrize("kind, params, expected", [
+    ("zero", {}, (3.0, 0.0)),
+    ("alpha_beta", {"alpha": 1.0, "beta": 0.0}, (1.0, 2.0)),
+    ("zplus", {}, (1.0, 2.0)),
+    ("alpha_beta", {"alpha": 2.0, "beta": 1.0}, (4.0, 4.0)),
+    ("gamma", {"gamma": 0.25}, (2.333333, 0.666667)),
+    ("epsilon", {"epsilon": 1.0}, (1.833333, 1.333333)),
+])
+def test_spec_worked_example_rule_at_first_layer(kind, params, expected):
+    composite = SpecialFirstLayerMapComposite(
+        layer_map=[(nn.Linear, rule("zero"))], first_map=[(nn.Linear, rule(kind, **params))])
+    r = relevance(spec_mlp(), torch.tensor([[1.0, 2.0]]), torch.tensor([0]), composite)
+    np.testing.assert_allclose(r[0].numpy(), expected, rtol=1e-5)
+
+
+def test_alpha_beta_without_alpha_minus_beta_equal_one():
+    # α3β1 by hand: positive parts P = (1, 4)/5·5 + (0, 2)/2·(-2) = (1, 2),
+    # negative parts N = (-1, 0)/(-1)·(-2) = (-2, 0); R = 3P - N = (5, 6)
+    composite = SpecialFirstLayerMapComposite(
+        layer_map=[(nn.Linear, rule("zero"))],
+        first_map=[(nn.Linear, rule("alpha_beta", alpha=3.0, beta=1.0))])
+    r = relevance(spec_mlp(), torch.tensor([[1.0, 2.0]]), torch.tensor([0]), composite)
+    np.testing.assert_allclose(r[0].numpy(), (5.0, 6.0), rtol=1e-5)
+
+
+def spec_cnn(identity_first: bool = False) -> nn.Sequential:
+    """The worked example as 1x1 convolutions on (1, 3, 1, 1) inputs (third channel 0)."""
+    hidden = nn.Conv2d(3, 2, 1, bias=False)
+    hidden.weight.data = torch.tensor([HIDDEN[0] + [0.0], HIDDEN[1] + [0.0]]).reshape(2, 3, 1, 1)
+    head = nn.Linear(2, 2, bias=False)
+    head.weight.data = torch.tensor([OUT, [0.0, 0.0]])
+    layers = [hidden, nn.ReLU(), nn.Flatten(), head]
+    if identity_first:  # z^B on an identity layer passes relevance through unchanged
+        identity = nn.Conv2d(3, 3, 1, bias=False)
+        identity.weight.data = torch.eye(3).reshape(3, 3, 1, 1)
+        layers.insert(0, identity)
+    return nn.Sequential(*layers)
+
+
+SPEC_X = torch.tensor([1.0, 2.0, 0.0]).reshape(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"composite": "zero"}, (3.0, 0.0)),
+    ({"composite": "alpha_beta", "alpha": 1.0, "beta": 0.0}, (1.0, 2.0)),
+    ({"composite": "alpha_beta", "alpha": 1.0}, (1.0, 2.0)),  # beta = alpha - 1
+    ({"composite": "alpha_beta", "beta": 0.0}, (1.0, 2.0)),  # alpha = beta + 1
+    ({"composite": "alpha_beta"}, (4.0, 4.0)),  # defaults α = 2, β = 1
+    ({"composite": "epsilon_plus"}, (1.0, 2.0)),  # α1β0 on conv, ~LRP-0 on dense
+    # ε = 1 on both layers: R_hidden = (5, -2)·3/4, then R_x = (1.375, 1.0)
+    ({"composite": "epsilon", "epsilon": 1.0}, (1.375, 1.0)),
+])
+def test_spec_example_through_the_public_api(params, expected):
+    r = xw.explain(spec_cnn(), SPEC_X, "lrp", target=0, reduce=None, **params)
+    np.testing.assert_allclose(r.values[0, :, 0, 0], expected + (0.0,), rtol=1e-5, atol=1e-6)
+
+
+def test_gamma_composite_on_the_spec_example():
+    r = xw.explain(spec_cnn(identity_first=True), SPEC_X, "lrp", target=0, reduce=None,
+                   composite="epsilon_gamma_box", gamma=0.25)
+    np.testing.assert_allclose(r.values[0, :, 0, 0], (2.333333, 0.666667, 0.0), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_alpha_beta_resolution_and_attrs():
+    ex = xw.Explainer(spec_cnn(), SPEC_X)
+    r = ex.explain("lrp", target=0, composite="alpha_beta", alpha=3.0)
+    assert (r.attrs["alpha"], r.attrs["beta"], r.attrs["composite"]) == (3.0, 2.0, "alpha_beta")
+    r = ex.explain("lrp", target=0, composite="alpha_beta", alpha=3.0, beta=1.0)
+    assert (r.attrs["alpha"], r.attrs["beta"]) == (3.0, 1.0)  # α − β = 1 not required
+    default = ex.explain("lrp", target=0)
+    assert default.attrs["composite"] == "epsilon_plus_flat"
+    assert default.attrs["epsilon"] == 1e-6 and default.attrs["gamma"] == 0.25
+    with pytest.raises(ValueError, match="alpha"):
+        ex.explain("lrp", composite="alpha_beta", alpha=0.5)
+    with pytest.raises(ValueError, match="beta"):
+        ex.explain("lrp", composite="alpha_beta", beta=-1.0)
+    with pytest.raises(ValueError, match="composite"):
+        ex.explain("lrp", composite="gamma")
+
+
+# ------------------------------------------------------------------- conservation
+def bias_free_cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 16, bias=False), nn.ReLU(),
+        nn.Linear(16, 4, bias=False),
+    ).eval()
+
+
+def target_logits(model, x, target):
+    with torch.no_grad():
+        return model(x).gather(1, torch.as_tensor(target)[:, None])[:, 0].numpy()
+
+
+def test_lrp0_conserves_relevance_without_biases(images):
+    model = bias_free_cnn()
+    r = xw.explain(model, images, "lrp", composite="zero", target=[1, 2], reduce=None)
+    np.testing.assert_allclose(r.values.sum(axis=(1, 2, 3)),
+                               target_logits(model, images, [1, 2]), rtol=1e-4)
+
+
+def resnet18_without_batchnorm() -> nn.Module:
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(parent, name, nn.Identity())
+    model.fc.bias.data.zero_()
+    return model.eval()
+
+
+def test_lrp0_conserves_through_resnet18_residual_sums():
+    model = resnet18_without_batchnorm()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ex = xw.Explainer(model, x)
+    target = ex.logits().argmax(1)
+    logit = target_logits(model, x, target)
+    r = ex.explain("lrp", composite="zero", reduce=None).values.sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(r, logit, rtol=1e-3)
+    # without the explicit residual Sum, relevance crosses additions as a gradient and
+    # is not conserved: the wrapper's canonizer is what makes the check pass
+    naive = relevance(model, x, target, make_composite("zero", canonizers=[]))
+    assert not np.allclose(naive.sum(dim=(1, 2, 3)).numpy(), logit, rtol=1e-2)
+
+
+def test_epsilon_tends_to_lrp0_and_absorbs_relevance(images):
+    # no average pool: its proportional split has a fixed 1e-6 stabiliser in every
+    # composite but LRP-0, which would blur the limit
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
+                          nn.Flatten(), nn.Linear(128, 4)).eval()
+    ex = xw.Explainer(model, images)
+    zero = ex.explain("lrp", composite="zero", reduce=None).values
+    errors = [np.abs(ex.explain("lrp", composite="epsilon", epsilon=eps, reduce=None).values
+                     - zero).max() for eps in (1e-1, 1e-3, 1e-5, 1e-9)]
+    assert errors == sorted(errors, reverse=True)
+    assert errors[-1] < 1e-4 * np.abs(zero).max() < errors[0]
+    large = ex.explain("lrp", composite="epsilon", epsilon=10.0, reduce=None).values
+    assert np.abs(large).sum() < 0.5 * np.abs(zero).sum()
+
+
+def all_conv_net() -> nn.Sequential:
+    """No dense layer: every layer gets the conv rule, so α1β0 holds end to end (the
+    average pool sees non-negative inputs, so its proportional split keeps signs)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 5, 1), nn.Flatten(),
+    ).eval()
+
+
+def test_alpha1_beta0_relevance_has_the_sign_of_the_logit():
+    # exactly true: with β = 0 every neuron passes on relevance of its own sign, and the
+    # output relevance is the target logit (inputs may be negative: a⁻w⁻ counts as positive)
+    model = all_conv_net()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    targets = [0, 1, 2, 3]
+    sign = np.sign(target_logits(model, x, targets))[:, None, None, None]
+    assert (sign > 0).any() and (sign < 0).any()
+    r = xw.explain(model, x, "lrp", composite="alpha_beta", alpha=1.0, beta=0.0,
+                   target=targets, reduce=None).values
+    assert (r * sign >= 0).all()
+    r21 = xw.explain(model, x, "lrp", composite="alpha_beta", target=targets, reduce=None).values
+    assert (r21 * sign < 0).any()  # β > 0 brings counter-evidence
+
+
+# ------------------------------------------------------------- agreement with zennit
+@pytest.fixture(scope="module")
+def torchvision_models():
+    torch.manual_seed(0)
+    vgg = vgg11(num_classes=10).eval()
+    resnet = resnet18(num_classes=10).eval()
+    for m in resnet.modules():  # non-trivial BatchNorm statistics to merge
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.eps = 0.0  # zennit's own merge is exact only then (see lrp.MergeBatchNorm)
+    return {"vgg": (vgg, VGGCanonizer), "resnet": (resnet, ResNetCanonizer)}
+
+
+def zennit_reference(name, canonizer, low, high):
+    eps = 0.01
+    if name == "epsilon":  # zennit has no ε-everywhere composite: override its conv rule
+        return EpsilonPlus(epsilon=eps, canonizers=[canonizer()],
+                           layer_map=[(Convolution, Epsilon(epsilon=eps))])
+    return {
+        "epsilon_plus": lambda: EpsilonPlus(epsilon=eps, canonizers=[canonizer()]),
+        "epsilon_plus_flat": lambda: EpsilonPlusFlat(epsilon=eps, canonizers=[canonizer()]),
+        "alpha_beta": lambda: EpsilonAlpha2Beta1(epsilon=eps, canonizers=[canonizer()]),
+        "epsilon_gamma_box": lambda: EpsilonGammaBox(low=low, high=high, epsilon=eps,
+                                                     gamma=0.25, canonizers=[canonizer()]),
+    }[name]()
+
+
+@pytest.mark.parametrize("arch", ["vgg", "resnet"])
+@pytest.mark.parametrize("name", ["epsilon", "epsilon_plus", "epsilon_plus_flat",
+                                  "alpha_beta", "epsilon_gamma_box"])
+def test_agrees_with_zennit_composites(torchvision_models, arch, name):
+    model, canonizer = torchvision_models[arch]
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    target = torch.tensor([4])
+    ours = xw.explain(model, x, "lrp", target=4, composite=name, epsilon=0.01,
+                      reduce=None).values
+    low, high = x.amin(), x.amax()  # what we derive without a preprocess
+    with Gradient(model, zennit_reference(name, canonizer, low, high)) as attributor:
+        _, theirs = attributor(x.clone(), attr_output=lambda out: nn.functional.one_hot(
+            target, out.shape[1]) * out)
+    theirs = theirs.numpy()
+    assert np.abs(theirs).max() > 0
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+
+
+def test_lrp0_equals_gradient_times_input_on_vgg(torchvision_models):
+    # for piecewise-linear nets LRP-0 is gradient × input (biases absorb the rest):
+    # an independent check of the rule placement, max-pools and average pools
+    model, _ = torchvision_models["vgg"]
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    ex = xw.Explainer(model, x)
+    ours = ex.explain("lrp", composite="zero", target=7, reduce=None).values
+    grad_x_input = (ex.input_gradient(x, torch.tensor([7])) * x).numpy()
+    np.testing.assert_allclose(ours, grad_x_input, rtol=1e-3, atol=1e-4 * np.abs(ours).max())
+
+
+def test_lrp0_equals_gradient_times_input_on_resnet_with_batchnorm():
+    # BatchNorm merged (its eps included), residual sums split in proportion: still
+    # gradient × input. In float64: float32 gradients of such nets can lose ~1e-3 to
+    # cancellation, which would hide a real error of that size
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10).eval().double()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4)).double()
+    ex = xw.Explainer(model, x)
+    ours = ex.explain("lrp", composite="zero", target=7, reduce=None).values
+    grad_x_input = (ex.input_gradient(x, torch.tensor([7])) * x).numpy()
+    np.testing.assert_allclose(ours, grad_x_input, rtol=1e-5, atol=1e-7 * np.abs(ours).max())
+
+
+# ----------------------------------------------------------------------- clean-up
+def small_resnet() -> ResNet:
+    torch.manual_seed(0)
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3).eval()
+
+
+class Explode(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+def model_state(model: nn.Module):
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                for m in model.modules())
+    patched = [name for name, m in model.named_modules()
+               if "forward" in vars(m) or hasattr(m, "canonizer_sum")]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    biases = [m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return hooks, patched, state, biases, [type(m) for m in model.modules()]
+
+
+def assert_same(before, after):
+    assert after[0] == before[0] == 0, "hooks left on the model"
+    assert after[1] == before[1] == [], "canonizer left a patched forward or Sum module"
+    assert after[2].keys() == before[2].keys()
+    for key, value in before[2].items():
+        assert torch.equal(value, after[2][key]), f"{key} changed"
+    assert after[3] == before[3] and after[4] == before[4]
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box"])
+def test_model_unchanged_after_success_and_after_an_error(composite):
+    model = small_resnet()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(1, 3, 32, 32)
+    before = model_state(model)
+    xw.explain(model, x, "lrp", composite=composite)
+    assert_same(before, model_state(model))
+    head = model.fc
+    model.fc = Explode()  # fails after canonizers and hooks are in place
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            xw.explain(model, x, "lrp", composite=composite, target=0)
+    finally:
+        model.fc = head
+    assert_same(before, model_state(model))
+
+
+def test_unmergeable_batchnorm_is_left_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    before = model_state(model)
+    r = xw.explain(model, torch.rand(1, 3, 8, 8), "lrp", target=0)
+    assert np.isfinite(r.values).all()
+    assert_same(before, model_state(model))
+
+
+def test_box_bounds_come_from_the_preprocess():
+    from xaiwidgets.families.lrp import input_bounds
+
+    mean = torch.tensor([0.5, 0.4, 0.3]).reshape(1, 3, 1, 1)
+    ex = xw.Explainer(all_conv_net(), torch.rand(2, 3, 8, 8), preprocess=lambda x: (x - mean) / 0.2)
+    low, high = input_bounds(ex)
+    np.testing.assert_allclose(low[0, :, 0, 0], (-mean / 0.2).flatten(), rtol=1e-6)
+    np.testing.assert_allclose(high[0, :, 0, 0], ((1 - mean) / 0.2).flatten(), rtol=1e-6)
+    assert low.shape == (1, 3, 8, 8)
