@@ -136,3 +136,12 @@ def test_errors():
         deletion(model, maps["correct"], images=x, step=0)
     with pytest.raises(ValueError, match="replacement"):
         aopc(model, maps["correct"], images=x, replace="zeros")
+
+
+def test_shipped_model_gradcam_beats_a_random_map_at_deletion():
+    model, preprocess, _ = xw.models.load("shapes-resnet")
+    images = torch.from_numpy(xw.datasets.shapes(n=4, size=128, seed=7).image.values)
+    ex = xw.Explainer(model, images, preprocess=preprocess, progress=False)
+    random = torch.rand(4, 128, 128, generator=generator(0))
+    cam = deletion(ex, ex.explain("gradcam"), step=0.05).auc.mean()
+    assert cam < deletion(ex, random, step=0.05).auc.mean() - 0.1
