@@ -1,0 +1,161 @@
+"""DeepLIFT (rescale): SPEC.md's worked example, summation to delta, Captum (test-only)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet18
+
+import xaiwidgets as xw
+from xaiwidgets.families.deeplift import rescale_rule
+
+
+def spec_net() -> nn.Sequential:
+    """SPEC's example as 1x1 convolutions: z = (x1 + 2x2, -x1 + x2), y = a1 - 2a2."""
+    hidden = nn.Conv2d(3, 2, 1, bias=False)
+    hidden.weight.data = torch.tensor([[1.0, 2.0, 0.0], [-1.0, 1.0, 0.0]]).reshape(2, 3, 1, 1)
+    head = nn.Linear(2, 2, bias=False)
+    head.weight.data = torch.tensor([[1.0, -2.0], [0.0, 0.0]])
+    return nn.Sequential(hidden, nn.ReLU(inplace=True), nn.Flatten(), head)
+
+
+def test_spec_worked_example():
+    x = torch.tensor([1.0, 2.0, 0.0]).reshape(1, 3, 1, 1)
+    reference = torch.tensor([2.0, 0.0, 0.0]).reshape(1, 3, 1, 1)
+    r = xw.explain(spec_net(), x, "deeplift", target=0, baseline=reference, reduce=None)
+    np.testing.assert_allclose(r.values[0, :, 0, 0], (-5 / 3, 8 / 3, 0.0), rtol=1e-6)
+    assert r.attrs["rule"] == "rescale"
+    # gradient × Δx would give (-3, 0): the rescale multipliers (1, 1/3) matter
+    ex = xw.Explainer(spec_net(), x)
+    grad = ex.input_gradient(x, torch.tensor([0]))
+    np.testing.assert_allclose(((x - reference) * grad)[0, :2, 0, 0], (-3.0, 0.0))
+
+
+def delta(model, x, reference, target):
+    with torch.no_grad():
+        out = model(x) - model(reference)
+    return out.gather(1, torch.as_tensor(target)[:, None])[:, 0].double().numpy()
+
+
+def assert_sums_to_delta(model, x, baseline, target, rtol=1e-4):
+    ex = xw.Explainer(model, x)
+    r = ex.explain("deeplift", target=target, baseline=baseline, reduce=None)
+    reference = torch.full_like(x, baseline) if isinstance(baseline, float) else baseline
+    expected = delta(model, x, reference, target)
+    assert np.abs(expected).min() > 1e-3  # a meaningful relative check
+    np.testing.assert_allclose(r.values.astype(np.float64).sum(axis=(1, 2, 3)), expected,
+                               rtol=rtol)
+    return r
+
+
+def test_summation_to_delta_on_a_conv_net(tiny_cnn, images):
+    # BatchNorm (eval), in-place ReLUs, a max-pool and an average pool
+    tiny_cnn[1].running_mean.uniform_(-0.5, 0.5)
+    tiny_cnn[1].running_var.uniform_(0.5, 2.0)
+    assert_sums_to_delta(tiny_cnn, images, 0.0, [0, 3])
+    assert_sums_to_delta(tiny_cnn, images, images.flip(0) * 0.5, [1, 2])
+
+
+def test_summation_to_delta_with_a_relu_module_used_twice(tiny_resnet, images):
+    # TinyBlock calls self.relu twice and adds in place, like torchvision's BasicBlock
+    assert_sums_to_delta(tiny_resnet, images, 0.5, [0, 1])
+
+
+def test_summation_to_delta_on_resnet18():
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        target = (model(x) - model(torch.zeros_like(x))).abs().argmax(1).tolist()
+    assert_sums_to_delta(model, x, 0.0, target)
+
+
+def test_max_pool_rule_keeps_summation_where_input_equals_reference():
+    # half of the image equal to the reference: zero differences inside pooling windows
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                          nn.Flatten(), nn.Linear(4 * 64, 3)).eval()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    reference = x.clone()
+    reference[..., 8:] = 0.3
+    assert_sums_to_delta(model, x, reference, [0, 2])
+
+
+@pytest.mark.parametrize("activation", [nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU,
+                                        nn.LeakyReLU, nn.ReLU6])
+def test_summation_to_delta_with_other_elementwise_activations(activation):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), activation(), nn.MaxPool2d(2),
+                          nn.Conv2d(6, 6, 3, padding=1), activation(),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 3)).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        target = (model(x) - model(torch.zeros_like(x))).abs().argmax(1).tolist()
+    assert_sums_to_delta(model, x, 0.0, target)
+
+
+def captum_deeplift(model, x, reference, target):
+    from captum.attr import DeepLift
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # captum warns about setting requires_grad
+        return DeepLift(model).attribute(x, baselines=reference,
+                                         target=torch.tensor(target)).detach().numpy()
+
+
+@pytest.mark.parametrize("with_relu_net", [True, False])
+def test_agrees_with_captum(with_relu_net):
+    torch.manual_seed(0)
+    if with_relu_net:
+        model = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+            nn.Linear(8 * 64, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+        model[1].running_mean.uniform_(-0.5, 0.5)
+    else:
+        # Captum's max-pool rule is ours, but it breaks summation to delta where a ReLU
+        # zeroes both input and reference before the pool (captum issue #1276), so the
+        # max-pool comparison uses a net without that case
+        model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(),
+                              nn.Linear(6 * 64, 5)).eval()
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    reference = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 0.2
+    target = [0, 1, 4]
+    ours = xw.explain(model, x, "deeplift", target=target, baseline=reference,
+                      reduce=None).values
+    theirs = captum_deeplift(model, x, reference, target)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+
+
+def test_black_baseline_uses_the_preprocess():
+    mean = torch.tensor([0.5, 0.4, 0.3]).reshape(1, 3, 1, 1)
+    model = spec_net()
+    x = torch.rand(1, 3, 1, 1)
+    ex = xw.Explainer(model, x, preprocess=lambda im: (im - mean) / 0.25)
+    black = ex.explain("deeplift", target=0, baseline="black", reduce=None)
+    explicit = ex.explain("deeplift", target=0, baseline=-mean / 0.25, reduce=None)
+    np.testing.assert_allclose(black.values, explicit.values, rtol=1e-6)
+
+
+def test_functions_restored_even_after_an_error():
+    originals = (F.relu, torch.relu, F.max_pool2d, torch.sigmoid, F.gelu)
+    with pytest.raises(RuntimeError, match="boom"), rescale_rule():
+        assert F.relu is not originals[0]
+        raise RuntimeError("boom")
+    assert (F.relu, torch.relu, F.max_pool2d, torch.sigmoid, F.gelu) == originals
+    # outside a paired batch with autograd the patched functions are plain functions
+    with rescale_rule():
+        x = torch.randn(3, 4)
+        assert torch.equal(F.relu(x), x.clamp(min=0))
+        y = x.clone()
+        F.relu_(y)
+        assert torch.equal(y, x.clamp(min=0))
