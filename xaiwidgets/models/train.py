@@ -66,6 +66,7 @@ def train(
     lr: float = 2e-3,
     seed: int = 0,
     shuffle_labels: bool = False,
+    augment: bool = True,
     threads: int | None = 2,
     out: str | Path | None = None,
 ) -> dict:
@@ -100,7 +101,9 @@ def train(
         order = torch.randperm(n_train, generator=generator)
         for start in range(0, n_train - batch_size + 1, batch_size):
             index = order[start : start + batch_size]
-            batch = _augment(images[index].float() / 255, generator)
+            batch = images[index].float() / 255
+            if augment:
+                batch = _augment(batch, generator)
             batch = batch.contiguous(memory_format=torch.channels_last)
             logits = model(preprocess(batch))
             loss = F.cross_entropy(logits, labels[index])
@@ -131,6 +134,7 @@ def train(
         "epochs": epochs,
         "seed": seed,
         "shuffle_labels": shuffle_labels,
+        "augment": augment,
         "test_accuracy": test_accuracy,
         "train_accuracy": train_accuracy,
         "train_seconds": seconds,
@@ -164,6 +168,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="permute the training labels (data-randomisation sanity check)",
     )
+    parser.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="no flips/rotations (lets a shuffled-label model memorise its training set)",
+    )
     parser.add_argument("--out", default=None, help="weights path (default: the package's)")
     args = parser.parse_args(argv)
     train(
@@ -175,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         seed=args.seed,
         shuffle_labels=args.shuffle_labels,
+        augment=args.augment,
         threads=args.threads,
         out=args.out,
     )
