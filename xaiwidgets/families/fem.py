@@ -88,10 +88,8 @@ def resolve_layers(ex: Explainer, layers: str | Sequence[str] | None) -> list[st
         names = list(layers)
     if not names:
         raise ValueError("layers is empty: pass layer names from Explainer.layers()")
-    modules = dict(ex.model.named_modules())
     for name in names:
-        if name not in modules or not name:
-            _layers.resolve_layer(ex.model, name)  # raises, listing close matches
+        _layers.resolve_layer(ex.model, name)  # unknown names fail before any forward pass
     return names
 
 
