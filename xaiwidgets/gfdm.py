@@ -8,8 +8,8 @@ see :func:`sigma_from_visual_angle`; for the synthetic shapes data the default i
 
 >>> import numpy as np, xaiwidgets as xw
 >>> g = xw.gfdm(np.array([[10, 20]]), shape=(32, 48), sigma=3)
->>> g.shape, float(g.max()), tuple(np.unravel_index(g.argmax(), g.shape))
-((32, 48), 1.0, (10, 20))
+>>> g.shape, float(g.max()), [int(i) for i in np.unravel_index(g.argmax(), g.shape)]
+((32, 48), 1.0, [10, 20])
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 >>> import xaiwidgets as xw
 >>> ds = xw.datasets.shapes(n=8, size=64, clutter=2, seed=0)
->>> sorted(ds.data_vars)
-['distractors', 'fixations', 'gfdm', 'image', 'label', 'mask']
+>>> ds.image.dims, ds.gfdm.dims
+(('image', 'channel', 'y', 'x'), ('image', 'y', 'x'))
 """
 
 from .photos import PHOTOS, photos, resize

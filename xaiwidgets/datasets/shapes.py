@@ -283,7 +283,9 @@ def shapes(
         ``mask`` (image, y, x) bool, the target; ``distractors`` (image, y, x) bool, the
         visible distractor pixels; ``fixations`` (image, y, x) int32 counts; ``gfdm``
         (image, y, x) float32, max 1. ``attrs``: ``classes`` and every argument above
-        (netCDF-safe: str and numbers only).
+        (netCDF-safe: str and numbers only). xarray lists ``image`` among the coordinates,
+        not ``data_vars``, because it shares its name with the ``image`` dimension;
+        ``ds.image`` and ``ds["image"]`` work as usual.
 
     >>> ds = shapes(n=2, size=32, seed=1)
     >>> int(ds.fixations.sum()), float(ds.gfdm.max())
