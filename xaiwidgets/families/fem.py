@@ -96,9 +96,17 @@ def resolve_layers(ex: Explainer, layers: str | Sequence[str] | None) -> list[st
 def fem_maps(ex: Explainer, layers: Sequence[str], K: float = 1.0) -> torch.Tensor:
     """Per-layer FEM maps upsampled to the input size and normalised: (N, L, H, W).
 
-    Uses ``ex.activations`` (cached), so only the first call runs the model.
+    Uses ``ex.activations`` (cached), so only the first call runs the model, and the
+    maps themselves are cached per (layers, K) on the Explainer.
     """
-    return stack_maps(ex.activations(list(layers)), layers, K, ex.size)
+    cache = ex._valid_cache().setdefault("fem_maps", {})
+    key = (tuple(layers), float(K))
+    if key not in cache:
+        # an operator/alpha/normalize change then only re-fuses; a few K values are kept
+        if len(cache) >= 4:
+            cache.pop(next(iter(cache)))
+        cache[key] = stack_maps(ex.activations(list(layers)), layers, K, ex.size)
+    return cache[key]
 
 
 def stack_maps(acts: dict[str, torch.Tensor], layers: Sequence[str], K: float,
