@@ -159,3 +159,13 @@ def test_functions_restored_even_after_an_error():
         y = x.clone()
         F.relu_(y)
         assert torch.equal(y, x.clamp(min=0))
+
+
+@pytest.mark.parametrize("name", ["shapes-vgg", "shapes-resnet"])
+def test_summation_to_delta_on_the_shipped_models(name):
+    model, preprocess, _ = xw.models.load(name)
+    images = torch.from_numpy(xw.datasets.shapes(n=2, seed=0).image.values)
+    x = preprocess(images)
+    with torch.no_grad():
+        target = model(x).argmax(1).tolist()
+    assert_sums_to_delta(model, x, 0.0, target)

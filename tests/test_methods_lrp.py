@@ -352,3 +352,19 @@ def test_box_bounds_come_from_the_preprocess():
     np.testing.assert_allclose(low[0, :, 0, 0], (-mean / 0.2).flatten(), rtol=1e-6)
     np.testing.assert_allclose(high[0, :, 0, 0], ((1 - mean) / 0.2).flatten(), rtol=1e-6)
     assert low.shape == (1, 3, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["shapes-vgg", "shapes-resnet"])
+def test_shipped_models_lrp0_is_gradient_times_input_and_model_unchanged(name):
+    # trained weights and BatchNorm statistics; float64 as above
+    model, preprocess, _ = xw.models.load(name)
+    model = model.double()
+    images = torch.from_numpy(xw.datasets.shapes(n=2, seed=0).image.values).double()
+    ex = xw.Explainer(model, images, preprocess=preprocess)
+    before = model_state(model)
+    ours = ex.explain("lrp", composite="zero", reduce=None).values
+    grad_x_input = (ex.input_gradient(ex.inputs, ex.logits().argmax(1)) * ex.inputs).numpy()
+    np.testing.assert_allclose(ours, grad_x_input, rtol=1e-5, atol=1e-7 * np.abs(ours).max())
+    for composite in ("epsilon_plus_flat", "epsilon_gamma_box", "alpha_beta"):
+        assert np.isfinite(ex.explain("lrp", composite=composite).values).all()
+    assert_same(before, model_state(model))
