@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import xaiwidgets as xw
+from xaiwidgets import metrics
 
 ds = xw.datasets.shapes(n=4, seed=1)
 model, preprocess, classes = xw.models.load("shapes-vgg")
@@ -39,7 +40,9 @@ def show(maps: dict, n: int = 4, size: float = 2.0) -> None:
     """One row per map (name -> DataArray), one column per image.
 
     Unsigned maps are drawn with inferno over a grey copy of the image; signed maps
-    (attrs["signed"] == 1) with RdBu_r, symmetric around 0 so that white means 0.
+    (attrs["signed"] == 1) with RdBu_r, symmetric around 0 so that white means 0. The
+    colour scale stops at the 99.5th percentile of |map|, so a few extreme pixels do not
+    leave everything else dark.
     """
     rows = len(maps) + 1
     fig, axes = plt.subplots(rows, n, figsize=(size * n, size * rows), squeeze=False)
@@ -50,12 +53,12 @@ def show(maps: dict, n: int = 4, size: float = 2.0) -> None:
         for row, (name, m) in enumerate(maps.items(), 1):
             ax = axes[row, i]
             values = np.asarray(m[i])
+            limit = np.percentile(np.abs(values), 99.5) or 1.0
             if m.attrs.get("signed", bool((values < 0).any())):
-                limit = np.abs(values).max() or 1.0
                 ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit)
             else:
                 ax.imshow(picture.mean(-1), cmap="gray")
-                ax.imshow(values, cmap="inferno", alpha=0.75)
+                ax.imshow(values, cmap="inferno", alpha=0.75, vmin=0, vmax=limit)
             axes[row, 0].set_ylabel(name)
     for ax in axes.flat:
         ax.set_xticks([])
@@ -117,9 +120,14 @@ plt.tight_layout()
 # | guided backprop (Springenberg et al.) | g · [x_in > 0] · [g > 0] |
 #
 # Guided backprop gives crisp, image-like maps. **Pitfall:** they are crisp partly because
-# they hardly depend on the class. Below we explain two different target classes: the
-# gradient changes, guided backprop barely does (Adebayo et al.'s sanity checks show it also
-# barely depends on the weights, see `04_evaluation`).
+# they hardly depend on the class. Below, image 0 is explained for each of the four classes
+# in turn; the PCC says how alike the maps of two classes are (averaged over the pairs).
+# Grad-CAM follows the evidence for each class (for "triangle" it moves to the small
+# triangle). Guided backprop draws the same edges whatever the class (and, Adebayo et al.
+# showed, whatever the weights: see `04_evaluation`); so, here, does the gradient once its
+# sign is dropped by the RGB rule.
+# Gradient maps are dominated by a few pixels, so, as usual, we clip the colour scale at the
+# 99.5th percentile.
 
 # %%
 gbp = timed("guided_backprop")
@@ -127,12 +135,19 @@ deconv = timed("deconvnet")
 show({"gradient": grad, "guided backprop": gbp, "DeconvNet": deconv})
 
 # %%
-other = [(int(t) + 1) % len(classes) for t in pred.label[:, 0]]
-for name in ("gradient", "guided_backprop"):
-    a = ex.explain(name).values.reshape(len(images), -1)
-    b = ex.explain(name, target=other).values.reshape(len(images), -1)
-    corr = np.mean([np.corrcoef(x, y)[0, 1] for x, y in zip(a, b, strict=True)])
-    print(f"{name:16s} correlation between the maps of two different classes: {corr:.2f}")
+first = xw.Explainer(model, images[:1], preprocess=preprocess, classes=classes, progress=False)
+per_class = {name: [first.explain(name, target=c)[0] for c in range(len(classes))]
+             for name in ("gradient", "guided_backprop", "gradcam")}
+fig, axes = plt.subplots(3, len(classes), figsize=(2 * len(classes), 6.2))
+for r, (name, maps_c) in enumerate(per_class.items()):
+    for c, m in enumerate(maps_c):
+        axes[r, c].imshow(m, cmap="inferno", vmax=np.percentile(m, 99.5))
+        axes[0, c].set_title(f"target: {classes[c]}")
+        axes[r, c].set_xticks([])
+        axes[r, c].set_yticks([])
+    pairs = [float(metrics.pcc(a, b)) for k, a in enumerate(maps_c) for b in maps_c[k + 1:]]
+    axes[r, 0].set_ylabel(f"{name}\nmean PCC {np.mean(pairs):.2f}")
+plt.tight_layout()
 
 # %% [markdown]
 # ## Integrated Gradients
@@ -160,6 +175,8 @@ for steps in (4, 16, 64):
 print("f(x) − f(x') per image:", delta.numpy().round(2))
 plt.figure(figsize=(5, 3))
 plt.loglog(list(gaps), [g.mean() for g in gaps.values()], "o-")
+plt.xticks(list(gaps), [str(m) for m in gaps], minor=False)
+plt.minorticks_off()
 plt.xlabel("steps m")
 plt.ylabel("relative gap")
 plt.title("|Σ IG − (f(x) − f(x'))| / |f(x) − f(x')|")
@@ -217,10 +234,11 @@ show({"gradient": grad, "SmoothGrad σ=0.15, n=16": timed("smoothgrad", n=16, si
 # %%
 blocks = ex.block_layers()  # the output of every conv block, shallow → deep
 print("conv blocks:", blocks, "\ndefault layer:", ex.default_layer())
-picked = blocks[::-3][:3][::-1]  # three depths
+picked = [blocks[len(blocks) // 2 - 1], blocks[-3], ex.default_layer()]  # three depths
 sides = {name: act.shape[-1] for name, act in ex.activations(picked).items()}
-show({f"{name} ({sides[name]}²)": ex.explain("gradcam", layer=name) for name in picked}
-     | {"Grad-CAM (default)": timed("gradcam"), "Guided Grad-CAM": timed("guided_gradcam")})
+cams = {f"{name} ({sides[name]}²)": ex.explain("gradcam", layer=name) for name in picked[:-1]}
+default_name = f"{picked[-1]} ({sides[picked[-1]]}²), default"
+show(cams | {default_name: timed("gradcam"), "Guided Grad-CAM": timed("guided_gradcam")})
 
 # %% [markdown]
 # ## Occlusion
@@ -233,8 +251,8 @@ show({f"{name} ({sides[name]}²)": ex.explain("gradcam", layer=name) for name in
 # means hiding that region *raised* the score.
 
 # %%
-occ = timed("occlusion", window=16, stride=8)
-show({"occlusion 16 px": occ, "occlusion 40 px": ex.explain("occlusion", window=40, stride=20)})
+occ = timed("occlusion", window=24, stride=12)
+show({"occlusion 24 px": occ, "occlusion 48 px": ex.explain("occlusion", window=48, stride=24)})
 
 # %% [markdown]
 # ## Side by side, and what each costs

@@ -29,13 +29,14 @@ print("predicted:", names)
 
 
 def signed_row(maps: dict, image: int = 0, size: float = 2.1) -> None:
-    """Maps of one image side by side, RdBu_r centred at 0 (red: for the class)."""
+    """Maps of one image side by side, RdBu_r centred at 0 (red: for the class), the
+    colour scale clipped at the 99.5th percentile of |map|."""
     fig, axes = plt.subplots(1, len(maps) + 1, figsize=(size * (len(maps) + 1), size + 0.3))
     axes[0].imshow(images[image].permute(1, 2, 0).numpy())
     axes[0].set_title(names[image])
     for ax, (name, m) in zip(axes[1:], maps.items(), strict=True):
         values = np.asarray(m[image])
-        limit = np.abs(values).max() or 1.0
+        limit = np.percentile(np.abs(values), 99.5) or 1.0  # a few pixels must not set the scale
         ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit)
         ax.set_title(name, fontsize=9)
     for ax in axes:
@@ -155,7 +156,6 @@ print("f(x) − f(x')      ", delta.round(3))
 print("Σ DeepLIFT        ", dl.sum(("channel", "y", "x")).values.round(3))
 print("Σ IG (32 steps)   ", ig.sum(("channel", "y", "x")).values.round(3))
 gxi = ex.explain("gradient", reduce=None) * (ex.inputs.numpy() - reference.numpy())
-gxi.attrs["signed"] = 1
 signed_row({"DeepLIFT": dl.sum("channel"), "IG": ig.sum("channel"),
             "gradient × input": gxi.sum("channel")}, image=0)
 
@@ -168,13 +168,14 @@ signed_row({"DeepLIFT": dl.sum("channel"), "IG": ig.sum("channel"),
 # is the weight of each superpixel. Here are the superpixels LIME works with:
 
 # %%
+first = xw.Explainer(model, images[:1], preprocess=preprocess, classes=classes, progress=False)
 picture = images[0].permute(1, 2, 0).numpy()
 segments = slic(picture, n_segments=40, start_label=0)
 fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.6))
 axes[0].imshow(mark_boundaries(picture, segments))
 axes[0].set_title(f"{segments.max() + 1} superpixels")
 for ax, samples in zip(axes[1:], (50, 300), strict=True):
-    m = ex.explain("lime", n_samples=samples, n_segments=40, seed=0)
+    m = first.explain("lime", n_samples=samples, n_segments=40, seed=0)
     limit = float(abs(m[0]).max()) or 1.0
     ax.imshow(m[0], cmap="RdBu_r", vmin=-limit, vmax=limit)
     ax.set_title(f"LIME, {samples} samples")
@@ -197,11 +198,20 @@ plt.tight_layout()
 # regularisers decide how blobby the answer is. We use few steps to keep this notebook fast.
 
 # %%
-mp = ex.explain("meaningful_perturbation", steps=60, seed=0)
-fig, axes = plt.subplots(1, 4, figsize=(9, 2.4))
-for i, ax in enumerate(axes):
-    ax.imshow(images[i].permute(1, 2, 0).numpy().mean(-1), cmap="gray")
-    ax.imshow(mp[i], cmap="inferno", alpha=0.75)
-    ax.set_title(names[i])
+pair = [0, 2]
+two = xw.Explainer(model, images[pair], preprocess=preprocess, classes=classes, progress=False)
+mp = two.explain("meaningful_perturbation", steps=80, seed=0)
+probability = ex.predict(top=1)[pair, 0].values
+fig, axes = plt.subplots(1, 2, figsize=(5, 2.7))
+for k, ax in enumerate(axes):
+    ax.imshow(mp.xai.overlay(two.images, index=k))
+    ax.set_title(f"{names[pair[k]]}, p = {probability[k]:.4f}", fontsize=9)
     ax.axis("off")
 plt.tight_layout()
+
+# %% [markdown]
+# Pitfall: the loss uses the softmax probability, as in the paper. When the network is very
+# sure (p ≈ 1, the logit far above the others), the softmax is saturated, its gradient is
+# almost zero, and the mask barely moves from "keep everything" within a short optimisation:
+# an empty map then means "not enough steps", not "nothing matters". Compare the two images,
+# and try more `steps` or a larger `l1`.

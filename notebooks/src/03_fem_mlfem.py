@@ -109,7 +109,11 @@ plt.tight_layout()
 # %%
 stack = ex.fem_stack(K=1.0)
 print(stack.dims, stack.sizes)
-stack.plot(row="image", col="layer", cmap="inferno", size=1.5, add_colorbar=False)
+grid = stack.plot(row="image", col="layer", cmap="inferno", size=1.5, add_colorbar=False,
+                  yincrease=False)  # image convention: row 0 at the top
+for ax in grid.axs.flat:
+    ax.set_aspect("equal")
+    ax.set_axis_off()
 plt.show()
 
 # %% [markdown]
@@ -134,6 +138,7 @@ fused = {op: xw.fuse(stack, operator=op) for op in operators}
 fig, axes = plt.subplots(len(images), len(operators) + 2, figsize=(13, 8.6))
 for i in range(len(images)):
     axes[i, 0].imshow(images[i].permute(1, 2, 0).numpy())
+    axes[0, 0].set_title("image")
     for j, op in enumerate(operators, 1):
         axes[i, j].imshow(fused[op][i], cmap="inferno")
         axes[0, j].set_title(op)
