@@ -147,9 +147,9 @@ def canonizers_for(model: nn.Module) -> list[Canonizer]:
     """Canonizers for ``model``: BatchNorm merged into the preceding conv/linear layer
     and, for torchvision ResNet blocks, the residual addition as a ``Sum`` module.
 
-    BatchNorms that cannot be merged (no affine weights or no running statistics) are
-    left alone (they then pass relevance through unchanged): merging them would fail
-    half-way through the model. Other residual additions (custom blocks) are not
+    If any BatchNorm cannot be merged (no affine weights or no running statistics), none
+    is merged (zennit's merge would fail half-way through the model); unmerged
+    BatchNorms pass relevance through unchanged. Other residual additions (custom blocks) are not
     visible to hooks; relevance crosses them as a gradient, so it is not conserved.
     """
     modules = list(model.modules())
