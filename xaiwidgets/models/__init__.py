@@ -97,6 +97,9 @@ def _load_shapes(name: str, weights: Any) -> LoadedModel:
         checkpoint = _read_checkpoint(path)
         model = build(checkpoint.get("architecture", name))
         model.load_state_dict(checkpoint["state_dict"])
+        if weights == "default":
+            # the tag survives copies (sanity checks), so MLFEM still finds its trained NET
+            model.xaiwidgets_name = name
     from ..datasets.shapes import CLASSES
 
     preprocess = Normalize(checkpoint.get("mean", (0.5,) * 3), checkpoint.get("std", (0.25,) * 3))
