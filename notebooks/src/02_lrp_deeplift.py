@@ -151,10 +151,10 @@ signed_row({f"α={a:g}, β={b:g}": ex.explain("lrp", composite="alpha_beta", alp
 reference = torch.zeros_like(ex.inputs)
 delta = (logit - ex.scores(reference, target)).numpy()
 dl = ex.explain("deeplift", reduce=None)
-ig = ex.explain("integrated_gradients", steps=32, reduce=None)
+ig = ex.explain("integrated_gradients", steps=16, reduce=None)
 print("f(x) − f(x')      ", delta.round(3))
 print("Σ DeepLIFT        ", dl.sum(("channel", "y", "x")).values.round(3))
-print("Σ IG (32 steps)   ", ig.sum(("channel", "y", "x")).values.round(3))
+print("Σ IG (16 steps)   ", ig.sum(("channel", "y", "x")).values.round(3))
 gxi = ex.explain("gradient", reduce=None) * (ex.inputs.numpy() - reference.numpy())
 signed_row({"DeepLIFT": dl.sum("channel"), "IG": ig.sum("channel"),
             "gradient × input": gxi.sum("channel")}, image=0)
@@ -200,7 +200,7 @@ plt.tight_layout()
 # %%
 pair = [0, 2]
 two = xw.Explainer(model, images[pair], preprocess=preprocess, classes=classes, progress=False)
-mp = two.explain("meaningful_perturbation", steps=80, seed=0)
+mp = two.explain("meaningful_perturbation", steps=50, seed=0)
 probability = ex.predict(top=1)[pair, 0].values
 fig, axes = plt.subplots(1, 2, figsize=(5, 2.7))
 for k, ax in enumerate(axes):

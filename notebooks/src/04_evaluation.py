@@ -113,6 +113,10 @@ xr.Dataset({k: ("map", [r[k] for r in rows]) for k in rows[0] if k != "map"},
 # data set) by SIM and PCC. `xw.evaluate` runs every method on every image (in chunks, on
 # dask threads) and returns an `xarray.Dataset` with dims (image, method), one variable per
 # metric, plus per-image coordinates (label, prediction, correct).
+#
+# xarray tip: select methods with `result.sel({"method": "fem"})`, not
+# `result.sel(method="fem")`: `method` is also an argument of `.sel` itself (the
+# inexact-match rule), and xarray would silently take it as that.
 
 # %%
 table_methods = ["gradient", "guided_backprop", "smoothgrad", "integrated_gradients",
@@ -134,14 +138,13 @@ sem = t1[["sim", "pcc"]].std("image") / np.sqrt(N)
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
 x = np.arange(len(table_methods))
 for ax, metric, k in zip(axes[:2], ("sim", "pcc"), (0, 1), strict=True):
-    ax.bar(x, mean[metric].sel(method=table_methods), yerr=sem[metric].sel(method=table_methods),
-           color="C0", label="shapes-vgg (ours)")
+    ours = mean[metric].sel({"method": table_methods})
+    ax.bar(x, ours, yerr=sem[metric].sel({"method": table_methods}), label="shapes-vgg (ours)")
     ax.plot(x, [paper[m][k] for m in table_methods], "D", color="C3", label="survey (VGG16)")
     ax.set_xticks(x, table_methods, rotation=40, ha="right")
     ax.set_title(metric.upper() + " vs GFDM (↑)")
 axes[0].legend(fontsize=8)
-axes[2].barh(table_methods, t1.seconds.sel(method=table_methods))
-axes[2].set_xscale("log")
+axes[2].barh(table_methods, t1.seconds.sel({"method": table_methods}))
 axes[2].invert_yaxis()
 axes[2].set_title(f"seconds for {N} images")
 plt.tight_layout()
@@ -152,6 +155,8 @@ display(mean.to_dataframe().round(3).T)
 # What to look for: as in the survey, the class-activation style methods (Grad-CAM, FEM) are
 # closest to where people look, the pixel-level gradient methods lowest in PCC, because
 # their maps are sparse and speckled while a GFDM is smooth. FEM is also among the cheapest.
+# The signed methods (IG, DeepLIFT, LRP) are scored as they are, negative relevance included,
+# which costs them PCC: a choice every comparison must state (the survey does not).
 # Pitfall: a smooth blob at the image centre also scores well against GFDMs (people look at
 # the centre): compare with a centre-bias baseline before claiming success.
 #
@@ -160,12 +165,14 @@ display(mean.to_dataframe().round(3).T)
 # MLFEM computes FEM at every residual block and fuses the maps (see `03_fem_mlfem`). The
 # paper compares the fusion operators with FEM (last layer only) and Grad-CAM, per image:
 # "method a beats method b on how many images", for correct and wrong predictions, and as
-# the images get more cluttered. We build one evaluation set with 0 to 3 distractor shapes
-# per image; `xw.evaluate` sweeps the operator (a list of values = one variant each).
+# the images get more cluttered. We build one evaluation set of 64 images with 0 to 6
+# distractor shapes per image (`clutter` becomes a per-image coordinate of the result);
+# `xw.evaluate` sweeps the operator (a list of values = one variant each).
 
 # %%
+levels = (0, 2, 4, 6)  # distractors per image; the models were trained with 2
 parts = [xw.datasets.shapes(n=16, clutter=c, seed=20 + c).assign(clutter=("image", np.full(16, c)))
-         for c in range(4)]
+         for c in levels]
 mix = xr.concat(parts, dim="image")
 ml = xw.evaluate(resnet, mix, ["gradcam", "fem", "mlfem"], metrics=("pcc", "sim"),
                  preprocess=resnet_pre,
@@ -174,21 +181,21 @@ ml = xw.evaluate(resnet, mix, ["gradcam", "fem", "mlfem"], metrics=("pcc", "sim"
 ml = ml.assign_coords(method=[m.replace("mlfem(operator=", "").rstrip(")").upper()
                               if m.startswith("mlfem") else m for m in ml.method.values])
 order = ["gradcam", "fem", "MAX", "ADD", "TOP", "FEM", "NET"]
-pcc = ml.pcc.sel(method=order)
-gain = float(pcc.sel(method="NET").mean() / pcc.sel(method="gradcam").mean() - 1)
+pcc = ml.pcc.sel({"method": order})
+gain = float(pcc.sel({"method": "NET"}).mean() / pcc.sel({"method": "gradcam"}).mean() - 1)
 print(f"accuracy: {float(ml.correct.mean()):.0%}")
 print(f"mean PCC of NET vs Grad-CAM: {gain:+.0%} (the paper, on Salicon: +89%)")
 
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
-axes[0].boxplot([pcc.sel(method=m).values for m in order], tick_labels=order)
+axes[0].boxplot([pcc.sel({"method": m}).values for m in order], tick_labels=order)
 axes[0].set_title("PCC with the GFDM per image (↑)")
-w = wins(ml.sel(method=order), "pcc")
+w = wins(ml.sel({"method": order}), "pcc")
 im = axes[1].imshow(w, cmap="viridis")
 for a in range(len(order)):
     for b in range(len(order)):
         axes[1].text(b, a, int(w[a, b]), ha="center", va="center",
                      color="w" if w[a, b] < w.max() / 2 else "k", fontsize=8)
-axes[1].set_xticks(range(len(order)), order)
+axes[1].set_xticks(range(len(order)), order, rotation=45)
 axes[1].set_yticks(range(len(order)), order)
 axes[1].set_xlabel("... beats this method")
 axes[1].set_ylabel("this method ...")
@@ -219,7 +226,7 @@ axes[0].set_title("mean PCC by prediction")
 axes[0].legend(fontsize=8)
 by_clutter = pcc.groupby("clutter").mean()
 for m in order:
-    axes[1].plot(by_clutter.clutter, by_clutter.sel(method=m), "o-", label=m)
+    axes[1].plot(by_clutter.clutter, by_clutter.sel({"method": m}), "o-", label=m)
 axes[1].set_xlabel("distractors per image")
 axes[1].set_title("mean PCC vs clutter")
 axes[1].legend(fontsize=7, ncol=2)
@@ -260,6 +267,13 @@ for ax in axes:
 plt.tight_layout()
 
 # %% [markdown]
+# Pitfall, visible here: the gradient's speckled map deletes scattered pixels, exactly like the
+# random map, and the two curves coincide. Black salt-and-pepper noise is unlike anything the
+# network was trained on: it answers "star" for every such image, whatever is left of the
+# content, so the curve sits at 1 for the star images and 0 for the others. Deletion scores
+# therefore mix the map's quality with the network's reaction to out-of-distribution inputs
+# (a blurred or mean baseline, or the ROAD protocol of Rong et al. 2022, reduce this).
+#
 # ## 6. Sanity checks: does the map depend on the model?
 #
 # Adebayo et al. (2018) randomise the network's weights **cascading** from the logits down
@@ -291,7 +305,7 @@ for r, (name, result) in enumerate(checks.items()):
     axes[r, 0].imshow(result.original[0], cmap="inferno")
     axes[r, 0].set_ylabel(name)
     for c, step in enumerate(steps, 1):
-        axes[r, c].imshow(result.map.sel(mode="cascading")[step, 0], cmap="inferno")
+        axes[r, c].imshow(result.saliency.sel(mode="cascading")[step, 0], cmap="inferno")
         axes[0, c].set_title(f"random to {layers_top_down[step]}", fontsize=8)
 axes[0, 0].set_title("trained")
 for ax in axes.flat:
@@ -300,11 +314,12 @@ for ax in axes.flat:
 plt.tight_layout()
 
 # %% [markdown]
-# Guided backprop barely changes while the network is destroyed layer after layer: it
-# reconstructs image edges rather than explaining the decision. The gradient and Grad-CAM
-# change. The **data randomisation** test compares with the same architecture trained on
-# shuffled labels (`shapes-vgg-shuffled`, shipped): a method whose maps look the same for a
-# network that learnt nothing fails it.
+# Grad-CAM changes as soon as the classifier is random, the gradient soon after. Guided
+# backprop keeps drawing the same edges until the randomisation reaches the first
+# convolutions: its picture is computed by the lowest layers, not by the part of the network
+# that decides. The **data randomisation** test compares with the same architecture trained
+# on shuffled labels (`shapes-vgg-shuffled`, shipped): a method whose maps look the same for
+# a network that learnt nothing fails it.
 
 # %%
 shuffled, _, _ = xw.models.load("shapes-vgg-shuffled")
@@ -315,3 +330,20 @@ plt.bar(list(data_checks), [float(r.spearman_abs.mean()) for r in data_checks.va
 plt.ylabel("Spearman |·|, trained vs shuffled")
 plt.title("data randomisation (↓ = depends on what was learnt)")
 plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# FEM stays similar: it reads the strongest *features*, and the features of a network trained
+# on shuffled labels still respond to high-contrast objects. FEM explains what the network
+# sees, not which class it learnt, which is consistent with it being class-agnostic.
+#
+# ## Explore
+#
+# `CompareWidget` puts several methods side by side for one image and scores each against the
+# GFDM, with the image, target class and layer as controls:
+
+# %%
+w = xw.CompareWidget(vgg, images[:4], ["gradient", "gradcam", "lrp", "fem"],
+                     reference=ds.isel(image=slice(0, 4)), preprocess=vgg_pre, classes=classes)
+display(w)
+w.scores.to_pandas().round(3)

@@ -72,10 +72,10 @@ strip({f"{name}\n{score:.0%}": ex.explain("gradcam", layer=name) for name, score
 # <details><summary><b>Solution</b> (click)</summary>
 #
 # `candidates = ex.block_layers()`. The last block (the default) is coarse: its 8 × 8 cells
-# spill over the object's border. The very first blocks light up every edge, distractors and
-# background stripes included. A block in between (16 × 16 or 32 × 32) usually puts the most
-# mass on the object: sharper than the default and still class-specific. The answer depends
-# on the image: try `on_object` per image instead of the mean.
+# spill over the object's border. The first blocks light up every edge, distractors and
+# background stripes included. A 16 × 16 block (`features.17` here, about half of the mass on
+# the object against a third for the default) is sharper than the default and still
+# class-specific. The answer depends on the image: try `on_object` per image.
 # </details>
 #
 # ## Exercise 2 — Find the ε where LRP stops being noisy
@@ -105,10 +105,11 @@ print(f"tried {len(shares)} value(s): chosen ε = {eps:g} ({shares[eps]:.0%} on 
 # %% [markdown]
 # <details><summary><b>Solution</b> (click)</summary>
 #
-# `epsilons = np.logspace(-9, 1, 6)`. Below about 1e-3 nothing changes (ε is far smaller than
-# the activations z_j, the rule is LRP-0); the maps clean up as ε reaches the typical size of
-# z_j (around 0.1–1 here) and fade once ε dominates everything. The value depends on the
-# network's activation scale, which is why the slider is logarithmic.
+# `epsilons = np.logspace(-9, 1, 11)`. Below about 1e-3 nothing changes (ε is far smaller than
+# the activations z_j: the rule is LRP-0); the share on the object climbs as ε reaches the
+# typical size of z_j, and ε ≈ 1 is the answer here. Beyond it the map keeps only a few
+# strong paths and most relevance is absorbed (see `02_lrp_deeplift`). The value depends on
+# the network's activation scale, which is why the slider is logarithmic.
 # </details>
 #
 # ## Exercise 3 — Does SmoothGrad pass the randomisation test?
@@ -116,7 +117,8 @@ print(f"tried {len(shares)} value(s): chosen ε = {eps:g} ({shares[eps]:.0%} on 
 # Adebayo et al.'s cascading randomisation destroys the network from the top layer down. A
 # method that explains the model must change (similarity with the original map → 0).
 # **Task:** run the test for SmoothGrad and guided backprop as well as the gradient, and
-# decide which methods pass (final similarity below 0.5).
+# decide which methods pass: a passing method's map soon stops resembling the original, so
+# its similarity *averaged over the cascade* stays below 0.5.
 
 # %%
 methods = {"gradient": {}}  # edit me: add "smoothgrad" (e.g. {"n": 8}) and "guided_backprop"
@@ -131,8 +133,8 @@ for name, result in results.items():
     curve = result.spearman_abs.sel(mode="cascading").mean("image")
     assert bool(((curve >= -1) & (curve <= 1)).all()), "similarities are correlations"
     plt.plot(range(len(curve)), curve, "o-", label=name)
-    verdict = "passes" if float(curve[-1]) < 0.5 else "FAILS"
-    print(f"{name:16s} similarity after full randomisation: {float(curve[-1]):.2f} -> {verdict}")
+    verdict = "passes" if float(curve.mean()) < 0.5 else "FAILS"
+    print(f"{name:16s} mean similarity over the cascade: {float(curve.mean()):.2f} -> {verdict}")
 plt.xlabel("layers randomised (top first)")
 plt.ylabel("Spearman |·|")
 plt.legend()
@@ -142,9 +144,10 @@ plt.show()
 # <details><summary><b>Solution</b> (click)</summary>
 #
 # `methods = {"gradient": {}, "smoothgrad": {"n": 8}, "guided_backprop": {}}`. SmoothGrad is
-# an average of gradients, so it depends on the weights exactly as the gradient does: it
-# **passes**. Guided backprop keeps showing the image's edges after the whole network is
-# random: it **fails**, a reminder that a crisp, plausible map can be independent of the
+# an average of gradients, so it depends on the weights as the gradient does: it **passes**
+# (its similarity falls to about 0.2 after three layers). Guided backprop keeps showing the
+# image's edges until the randomisation reaches the first convolutions: it **fails**, a
+# reminder that a crisp, plausible map can be independent of the
 # model it claims to explain.
 # </details>
 #
@@ -171,51 +174,57 @@ print(f"steps = {steps}: worst gap {float(gap.max()):.1%} ->",
 # %% [markdown]
 # <details><summary><b>Solution</b> (click)</summary>
 #
-# Double `steps` until the check passes: for this small ReLU network a few dozen steps are
-# usually enough (the gap roughly halves each time m doubles). The gap is largest for images
+# Double `steps` until the check passes: 32 steps leave a 5.1 % gap on the worst image, 64
+# steps 2.2 % (the gap roughly halves each time m doubles). The gap is largest for images
 # whose score changes abruptly along the path; a black or blurred baseline changes the
 # answer. Never report IG maps without checking completeness.
 # </details>
 #
 # ## Exercise 5 — Explain a mistake
 #
-# With distractors around, the network sometimes names the wrong shape. **Task:** pick a
-# misclassified image (if all are right, the least confident one) and compare Grad-CAM for
-# the *predicted* class with Grad-CAM for the *true* class. Which object did the network
-# look at?
+# The model was trained on images with two distractors; with four it often names the wrong
+# shape. **Task:** on the cluttered images below, take a misclassified one and compare
+# Grad-CAM for the *predicted* class with Grad-CAM for the *true* class. Which object did the
+# network look at?
 
 # %%
-probability = ex.predict(top=1)[:, 0].values
-wrong = np.flatnonzero(predicted != ds.label.values)
-image = int(wrong[0]) if len(wrong) else int(probability.argmin())
-explain_class = int(predicted[image])  # edit me: also try the true class, int(ds.label[image])
+hard = xw.datasets.shapes(n=8, clutter=4, seed=8)
+hard_images = torch.from_numpy(hard.image.values)
+hard_ex = xw.Explainer(model, hard_images, preprocess=preprocess, classes=classes, progress=False)
+hard_predicted = hard_ex.resolve_target(None).numpy()
+wrong = np.flatnonzero(hard_predicted != hard.label.values)
+print(f"{len(wrong)} of {len(hard_images)} misclassified: images {wrong.tolist()}")
+image = int(wrong[0]) if len(wrong) else 0  # edit me too: the other misclassified images
+explain_class = int(hard_predicted[image])  # edit me: try the true class, int(hard.label[image])
 
 # %%
 # check
 assert 0 <= explain_class < len(classes)
-single = xw.Explainer(model, images[image:image + 1], preprocess=preprocess, classes=classes)
-cam = single.explain("gradcam", target=explain_class)
+cam = hard_ex.explain("gradcam", target=[explain_class] * len(hard_images))
 fig, axes = plt.subplots(1, 3, figsize=(7, 2.6))
-axes[0].imshow(images[image].permute(1, 2, 0).numpy())
-truth, said = classes[int(ds.label[image])], classes[int(predicted[image])]
+axes[0].imshow(hard_images[image].permute(1, 2, 0).numpy())
+truth, said = classes[int(hard.label[image])], classes[int(hard_predicted[image])]
 axes[0].set_title(f"true: {truth}, predicted: {said}", fontsize=8)
-axes[1].imshow(cam.xai.overlay(images[image]))
+axes[1].imshow(cam.xai.overlay(hard_images, index=image))
 axes[1].set_title(f"Grad-CAM for '{classes[explain_class]}'", fontsize=8)
-axes[2].imshow(ds.mask[image] * 1.0 + ds.distractors[image] * 0.5, cmap="gray")
+axes[2].imshow(hard.mask[image] * 1.0 + hard.distractors[image] * 0.5, cmap="gray")
 axes[2].set_title("target (white), distractors (grey)", fontsize=8)
 for ax in axes:
     ax.axis("off")
 plt.show()
-share = float((cam[0] * ds.mask[image]).sum() / cam[0].sum())
+share = float((cam[image] * hard.mask[image]).sum() / cam[image].sum())
 print(f"share of this map on the target: {share:.0%}")
 
 # %% [markdown]
 # <details><summary><b>Solution</b> (click)</summary>
 #
-# For a wrong prediction, Grad-CAM of the predicted class usually sits on a *distractor* of
-# that shape: the network answered a different question ("is there a triangle?") than the
-# one the labels ask ("what is the big shape?"). Grad-CAM of the true class goes back to the
-# target. Explanations are per class: always say which class a map explains.
+# Look at every misclassified image (`image = int(wrong[k])`): two kinds of mistakes show up.
+# For images 2 and 4 both maps sit on the target: the network looked at the right object and
+# misread its shape (a circle taken for a square). For images 5 and 6 the map of the
+# predicted class leaves the target for the distractors and the background (5 % of it on the
+# target for image 5), while the map of the true class goes back to the target (42 %): the
+# network answered a different question than the one the labels ask. Explanations are per
+# class: always say which class a map explains.
 # </details>
 #
 # ## Exercise 6 — Tune FEM's K against people
@@ -242,8 +251,9 @@ print(f"K = {K:g}: mean PCC {score:.3f} (K = 1: {baseline:.3f})")
 # pccs = [float(metrics.pcc(ex.explain("fem", K=k), ds.gfdm).mean()) for k in Ks]
 # K = float(Ks[int(np.argmax(pccs))])
 # ```
-# The curve is flat around K ≈ 1 (the paper's choice), falls for large K (only isolated peaks
-# survive) and for K = 0 (half of every channel fires, background included). Tuning K on the
+# The best K is about 1.75 here (mean PCC 0.85 against 0.81 at the paper's K = 1). The curve
+# falls for large K (only isolated peaks survive) and for K = 0 (about half of every channel
+# fires, background included). Tuning K on the
 # images you then report on is overfitting: keep a held-out set.
 # </details>
 #
