@@ -76,9 +76,10 @@ for image in (0, 1):
 # ## Conservation
 #
 # LRP-0 without biases conserves relevance exactly: the pixel relevances add up to the logit.
-# Biases and ε take a share (ε absorbs more as it grows) and α/β creates extra relevance
-# (α − β = 1 only balances neurons with both positive and negative inputs). The ratio
-# Σ R / f_c(x) shows how much of the score reached the pixels:
+# Every bias (including the shifts of the merged BatchNorms) keeps a share for itself, ε
+# absorbs more as it grows, and α/β does not conserve either (α − β = 1 balances only the
+# neurons with both positive and negative inputs). The ratio Σ R / f_c(x) shows how much of
+# the score reached the pixels; in this network with biases, well under half:
 
 # %%
 sums = {c: lrp[c].sum(("y", "x")).values for c in composites}
