@@ -79,7 +79,7 @@ for image in (0, 1):
 # Every bias (including the shifts of the merged BatchNorms) keeps a share for itself, ε
 # absorbs more as it grows, and α/β does not conserve either (α − β = 1 balances only the
 # neurons with both positive and negative inputs). The ratio Σ R / f_c(x) shows how much of
-# the score reached the pixels; in this network with biases, well under half:
+# the score reached the pixels; in this network with biases, often less than half:
 
 # %%
 sums = {c: lrp[c].sum(("y", "x")).values for c in composites}
