@@ -389,7 +389,8 @@ class Explainer:
             if softmax:
                 logits = torch.softmax(logits, dim=1)
             out.append(logits.gather(1, target[start:start + batch_size, None])[:, 0])
-            self.report_progress(done, len(chunks))
+            if len(chunks) > 1:  # a one-chunk call is a step of its caller's progress loop
+                self.report_progress(done, len(chunks))
         return torch.cat(out)
 
     def report_progress(self, done: int, total: int) -> None:
