@@ -21,7 +21,7 @@ import xarray as xr
 from torch import nn
 
 from . import layers as _layers
-from .hooks import capture, model_guard
+from .hooks import RecordOverwritten, capture, model_guard
 from .registry import Method, get_method
 
 ProgressCallback = Callable[[int, int], None]
@@ -196,9 +196,18 @@ class Explainer:
         """
         x = self.inputs if x is None else x
         modules = {name: _layers.resolve_layer(self.model, name) for name in layers}
-        context = torch.enable_grad() if grad else torch.no_grad()
-        with model_guard(self.model), capture(modules, detach=not grad) as acts, context:
-            logits = self.model(x)
+        # without autograd the records are not copied (MLFEM records 16 blocks); a
+        # model that changes a recorded output in place gets a second, copying pass
+        copies = (True,) if grad or not modules else (False, True)
+        for copy in copies:
+            context = torch.enable_grad() if grad else torch.no_grad()
+            try:
+                with (model_guard(self.model), capture(modules, detach=not grad, copy=copy)
+                      as acts, context):
+                    logits = self.model(x)
+                break
+            except RecordOverwritten:
+                continue
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
             shape = getattr(logits, "shape", type(logits).__name__)
             raise ValueError(

@@ -85,15 +85,22 @@ class HookSet:
             self.handles.pop().remove()
 
 
+class RecordOverwritten(RuntimeError):
+    """A recorded output was changed in place later in the pass (see :func:`capture`)."""
+
+
 @contextlib.contextmanager
 def capture(
-    modules: dict[str, nn.Module], detach: bool = False
+    modules: dict[str, nn.Module], detach: bool = False, copy: bool = True
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Record the output of each named module during forward passes inside the block.
 
     The recorded tensor is the module's own output; downstream code receives a
     copy, so later in-place operations (``out += identity`` in ResNets) cannot
     change what was recorded. With ``detach=True`` the record is detached.
+    With ``copy=False`` nothing is copied (cheaper: MLFEM records 16 blocks);
+    instead, leaving the block raises :class:`RecordOverwritten` if a record was
+    changed in place after it was made, so the caller can run again with copies.
 
     >>> conv = nn.Conv2d(3, 4, 3)
     >>> with capture({"conv": conv}) as acts:
@@ -102,6 +109,7 @@ def capture(
     torch.Size([1, 4, 6, 6])
     """
     records: dict[str, torch.Tensor] = {}
+    versions: dict[str, int] = {}
     hooks = HookSet()
     owner = threading.get_ident()
 
@@ -115,6 +123,9 @@ def capture(
                     "pick a layer whose output is a single feature map"
                 )
             records[name] = output.detach() if detach else output
+            if not copy:
+                versions[name] = output._version  # shared with the detached record
+                return None
             return output.clone()
 
         return hook
@@ -125,6 +136,10 @@ def capture(
         yield records
     finally:
         hooks.remove()
+    changed = [name for name, version in versions.items()
+               if records[name]._version != version]
+    if changed:
+        raise RecordOverwritten(f"outputs of {changed} were modified in place after capture")
 
 
 class RuleSwitch:
