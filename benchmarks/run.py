@@ -105,6 +105,19 @@ def versions() -> dict[str, str]:
     return out
 
 
+def git_commit() -> str:
+    """The checked-out commit, with ``+dirty`` when the working tree has changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, text=True, capture_output=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -218,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "hardware": hardware(device), "cores": os.cpu_count(), "threads":
         torch.get_num_threads(), "device": str(device), "model": args.model,
         "size": args.size, "batch": args.batch, "repeats": args.repeats, "clock": args.clock,
-        "sizes": cfg.as_dict(), "versions": versions(), "started": started,
+        "sizes": cfg.as_dict(), "versions": versions(), "commit": git_commit(),
+        "started": started,
         "loadavg_start": load, "targets": setup.targets,
     }}
     print("timing methods", file=sys.stderr)
