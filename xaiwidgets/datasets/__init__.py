@@ -6,7 +6,9 @@
 (('image', 'channel', 'y', 'x'), ('image', 'y', 'x'))
 """
 
+from .adapters import as_dataset, from_folder, image_source
 from .photos import PHOTOS, photos, resize
 from .shapes import CLASSES, shapes
 
-__all__ = ["CLASSES", "PHOTOS", "photos", "resize", "shapes"]
+__all__ = ["CLASSES", "PHOTOS", "as_dataset", "from_folder", "image_source", "photos", "resize",
+           "shapes"]
