@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import xaiwidgets as xw
-from xaiwidgets.explainer import minmax, upsample
+from xaiwidgets.core.ops import minmax, upsample
+from xaiwidgets.core.scoped import relu_backward
 from xaiwidgets.families.cam import gradcam_map
-from xaiwidgets.hooks import relu_backward
 
 
 class Rows:

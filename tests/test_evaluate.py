@@ -11,7 +11,7 @@ import xarray as xr
 
 import xaiwidgets as xw
 from xaiwidgets import metrics
-from xaiwidgets.evaluate import evaluate, variants, wins
+from xaiwidgets.evaluation.evaluate import evaluate, variants, wins
 
 from .conftest import make_tiny_cnn
 

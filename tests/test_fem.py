@@ -13,9 +13,9 @@ import torchvision
 from torch import nn
 
 import xaiwidgets as xw
-from xaiwidgets.explainer import minmax
+from xaiwidgets.core.ops import minmax
 from xaiwidgets.families.fem import fem_map
-from xaiwidgets.net_operator import FusionNet
+from xaiwidgets.net import FusionNet
 
 # SPEC.md worked examples (K = 1, no upsampling)
 F_2x2 = [[[0, 0], [0, 4]], [[2, 2], [2, 2]]]

@@ -9,10 +9,13 @@ import torch
 import xarray as xr
 
 import xaiwidgets as xw
-from xaiwidgets import fusion, net_operator
-from xaiwidgets.explainer import upsample
+from xaiwidgets import fusion
+from xaiwidgets import net as net_runtime
+from xaiwidgets.core.ops import upsample
 from xaiwidgets.fusion import fold, fuse_maps
-from xaiwidgets.net_operator import FusionNet, apply_net, fit, load_net, save_net
+from xaiwidgets.models import train_net
+from xaiwidgets.models.train_net import fit
+from xaiwidgets.net import FusionNet, apply_net, load_net, save_net
 
 A = torch.tensor([[0.0, 1.0], [0.5, 0.2]])
 B = torch.tensor([[1.0, 0.0], [0.2, 0.6]])
@@ -166,7 +169,7 @@ def shapes_resnet():
 def shapes_stack(loaded, n: int, seed: int, pool: int = 1):
     """FEM stacks and [0, 1] GFDMs of fresh shapes images, optionally average-pooled."""
     ds = xw.datasets.shapes(n=n, size=128, seed=seed)
-    maps, targets, layers = net_operator.fem_dataset(
+    maps, targets, layers = train_net.fem_dataset(
         loaded.model, torch.as_tensor(ds.image.values), ds.gfdm.values, loaded.preprocess)
     if pool > 1:
         maps = torch.nn.functional.avg_pool2d(maps, pool)
@@ -189,12 +192,12 @@ def test_net_training_on_shapes_beats_hand_operators(shapes_resnet):
 
 
 def test_shipped_net_is_the_default_for_shapes_resnet(shapes_resnet):
-    path = net_operator.WEIGHTS_DIR / net_operator.SHIPPED["shapes-resnet"]
+    path = net_runtime.WEIGHTS_DIR / net_runtime.SHIPPED["shapes-resnet"]
     assert path.stat().st_size < 1_000_000
     model, preprocess, _ = shapes_resnet
     ds = xw.datasets.shapes(n=24, size=128, seed=103)  # images NET never saw
     ex = xw.Explainer(model, torch.as_tensor(ds.image.values), preprocess=preprocess)
-    assert net_operator.identify_model(model) == "shapes-resnet"
+    assert net_runtime.identify_model(model) == "shapes-resnet"
     result = ex.explain("mlfem", operator="net")
     stack = ex.fem_stack()
     expected = apply_net(load_net(path), torch.as_tensor(stack.values))
@@ -207,15 +210,15 @@ def test_shipped_net_is_the_default_for_shapes_resnet(shapes_resnet):
     assert net_pcc > max(hand.values()), (net_pcc, hand)
     # another model (here: other weights) gets no default NET
     other, _, _ = xw.models.load("shapes-resnet", weights=None)
-    assert net_operator.identify_model(other) == ""
+    assert net_runtime.identify_model(other) == ""
 
 
 def test_training_command_writes_a_loadable_net(tmp_path, shapes_resnet):
     out = tmp_path / "net.pt"
-    net_operator.main(["train", "--n-train", "8", "--n-val", "4", "--size", "64",
+    train_net.main(["train", "--n-train", "8", "--n-val", "4", "--size", "64",
                        "--epochs", "1", "--out", str(out)])
     net = load_net(out)
     assert net.meta["layers"] == xw.Explainer(shapes_resnet.model,
                                               torch.rand(1, 3, 64, 64)).block_layers()
-    assert net.meta["model_fingerprint"] == net_operator.model_fingerprint(shapes_resnet.model)
+    assert net.meta["model_fingerprint"] == net_runtime.model_fingerprint(shapes_resnet.model)
     assert net(torch.rand(1, net.n_layers, 64, 64)).shape == (1, 64, 64)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import xaiwidgets as xw
-from xaiwidgets.gfdm import default_sigma, sigma_from_visual_angle
+from xaiwidgets.evaluation.gfdm import default_sigma, sigma_from_visual_angle
 
 
 def direct_sum(points: np.ndarray, shape: tuple[int, int], sigma: float) -> np.ndarray:

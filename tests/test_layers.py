@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import xaiwidgets as xw
-from xaiwidgets import layers
+from xaiwidgets.core import layers
 
 CASES = {
     # name: (number of block outputs, default layer)

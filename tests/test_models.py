@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import xaiwidgets as xw
-from xaiwidgets.layers import block_outputs
+from xaiwidgets.core.layers import block_outputs
 from xaiwidgets.models import WeightsUnavailableError
 from xaiwidgets.models.train import TEST_SEED, TRAIN_SEED, train
 

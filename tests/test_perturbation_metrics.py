@@ -9,7 +9,7 @@ import xarray as xr
 from torch import nn
 
 import xaiwidgets as xw
-from xaiwidgets.perturbation_metrics import aopc, deletion, insertion
+from xaiwidgets.evaluation.perturbation import aopc, deletion, insertion
 
 
 class WeightedSum(nn.Module):

@@ -8,8 +8,8 @@ import torch
 from scipy import stats
 from skimage.feature import hog
 
-from xaiwidgets import registry
-from xaiwidgets.sanity import (
+from xaiwidgets.core import registry
+from xaiwidgets.evaluation.sanity import (
     data_randomization,
     hog_correlation,
     model_randomization,

@@ -15,7 +15,7 @@ import xarray as xr
 
 import xaiwidgets as xw
 from xaiwidgets import metrics, rendering
-from xaiwidgets.registry import Param
+from xaiwidgets.core.registry import Param
 from xaiwidgets.widgets import controls as C
 from xaiwidgets.widgets.figures import colorscale, display_values
 

@@ -1,24 +1,44 @@
 """xaiwidgets: look inside CNN image classifiers.
 
+The package is layered; each layer imports only the ones before it::
+
+    core/        tensor ops, inputs, registry, layers, scoped model changes, Context
+    explainer    the Explainer (validation, cache, targets, DataArray packing)
+    families/    one module per method family, each a registered Method
+    fusion, net  MLFEM operators and the NET runtime
+    evaluation/  gfdm, metrics, perturbation metrics, sanity checks, evaluate on dask
+    datasets/, models/   shipped data generators, models and training scripts
+    widgets/     the only place that imports ipywidgets / plotly (loaded on first use)
+
 >>> import xaiwidgets as xw
 >>> xw.methods()[:3]
 ['gradient', 'guided_backprop', 'deconvnet']
 """
 
-from . import datasets, metrics, models
-from .evaluate import evaluate
+import sys
+
+from . import (  # noqa: F401  (rendering: the ``da.xai`` accessor)
+    datasets,
+    families,  # noqa: F401  (importing the families registers every method)
+    fusion,  # noqa: F401  (registers mlfem)
+    models,
+    rendering,
+)
+from ._version import __version__
+from .core.registry import Method, Param, get_method, methods, register
+from .evaluation import metrics
+from .evaluation.evaluate import evaluate
+from .evaluation.gfdm import gfdm
 from .explainer import Explainer, explain
 from .fusion import fuse
-from .gfdm import gfdm
-from .registry import Method, Param, get_method, methods, register
+
+# ``import xaiwidgets.metrics`` and ``from xaiwidgets.metrics import pcc`` keep working
+sys.modules[f"{__name__}.metrics"] = metrics
 
 __all__ = [
-    "Explainer", "Method", "Param", "datasets", "evaluate", "explain", "fuse", "get_method",
-    "gfdm", "methods", "metrics", "models", "register",
+    "Explainer", "Method", "Param", "__version__", "datasets", "evaluate", "explain", "fuse",
+    "get_method", "gfdm", "methods", "metrics", "models", "register",
 ]
-__version__ = "0.1.0"
-
-from . import rendering  # noqa: E402,F401  (registers the ``da.xai`` accessor)
 
 #: widgets are imported on first use: ``import xaiwidgets`` never loads ipywidgets or plotly
 _WIDGETS = ("ExplainerWidget", "FEMStackWidget", "CompareWidget")

@@ -10,7 +10,7 @@ l = 2..L, min-max normalised at the end (``"end"``) or after every step
 * ``top``: add(a, b′) with b′ = b where b > mean(b) (per image), else 0
 * ``fem``: b, i.e. the deepest layer's map
 * ``net``: a small trained CNN taking all L maps at once
-  (:class:`xaiwidgets.net_operator.FusionNet`); ``normalize`` does not apply, its
+  (:class:`xaiwidgets.net.FusionNet`); ``normalize`` does not apply, its
   output is the sigmoid's, in [0, 1], trained to match gaze density maps.
 
 >>> import torch
@@ -30,7 +30,10 @@ import torch
 import xarray as xr
 from torch import nn
 
-from .explainer import minmax
+from .core.ops import minmax
+from .core.registry import Method, Param, register
+from .families.fem import K_PARAM, fem_maps, resolve_layers
+from .net import apply_net, identify_model, resolve_net
 
 Operator = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
@@ -105,8 +108,6 @@ def fuse_maps(maps: torch.Tensor, operator: str = "max", alpha: float = 0.5,
     if operator == "net":
         if net is None:
             raise ValueError("operator='net' needs a trained fusion network: pass net=...")
-        from .net_operator import apply_net
-
         return apply_net(net, maps)
     return minmax(fold(maps, operator, float(alpha), interleaved=normalize == "interleaved"))
 
@@ -138,8 +139,6 @@ def fuse(stack: Any, operator: str = "max", alpha: float = 0.5, normalize: str =
         maps = torch.as_tensor(stack).float()
         layers = None
     if operator == "net" and net is None:
-        from .net_operator import resolve_net
-
         net = resolve_net(None, str(attrs.get("model", "")), layers)
     fused = fuse_maps(maps, operator, alpha, normalize, net).detach().cpu().numpy()
     attrs.update(method="mlfem", operator=operator, alpha=float(alpha), normalize=normalize)
@@ -156,3 +155,39 @@ def _operator(name: str) -> Operator:
         hint = " ('net' needs fuse_maps(..., net=...))" if name == "net" else ""
         raise ValueError(f"unknown operator {name!r}{hint}; choose one of {list(OPERATORS)}")
     return OPERATORS[name]
+
+
+@register
+class MLFEM(Method):
+    """Multi-layer FEM: the FEM stack of ``layers`` (default: every block output)
+    fused recursively, shallowest to deepest, by ``operator`` (see :func:`xw.fuse`)."""
+
+    name = "mlfem"
+    family = "fem"
+    default_reduce = "map"
+    class_agnostic = True
+    params = (
+        Param("layers", None, kind="any", optional=True,
+              doc="layer names, shallowest first (default: every block output)"),
+        K_PARAM,
+        Param("operator", "max", kind="choice", choices=("max", "add", "top", "fem", "net"),
+              doc="fusion operator: max, add(α), top(α), fem (deepest map), net (trained CNN)"),
+        Param("alpha", 0.5, low=0.0, high=1.0, step=0.05,
+              doc="add/top: weight of the fused map so far (1 − α for the new layer)"),
+        Param("normalize", "end", kind="choice", choices=("end", "interleaved"),
+              doc="min-max normalise once at the end, or after every fusion step"),
+        Param("net", None, kind="any", optional=True,
+              doc="trained FusionNet for operator='net' (default: the shipped one, if any)"),
+    )
+
+    def bind(self, ctx, params: dict[str, Any]) -> dict[str, Any]:
+        # record the actual layer names (comma-joined in attrs), not "none"
+        return {**params, "layers": resolve_layers(ctx, params["layers"])}
+
+    def attribute(self, ctx, target, layer, layers, K, operator, alpha, normalize,
+                  net) -> torch.Tensor:
+        maps = fem_maps(ctx, layers, K)
+        if operator == "net":
+            shipped_for = identify_model(ctx.model) if net is None else ""
+            net = resolve_net(net, shipped_for, layers, ctx.device)
+        return fuse_maps(maps, operator, alpha, normalize, net)

@@ -28,9 +28,11 @@ import xarray as xr
 from IPython.display import display
 
 import xaiwidgets as xw
-from xaiwidgets import metrics, perturbation_metrics, sanity
-from xaiwidgets.evaluate import wins
-from xaiwidgets.gfdm import sigma_from_visual_angle
+from xaiwidgets import metrics
+from xaiwidgets.evaluation import perturbation as perturbation_metrics
+from xaiwidgets.evaluation import sanity
+from xaiwidgets.evaluation.evaluate import wins
+from xaiwidgets.evaluation.gfdm import sigma_from_visual_angle
 
 N = 24
 # the shipped models were trained on seeds >= 10000: these images are held out

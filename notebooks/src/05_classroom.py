@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 import xaiwidgets as xw
-from xaiwidgets import metrics, sanity
+from xaiwidgets import metrics
+from xaiwidgets.evaluation import sanity
 
 ds = xw.datasets.shapes(n=8, clutter=2, seed=7)
 model, preprocess, classes = xw.models.load("shapes-vgg")

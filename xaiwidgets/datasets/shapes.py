@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
-from ..gfdm import default_sigma, gfdm
+from ..evaluation.gfdm import default_sigma, gfdm
 
 CLASSES = ("circle", "square", "triangle", "star")
 #: number of polygon tips per class (0: circle) and inner/outer radius ratio for stars

@@ -2,7 +2,7 @@
 `xw.methods()` stays a function); importing this package registers them all.
 
 Every module in this folder is imported, so adding a method is adding a file with a
-``@register``-ed :class:`~xaiwidgets.registry.Method` subclass.
+``@register``-ed :class:`~xaiwidgets.core.registry.Method` subclass.
 """
 
 import importlib

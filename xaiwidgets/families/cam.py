@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ..explainer import minmax, upsample
-from ..hooks import relu_backward
-from ..registry import Method, register
+from ..core.ops import minmax, upsample
+from ..core.registry import Method, register
+from ..core.scoped import relu_backward
 
 
-def gradcam_map(ex, target: torch.Tensor, layer: str) -> torch.Tensor:
+def gradcam_map(ctx, target: torch.Tensor, layer: str) -> torch.Tensor:
     """ReLU(Σ_k α_k A_k) with α_k the spatial mean of ∂f_c/∂A_k; (N, h, w), unnormalised."""
-    return cam_map(*ex.layer_gradient(layer, target), layer)
+    return cam_map(*ctx.layer_gradient(layer, target), layer)
 
 
 def cam_map(activation: torch.Tensor, grad: torch.Tensor, layer: str) -> torch.Tensor:
@@ -35,8 +35,8 @@ class GradCAM(Method):
     uses_layer = True
     normalize_output = True
 
-    def attribute(self, ex, target, layer, **params) -> torch.Tensor:
-        return gradcam_map(ex, target, layer)
+    def attribute(self, ctx, target, layer, **params) -> torch.Tensor:
+        return gradcam_map(ctx, target, layer)
 
 
 @register
@@ -49,10 +49,10 @@ class GuidedGradCAM(Method):
     uses_layer = True
     normalize_output = True
 
-    def attribute(self, ex, target, layer, **params) -> torch.Tensor:
-        x = ex.inputs.detach().requires_grad_(True)
+    def attribute(self, ctx, target, layer, **params) -> torch.Tensor:
+        x = ctx.inputs.detach().requires_grad_(True)
         with relu_backward("guided") as guided:
-            logits, acts = ex.forward(x, layers=[layer], grad=True)
+            logits, acts = ctx.forward(x, layers=[layer], grad=True)
             score = logits.gather(1, target[:, None]).sum()
             # one forward serves both backward passes: ordinary ReLU gradients down to
             # the layer (Grad-CAM), then guided ones on to the input
@@ -60,5 +60,5 @@ class GuidedGradCAM(Method):
             (layer_grad,) = torch.autograd.grad(score, acts[layer], retain_graph=True)
             guided.active = True
             (input_grad,) = torch.autograd.grad(score, x)
-        cam = minmax(upsample(cam_map(acts[layer].detach(), layer_grad, layer), ex.size))
+        cam = minmax(upsample(cam_map(acts[layer].detach(), layer_grad, layer), ctx.size))
         return input_grad.abs().amax(dim=1) * cam

@@ -11,7 +11,7 @@ sums to f_c(x) − f_c(x') (summation to delta) when every non-linearity is hand
 
 * elementwise activations (ReLU, ReLU6/hardtanh, leaky ReLU, ELU, GELU, SiLU, sigmoid,
   tanh, module or functional): m = (y − y') / (z − z') where |z − z'| > 1e-7, else the
-  gradient at z (SPEC.md);
+  gradient at z (docs/methods.md);
 * max-pooling (``max_pool2d``, ``adaptive_max_pool2d``): rather than the gradient (which
   breaks summation to delta), the output difference o − o' is split as
   (max(o, o') − o') routed to the input's maximum plus (o − max(o, o')) routed to the
@@ -40,10 +40,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..registry import Method, Param, register
+from ..core.registry import Method, Param, register
 from .gradient import BASELINE, baseline_tensor
 
-#: below this |z − z'| the multiplier is the gradient (SPEC.md)
+#: below this |z − z'| the multiplier is the gradient (docs/methods.md)
 EPS = 1e-7
 
 _ELEMENTWISE = [
@@ -220,12 +220,12 @@ class DeepLift(Method):
               doc="multiplier rule for non-linearities"),
     )
 
-    def attribute(self, ex, target, layer, baseline, rule) -> torch.Tensor:
-        x = ex.inputs
-        reference = baseline_tensor(ex, baseline)
+    def attribute(self, ctx, target, layer, baseline, rule) -> torch.Tensor:
+        x = ctx.inputs
+        reference = baseline_tensor(ctx, baseline)
         both = torch.cat([x, reference]).detach().requires_grad_(True)
         with rescale_rule():
-            logits, _ = ex.forward(both, grad=True)
+            logits, _ = ctx.forward(both, grad=True)
             score = logits[:len(x)].gather(1, target[:, None]).sum()
             (multipliers,) = torch.autograd.grad(score, both)
         return (x - reference) * multipliers[:len(x)]

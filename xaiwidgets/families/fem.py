@@ -1,10 +1,10 @@
-"""Feature Explanation Method (FEM) and its multi-layer fusion (MLFEM).
+"""Feature Explanation Method (FEM) and the per-layer FEM stack that MLFEM fuses.
 
 FEM (Ahmed Asif et al.) needs a forward pass only: for a layer's activation F
 with channels k, μ_k and σ_k are the spatial mean and population std of F_k,
 B_k = [F_k ≥ μ_k + K·σ_k] and the map is R = Σ_k μ_k·B_k. MLFEM (Bourroux et al.)
 computes one FEM map per block, normalises each at input size (the *FEM stack*)
-and fuses them (see :mod:`xaiwidgets.fusion`).
+and fuses them (MLFEM itself lives in :mod:`xaiwidgets.fusion`).
 
 Which layers the stack uses (``Explainer.block_layers()``): the output of every
 residual block when the model has residual blocks (the 16 bottlenecks of a
@@ -24,19 +24,18 @@ tensor([[[2., 2.],
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import xarray as xr
 
-from .. import layers as _layers
-from ..explainer import minmax, upsample
-from ..net_operator import identify_model
-from ..registry import Method, Param, register
+from ..core import layers as _layers
+from ..core.ops import minmax, model_tag, upsample
+from ..core.registry import Method, Param, register
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..explainer import Explainer
+    from ..core.context import Context
 
 K_PARAM = Param("K", 1.0, low=0.0, high=10.0, step=0.1,
                 doc="threshold: a feature fires where it exceeds its mean + K·std")
@@ -73,11 +72,11 @@ def fem_map(activation: torch.Tensor, K: float = 1.0) -> torch.Tensor:
     return torch.bmm(mean.transpose(1, 2), fired).reshape(n, h, w)
 
 
-def resolve_layers(ex: Explainer, layers: str | Sequence[str] | None) -> list[str]:
-    """Layer names for a FEM stack: ``None`` = ``ex.block_layers()``; a comma-joined
+def resolve_layers(ctx: Context, layers: str | Sequence[str] | None) -> list[str]:
+    """Layer names for a FEM stack: ``None`` = ``ctx.block_layers()``; a comma-joined
     string or a sequence of names, each checked against the model."""
     if layers is None:
-        names = ex.block_layers()
+        names = ctx.block_layers()
         if not names:
             raise ValueError("the model has no block outputs (residual blocks or activation "
                              "modules after convolutions); pass layers=[...] explicitly")
@@ -89,23 +88,23 @@ def resolve_layers(ex: Explainer, layers: str | Sequence[str] | None) -> list[st
     if not names:
         raise ValueError("layers is empty: pass layer names from Explainer.layers()")
     for name in names:
-        _layers.resolve_layer(ex.model, name)  # unknown names fail before any forward pass
+        _layers.resolve_layer(ctx.model, name)  # unknown names fail before any forward pass
     return names
 
 
-def fem_maps(ex: Explainer, layers: Sequence[str], K: float = 1.0) -> torch.Tensor:
+def fem_maps(ctx: Context, layers: Sequence[str], K: float = 1.0) -> torch.Tensor:
     """Per-layer FEM maps upsampled to the input size and normalised: (N, L, H, W).
 
-    Uses ``ex.activations`` (cached), so only the first call runs the model, and the
-    maps themselves are cached per (layers, K) on the Explainer.
+    Uses ``ctx.activations`` (cached), so only the first call runs the model, and the
+    maps themselves are cached per (layers, K) on the context.
     """
-    cache = ex._valid_cache().setdefault("fem_maps", {})
+    cache = ctx.valid_cache().setdefault("fem_maps", {})
     key = (tuple(layers), float(K))
     if key not in cache:
         # an operator/alpha/normalize change then only re-fuses; a few K values are kept
         if len(cache) >= 4:
             cache.pop(next(iter(cache)))
-        cache[key] = stack_maps(ex.activations(list(layers)), layers, K, ex.size)
+        cache[key] = stack_maps(ctx.activations(list(layers)), layers, K, ctx.size)
     return cache[key]
 
 
@@ -124,7 +123,7 @@ def stack_maps(acts: dict[str, torch.Tensor], layers: Sequence[str], K: float,
     return minmax(maps)
 
 
-def fem_stack(ex: Explainer, layers: str | Sequence[str] | None = None,
+def fem_stack(ctx: Context, layers: str | Sequence[str] | None = None,
               K: float = 1.0) -> xr.DataArray:
     """Every layer's FEM map at input size, min-max normalised, as a DataArray.
 
@@ -136,14 +135,14 @@ def fem_stack(ex: Explainer, layers: str | Sequence[str] | None = None,
     >>> xw.fuse(stack, operator="add", alpha=0.7)  # doctest: +SKIP
     """
     K = K_PARAM.validate(K)
-    names = resolve_layers(ex, layers)
-    acts = ex.activations(names)
-    maps = stack_maps(acts, names, K, ex.size)
+    names = resolve_layers(ctx, layers)
+    acts = ctx.activations(names)
+    maps = stack_maps(acts, names, K, ctx.size)
     return xr.DataArray(
         maps.to(torch.float32).cpu().numpy(),
         dims=("image", "layer", "y", "x"),
         coords={
-            "image": np.arange(ex.n_images),
+            "image": np.arange(ctx.n_images),
             "layer": names,
             "y": np.arange(maps.shape[-2]),
             "x": np.arange(maps.shape[-1]),
@@ -151,7 +150,7 @@ def fem_stack(ex: Explainer, layers: str | Sequence[str] | None = None,
             "layer_width": ("layer", [int(acts[n].shape[-1]) for n in names]),
         },
         attrs={"method": "fem_stack", "K": K, "layers": ",".join(names),
-               "model": identify_model(ex.model)},
+               "model": model_tag(ctx.model)},
         name="fem_stack",
     )
 
@@ -169,44 +168,10 @@ class FEM(Method):
     normalize_output = True
     params = (K_PARAM,)
 
-    def attribute(self, ex, target, layer, K) -> torch.Tensor:
-        return fem_map(ex.activations([layer])[layer], K)
+    def attribute(self, ctx, target, layer, K) -> torch.Tensor:
+        return fem_map(ctx.activations([layer])[layer], K)
 
-
-@register
-class MLFEM(Method):
-    """Multi-layer FEM: the FEM stack of ``layers`` (default: every block output)
-    fused recursively, shallowest to deepest, by ``operator`` (see :func:`xw.fuse`)."""
-
-    name = "mlfem"
-    family = "fem"
-    default_reduce = "map"
-    class_agnostic = True
-    params = (
-        Param("layers", None, kind="any", optional=True,
-              doc="layer names, shallowest first (default: every block output)"),
-        K_PARAM,
-        Param("operator", "max", kind="choice", choices=("max", "add", "top", "fem", "net"),
-              doc="fusion operator: max, add(α), top(α), fem (deepest map), net (trained CNN)"),
-        Param("alpha", 0.5, low=0.0, high=1.0, step=0.05,
-              doc="add/top: weight of the fused map so far (1 − α for the new layer)"),
-        Param("normalize", "end", kind="choice", choices=("end", "interleaved"),
-              doc="min-max normalise once at the end, or after every fusion step"),
-        Param("net", None, kind="any", optional=True,
-              doc="trained FusionNet for operator='net' (default: the shipped one, if any)"),
-    )
-
-    def bind(self, ex, params: dict[str, Any]) -> dict[str, Any]:
-        # record the actual layer names (comma-joined in attrs), not "none"
-        return {**params, "layers": resolve_layers(ex, params["layers"])}
-
-    def attribute(self, ex, target, layer, layers, K, operator, alpha, normalize,
-                  net) -> torch.Tensor:
-        from ..fusion import fuse_maps
-        from ..net_operator import resolve_net
-
-        maps = fem_maps(ex, layers, K)
-        if operator == "net":
-            shipped_for = identify_model(ex.model) if net is None else ""
-            net = resolve_net(net, shipped_for, layers, ex.device)
-        return fuse_maps(maps, operator, alpha, normalize, net)
+    def stack(self, ctx: Context, layers: str | Sequence[str] | None = None,
+              K: float = 1.0) -> xr.DataArray:
+        """The FEM stack of ``layers`` (see :func:`fem_stack`); ``Explainer.fem_stack``."""
+        return fem_stack(ctx, layers, K)

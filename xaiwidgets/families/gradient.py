@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from ..hooks import relu_backward
-from ..registry import Method, Param, register
+from ..core.registry import Method, Param, register
+from ..core.scoped import relu_backward
 
 BATCH_SIZE = Param("batch_size", 32, kind="int", low=1, doc="samples per model call (memory)")
 
@@ -20,11 +20,11 @@ class Gradient(Method):
     family = "gradient"
     relu_rule: str | None = None
 
-    def attribute(self, ex, target, layer, **params: Any) -> torch.Tensor:
+    def attribute(self, ctx, target, layer, **params: Any) -> torch.Tensor:
         if self.relu_rule is None:
-            return ex.input_gradient(ex.inputs, target)
+            return ctx.input_gradient(ctx.inputs, target)
         with relu_backward(self.relu_rule):
-            return ex.input_gradient(ex.inputs, target)
+            return ctx.input_gradient(ctx.inputs, target)
 
 
 @register
@@ -43,15 +43,15 @@ class DeconvNet(Gradient):
     relu_rule = "deconvnet"
 
 
-def baseline_tensor(ex, baseline: Any) -> torch.Tensor:
+def baseline_tensor(ctx, baseline: Any) -> torch.Tensor:
     """Baseline in model-input space: a float, a tensor, or ``"black"`` (the
     preprocessed all-zero image)."""
-    x = ex.inputs
+    x = ctx.inputs
     if isinstance(baseline, str):
         if baseline != "black":
             raise ValueError(f"baseline={baseline!r}: use a number, a tensor or 'black'")
-        black = torch.zeros_like(ex.images)
-        return ex.preprocess(black) if ex.preprocess is not None else black
+        black = torch.zeros_like(ctx.images)
+        return ctx.preprocess(black) if ctx.preprocess is not None else black
     if isinstance(baseline, torch.Tensor):
         b = baseline.to(device=x.device, dtype=x.dtype)
         try:
@@ -66,12 +66,23 @@ def baseline_tensor(ex, baseline: Any) -> torch.Tensor:
     raise TypeError(f"baseline must be a number, a tensor or 'black', got {baseline!r}")
 
 
+def spread_order(n: int) -> list[int]:
+    """0..n-1 in bit-reversed order: every prefix samples the whole range evenly,
+    so a partial Riemann sum is already a fair estimate (progressive maps).
+
+    >>> spread_order(5)
+    [0, 4, 2, 1, 3]
+    """
+    bits = max(1, (n - 1).bit_length())
+    return [r for r in (int(f"{i:0{bits}b}"[::-1], 2) for i in range(2**bits)) if r < n]
+
+
 BASELINE = Param("baseline", 0.0, kind="any", doc="reference input: number, tensor or 'black'")
 
 
 @register
 class IntegratedGradients(Method):
-    """(x − x')·mean_k ∇f(x' + k/m (x − x')), k = 1..m (right Riemann sum, SPEC.md)."""
+    """(x − x')·mean_k ∇f(x' + k/m (x − x')), k = 1..m (right Riemann sum, docs/methods.md)."""
 
     name = "integrated_gradients"
     family = "gradient"
@@ -84,13 +95,16 @@ class IntegratedGradients(Method):
         BATCH_SIZE,
     )
 
-    def attribute(self, ex, target, layer, steps, baseline, batch_size) -> torch.Tensor:
-        x = ex.inputs
-        base = baseline_tensor(ex, baseline)
+    def attribute(self, ctx, target, layer, steps, baseline, batch_size) -> torch.Tensor:
+        x = ctx.inputs
+        base = baseline_tensor(ctx, baseline)
         delta = x - base
-        # path points are built chunk by chunk: memory does not grow with steps
-        summed = ex.summed_input_gradient(lambda k: base + ((k + 1) / steps) * delta, steps,
-                                          target, batch_size=batch_size)
+        # path points are built chunk by chunk: memory does not grow with steps; they
+        # come in spread order, so the sum after any chunk gives a first estimate
+        order = spread_order(steps)
+        summed = ctx.summed_input_gradient(
+            lambda k: base + ((order[k] + 1) / steps) * delta, steps, target,
+            batch_size=batch_size, estimate=lambda part, count: delta * part / count)
         return delta * summed / steps
 
 
@@ -109,8 +123,8 @@ class SmoothGrad(Method):
         BATCH_SIZE,
     )
 
-    def attribute(self, ex, target, layer, n, sigma, seed, batch_size) -> torch.Tensor:
-        x = ex.inputs
+    def attribute(self, ctx, target, layer, n, sigma, seed, batch_size) -> torch.Tensor:
+        x = ctx.inputs
         span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).reshape(-1, 1, 1, 1)
         generator = torch.Generator(device=x.device).manual_seed(seed)
 
@@ -120,4 +134,5 @@ class SmoothGrad(Method):
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             return x + noise * (sigma * span)
 
-        return ex.summed_input_gradient(noisy, n, target, batch_size=batch_size) / n
+        return ctx.summed_input_gradient(noisy, n, target, batch_size=batch_size,
+                                         estimate=lambda part, count: part / count) / n

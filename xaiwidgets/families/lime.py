@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from skimage.segmentation import slic
 
-from ..registry import Method, Param, register
+from ..core.registry import Method, Param, register
 
 #: ridge penalty (LIME's default Ridge(alpha=1))
 RIDGE = 1.0
@@ -83,7 +83,7 @@ def weighted_ridge(x: np.ndarray, y: np.ndarray, weights: np.ndarray,
 
 @register
 class Lime(Method):
-    """LIME: ridge coefficients of superpixels switched on and off (SPEC.md)."""
+    """LIME: ridge coefficients of superpixels switched on and off (docs/methods.md)."""
 
     name = "lime"
     family = "perturbation"
@@ -100,34 +100,35 @@ class Lime(Method):
         Param("batch_size", 64, kind="int", low=1, doc="masked images per model call"),
     )
 
-    def attribute(self, ex, target, layer, n_samples, n_segments, kernel_width, seed,
+    def attribute(self, ctx, target, layer, n_samples, n_segments, kernel_width, seed,
                   batch_size) -> torch.Tensor:
-        x = ex.inputs
-        display = ex.images if ex.preprocess is not None else ex.inputs
+        x = ctx.inputs
+        display = ctx.images if ctx.preprocess is not None else ctx.inputs
         rng = np.random.default_rng(seed)
         segments, masks = [], []
-        for i in range(ex.n_images):
+        for i in range(ctx.n_images):
             labels = superpixels(display[i], n_segments)
             labels = torch.as_tensor(labels, device=x.device)[None, None].float()
             # preprocessing may resize: carry the superpixels to the model's input size
-            labels = torch.nn.functional.interpolate(labels, size=ex.size, mode="nearest")
+            labels = torch.nn.functional.interpolate(labels, size=ctx.size, mode="nearest")
             segments.append(labels[0, 0].long())
             count = int(segments[-1].max()) + 1
             z = rng.integers(0, 2, size=(n_samples, count))
             z[0] = 1  # the image itself
             masks.append(z)
-        jobs = [(i, start) for i in range(ex.n_images) for start in range(0, n_samples, batch_size)]
-        scores = [np.empty(n_samples) for _ in range(ex.n_images)]
-        for i, start in ex.progress_bar(jobs, len(jobs), "lime"):
+        jobs = [(i, start) for i in range(ctx.n_images)
+                for start in range(0, n_samples, batch_size)]
+        scores = [np.empty(n_samples) for _ in range(ctx.n_images)]
+        for i, start in ctx.progress_bar(jobs, len(jobs), "lime"):
             z = torch.as_tensor(masks[i][start:start + batch_size], device=x.device,
                                 dtype=x.dtype)
             keep = z[:, segments[i]][:, None]  # (batch, 1, H, W)
             fill = x[i].mean(dim=(1, 2), keepdim=True)
             batch = x[i] * keep + fill * (1 - keep)
-            scores[i][start:start + len(z)] = ex.scores(batch, target[i], batch_size=len(z)) \
+            scores[i][start:start + len(z)] = ctx.scores(batch, target[i], batch_size=len(z)) \
                 .double().cpu().numpy()
         maps = []
-        for i in range(ex.n_images):
+        for i in range(ctx.n_images):
             z = masks[i].astype(np.float64)
             coef = weighted_ridge(z, scores[i], kernel_weights(z, kernel_width))
             coef = torch.as_tensor(coef, device=x.device, dtype=x.dtype)

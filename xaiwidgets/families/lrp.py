@@ -35,8 +35,8 @@ from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanoni
 from zennit.types import BatchNorm, Convolution
 from zennit.types import Linear as AnyLinear
 
-from ..hooks import model_guard
-from ..registry import Method, Param, register
+from ..core.registry import Method, Param, register
+from ..core.scoped import model_guard
 
 #: denominator stabiliser of every rule except LRP-ε (zennit's default)
 STABILIZER = 1e-6
@@ -57,7 +57,8 @@ COMPOSITES: dict[str, tuple[str | None, str, str]] = {
 class AlphaBeta(BasicHook):
     """LRP-αβ: R_i = Σ_j (α (a_i w_ij)⁺ / z_j⁺ − β (a_i w_ij)⁻ / z_j⁻) R_j.
 
-    zennit's own ``AlphaBeta`` insists on α − β = 1; SPEC.md allows any α ≥ 1, β ≥ 0
+    zennit's own ``AlphaBeta`` insists on α − β = 1; the definition (docs/methods.md)
+    allows any α ≥ 1, β ≥ 0
     (conservation then fails on purpose, e.g. α2β1 on the worked example sums to 8).
     Positive bias goes to z⁺, negative bias to z⁻.
 
@@ -232,25 +233,25 @@ def relevance(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
     return rel.detach()
 
 
-def input_bounds(ex: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def input_bounds(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Lowest and highest possible model inputs, for the z^B rule.
 
     With a ``preprocess``: the preprocessed black and white images (elementwise min and
     max of the two, in case preprocessing flips signs). Without: each image's own
     minimum and maximum, shape (N, 1, 1, 1).
     """
-    if ex.preprocess is not None:
-        black = ex.preprocess(torch.zeros_like(ex.images[:1]))
-        white = ex.preprocess(torch.ones_like(ex.images[:1]))
+    if ctx.preprocess is not None:
+        black = ctx.preprocess(torch.zeros_like(ctx.images[:1]))
+        white = ctx.preprocess(torch.ones_like(ctx.images[:1]))
         return torch.minimum(black, white), torch.maximum(black, white)
-    flat = ex.inputs.detach().flatten(1)
+    flat = ctx.inputs.detach().flatten(1)
     shape = (-1, 1, 1, 1)
     return flat.amin(1).reshape(shape), flat.amax(1).reshape(shape)
 
 
 @register
 class LRP(Method):
-    """Layer-wise relevance propagation with a named composite of rules (SPEC.md, LRP).
+    """Layer-wise relevance propagation with a named composite of rules (docs/methods.md, LRP).
 
     Composites: ``epsilon_plus_flat`` (default: flat first layer, α1β0 on conv, ε on
     dense), ``epsilon_plus``, ``epsilon_gamma_box`` (z^B first, γ conv, ε dense),
@@ -285,9 +286,9 @@ class LRP(Method):
             beta = alpha - 1.0  # alpha >= 1 is checked by its Param
         return {**params, "alpha": float(alpha), "beta": float(beta)}
 
-    def attribute(self, ex, target, layer, composite, epsilon, gamma, alpha,
+    def attribute(self, ctx, target, layer, composite, epsilon, gamma, alpha,
                   beta) -> torch.Tensor:
-        low, high = input_bounds(ex) if composite == "epsilon_gamma_box" else (None, None)
+        low, high = input_bounds(ctx) if composite == "epsilon_gamma_box" else (None, None)
         built = make_composite(composite, epsilon=epsilon, gamma=gamma, alpha=alpha, beta=beta,
-                               low=low, high=high, canonizers=canonizers_for(ex.model))
-        return relevance(ex.model, ex.inputs, target, built)
+                               low=low, high=high, canonizers=canonizers_for(ctx.model))
+        return relevance(ctx.model, ctx.inputs, target, built)

@@ -29,8 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..explainer import upsample
-from ..registry import Method, Param, register
+from ..core.ops import upsample
+from ..core.registry import Method, Param, register
 
 LEARNING_RATE = 0.1
 #: exponent β of the total-variation term (Fong & Vedaldi use 3)
@@ -73,7 +73,7 @@ def total_variation(mask: torch.Tensor, beta: float = TV_BETA) -> torch.Tensor:
 
 @register
 class MeaningfulPerturbation(Method):
-    """Deletion mask learnt by gradient descent; map = 1 − mask (SPEC.md)."""
+    """Deletion mask learnt by gradient descent; map = 1 − mask (docs/methods.md)."""
 
     name = "meaningful_perturbation"
     family = "perturbation"
@@ -90,8 +90,8 @@ class MeaningfulPerturbation(Method):
         Param("seed", 0, kind="int", low=0, doc="random seed of the input noise"),
     )
 
-    def attribute(self, ex, target, layer, steps, l1, tv, blur_sigma, seed) -> torch.Tensor:
-        x = ex.inputs.detach()
+    def attribute(self, ctx, target, layer, steps, l1, tv, blur_sigma, seed) -> torch.Tensor:
+        x = ctx.inputs.detach()
         n, _, h, w = x.shape
         blurred = gaussian_blur(x, blur_sigma)
         side = (max(1, round(h / MASK_DIVISOR)), max(1, round(w / MASK_DIVISOR)))
@@ -99,11 +99,11 @@ class MeaningfulPerturbation(Method):
         optimizer = torch.optim.Adam([mask], lr=LEARNING_RATE)
         generator = torch.Generator(device=x.device).manual_seed(seed)
         span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).reshape(-1, 1, 1, 1)
-        for _ in ex.progress_bar(range(steps), steps, "meaningful perturbation"):
+        for step in ctx.progress_bar(range(steps), steps, "meaningful perturbation"):
             keep = upsample(mask, (h, w))
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             perturbed = x * keep + blurred * (1 - keep) + NOISE * span * noise
-            logits, _ = ex.forward(perturbed, grad=True)
+            logits, _ = ctx.forward(perturbed, grad=True)
             score = torch.softmax(logits, dim=1).gather(1, target[:, None])[:, 0]
             loss = l1 * (1 - mask).abs().flatten(1).mean(1) + tv * total_variation(mask) + score
             # gradient of the mask only: the model's parameters never collect .grad
@@ -111,4 +111,7 @@ class MeaningfulPerturbation(Method):
             optimizer.step()
             with torch.no_grad():
                 mask.clamp_(0.0, 1.0)
+            if step + 1 < steps:  # the mask so far: a first estimate
+                ctx.report_partial(step + 1, steps,
+                                   lambda: 1 - upsample(mask.detach(), (h, w))[:, 0])
         return 1 - upsample(mask.detach(), (h, w))[:, 0]

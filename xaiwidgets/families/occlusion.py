@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import Method, Param, register
+from ..core.registry import Method, Param, register
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -33,24 +33,27 @@ class Occlusion(Method):
         Param("batch_size", 64, kind="int", low=1, doc="occluded images per model call"),
     )
 
-    def attribute(self, ex, target, layer, window, stride, value, batch_size) -> torch.Tensor:
-        x = ex.inputs
+    def attribute(self, ctx, target, layer, window, stride, value, batch_size) -> torch.Tensor:
+        x = ctx.inputs
         n, _, h, w = x.shape
         boxes = [(y, x0) for y in window_starts(h, window, stride)
                  for x0 in window_starts(w, window, stride)]
-        base = ex.scores(x, target)
+        base = ctx.scores(x, target)
         total = torch.zeros((n, h, w), device=x.device, dtype=x.dtype)
         count = torch.zeros((h, w), device=x.device, dtype=x.dtype)
         per_call = max(1, batch_size // n)
         chunks = range(0, len(boxes), per_call)
-        for start in ex.progress_bar(chunks, len(chunks), "occlusion"):
+        for start in ctx.progress_bar(chunks, len(chunks), "occlusion"):
             chunk = boxes[start:start + per_call]
             batch = x.repeat(len(chunk), 1, 1, 1)
             for i, (y, x0) in enumerate(chunk):
                 batch[i * n:(i + 1) * n, :, y:y + window, x0:x0 + window] = value
-            drops = base.repeat(len(chunk)) - ex.scores(batch, target.repeat(len(chunk)),
+            drops = base.repeat(len(chunk)) - ctx.scores(batch, target.repeat(len(chunk)),
                                                         batch_size=len(batch))
             for i, (y, x0) in enumerate(chunk):
                 total[:, y:y + window, x0:x0 + window] += drops[i * n:(i + 1) * n, None, None]
                 count[y:y + window, x0:x0 + window] += 1
+            if start + per_call < len(boxes):  # windows so far: a first estimate
+                ctx.report_partial(start + len(chunk), len(boxes),
+                                   lambda: total / count.clamp(min=1))
         return total / count

@@ -23,18 +23,19 @@ import torch
 import torchvision
 from torch import nn
 
-from ..registry import close_matches
+from ..core.ops import close_matches
 from .architectures import ARCHITECTURES, build
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 #: models whose weights ship with the package (see models/README.md)
-SHIPPED = ("shapes-vgg", "shapes-resnet", "shapes-vgg-shuffled")
+SHIPPED = ("shapes-vgg", "shapes-resnet", "shapes-vgg-shuffled", "shapes-video")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Normalize:
-    """Per-channel ``(x - mean) / std`` on (N,3,H,W) tensors, on the images' device.
+    """Per-channel ``(x - mean) / std`` on (N,3,H,W) images or (N,3,T,H,W) clips, on
+    the inputs' device.
 
     >>> Normalize((0.5,) * 3, (0.25,) * 3)(torch.ones(1, 3, 2, 2)).unique()
     tensor([2.])
@@ -45,7 +46,7 @@ class Normalize:
         self.std = tuple(float(s) for s in std)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1, 1, 1)
+        shape = (1, -1) + (1,) * (images.ndim - 2)
         mean = torch.as_tensor(self.mean, dtype=images.dtype, device=images.device)
         std = torch.as_tensor(self.std, dtype=images.dtype, device=images.device)
         return (images - mean.view(shape)) / std.view(shape)

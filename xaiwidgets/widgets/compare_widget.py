@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .. import metrics as _metrics
-from ..registry import get_method, methods
+from ..core.registry import get_method, methods
+from ..evaluation import metrics as _metrics
 from .base import VIEW, ExplorerBase
 from .controls import LAYOUT, STYLE, set_visible
 from .figures import MapGrid

@@ -1,4 +1,4 @@
-"""ipywidgets controls built from the method registry's :class:`~xaiwidgets.registry.Param`.
+"""ipywidgets controls built from the method registry's :class:`~xaiwidgets.core.registry.Param`.
 
 A parameter declared once in a method (default, range, log scale, choices, doc)
 becomes its slider or dropdown here, so a new method gets controls for free:
@@ -8,7 +8,7 @@ becomes its slider or dropdown here, so a new method gets controls for free:
 * ``choice`` (and ``any`` with ``choices``) → ``Dropdown``,
 * ``any`` without choices (tensors...) → no control: the method's default is used.
 
->>> from xaiwidgets.registry import Param
+>>> from xaiwidgets.core.registry import Param
 >>> make_control(Param("K", 1.0, low=0.0, high=5.0)).__class__.__name__
 'FloatSlider'
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import ipywidgets as W
 
-from ..registry import Method, Param, get_method
+from ..core.registry import Method, Param, get_method
 
 #: largest int range still shown as a slider (beyond it a text box is easier to use)
 MAX_INT_SLIDER_SPAN = 4096

@@ -8,8 +8,8 @@ from typing import Any
 import ipywidgets as W
 import torch
 
-from .. import registry
-from ..registry import get_method
+from ..core import registry
+from ..core.registry import get_method
 from .base import VIEW, ExplorerBase
 from .controls import LAYOUT, STYLE, ParamControls, set_visible
 from .figures import MapGrid

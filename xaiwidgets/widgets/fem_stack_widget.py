@@ -8,7 +8,7 @@ from typing import Any
 import ipywidgets as W
 import torch
 
-from ..registry import get_method
+from ..core.registry import get_method
 from .base import VIEW, ExplorerBase
 from .controls import LAYOUT, STYLE, ParamControls, set_visible
 from .figures import MapGrid
@@ -73,7 +73,7 @@ class FEMStackWidget(ExplorerBase):
         return {k: values[k] for k in ("operator", "alpha", "normalize") if k in values}
 
     def _update(self, changed: set[str]) -> str | None:
-        from .. import fuse
+        from ..fusion import fuse
 
         done = []
         if self.stack is None or changed & {"image", "K"}:

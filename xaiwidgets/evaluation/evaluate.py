@@ -42,9 +42,10 @@ import torch
 import xarray as xr
 from torch import nn
 
+from ..core.ops import attr_value
+from ..core.registry import get_method
+from ..explainer import Explainer
 from . import metrics as _metrics
-from .explainer import Explainer, attr_value
-from .registry import get_method
 
 DEFAULT_METRICS = ("pcc", "sim", "kld", "nss", "auc_judd", "ssim", "spearman", "l1")
 REFERENCE = {"map": "gfdm", "fixations": "fixations"}  # dataset variable each kind needs
@@ -301,7 +302,7 @@ def _assemble(results: list[dict[str, Any]], dataset: xr.Dataset, specs: list[Va
     }
     data["seconds"] = ("method", np.sum([r["seconds"] for r in results], axis=0),
                        {"long_name": "explanation time summed over tasks (s)"})
-    from . import __version__
+    from .._version import __version__
 
     attrs = {
         "model": model_name or type(model).__name__,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import close_matches
+from .ops import close_matches
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.PReLU)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)

@@ -26,7 +26,6 @@ Each metric describes itself in :data:`METRICS` (direction, what it needs):
 
 from __future__ import annotations
 
-import difflib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from scipy.stats import rankdata
+
+from ..core.ops import did_you_mean
 
 EPS = float(np.finfo(np.float64).eps)  # the MIT code's ``eps`` (KLD)
 BORJI_THRESHOLDS = np.round(np.arange(11) * 0.1, 10)  # 0, 0.1, ..., 1 (MIT: 0:0.1:max)
@@ -76,9 +77,7 @@ def available(needs: str | None = None) -> list[str]:
 def get(name: str) -> Metric:
     """The metric called ``name``; a clear error lists the known ones."""
     if name not in METRICS:
-        close = difflib.get_close_matches(str(name), list(METRICS), n=3)
-        hint = f" Did you mean {close}?" if close else ""
-        raise ValueError(f"unknown metric {name!r}.{hint} Known metrics: {', '.join(METRICS)}")
+        raise ValueError(did_you_mean("metric", name, list(METRICS)))
     return METRICS[name]
 
 
@@ -159,7 +158,7 @@ def _flat(a: np.ndarray) -> np.ndarray:
 
 
 def _minmax(a: np.ndarray) -> np.ndarray:
-    """Per-row min-max to [0, 1]; a constant row becomes zeros (SPEC "normalise")."""
+    """Per-row min-max to [0, 1]; a constant row becomes zeros (docs/methods.md, "normalise")."""
     low, high = a.min(axis=1, keepdims=True), a.max(axis=1, keepdims=True)
     span = high - low
     with np.errstate(invalid="ignore", divide="ignore"):

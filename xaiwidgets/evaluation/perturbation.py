@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import xarray as xr
 from torch import nn
 
-from .explainer import Explainer
+from ..explainer import Explainer
 
 Saliency = Any  # xr.DataArray | torch.Tensor | np.ndarray, (image, y, x) or (y, x)
 

@@ -28,10 +28,11 @@ import torch
 import xarray as xr
 from torch import nn
 
+from ..core.layers import resolve_layer
+from ..core.ops import attr_value
+from ..core.scoped import model_guard
+from ..explainer import Explainer
 from . import metrics
-from .explainer import Explainer, attr_value
-from .hooks import model_guard
-from .layers import resolve_layer
 
 MODES = ("cascading", "independent")
 SIMILARITIES = ("spearman", "spearman_abs", "ssim", "hog")

@@ -9,22 +9,22 @@ the widgets use them to build sliders.  Adding a method is one class::
         name = "my_saliency"
         params = (Param("power", 2.0, low=0.0, doc="exponent"),)
 
-        def attribute(self, ex, target, layer, power):
-            return ex.input_gradient(target) ** power
+        def attribute(self, ctx, target, layer, power):
+            return ctx.input_gradient(ctx.inputs, target) ** power
 """
 
 from __future__ import annotations
 
-import difflib
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .ops import did_you_mean
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .explainer import Explainer
+    from .context import Context
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -88,9 +88,10 @@ class Method:
     """Base class of an explanation method.
 
     Subclasses set the class attributes and implement :meth:`attribute`, which
-    gets the :class:`Explainer` (model, cached passes, helpers), the resolved
-    target tensor (one class index per image), the layer name (or ``None``) and
-    the validated parameters, and returns a tensor of shape ``(N, C, H, W)``
+    gets a :class:`~xaiwidgets.core.context.Context` (model, inputs, cached passes,
+    helpers), the resolved target tensor (one class index per image), the layer name
+    (or ``None``) and the validated parameters, and returns a tensor of shape
+    ``(N, C, H, W)``
     (pixel-space attribution, reduced later) or ``(N, H, W)`` (a map).
     """
 
@@ -112,13 +113,13 @@ class Method:
     quick_params: ClassVar[dict[str, Any]] = {}
 
     def attribute(
-        self, ex: Explainer, target: torch.Tensor, layer: str | None, **params: Any
+        self, ctx: Context, target: torch.Tensor, layer: str | None, **params: Any
     ) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def default_layer(self, ex: Explainer) -> str | None:
+    def default_layer(self, ctx: Context) -> str | None:
         """The layer used when the caller gives none (only for ``uses_layer`` methods)."""
-        return ex.default_layer() if self.uses_layer else None
+        return ctx.default_layer() if self.uses_layer else None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -145,7 +146,7 @@ class Method:
         """Hook for cross-parameter rules (e.g. alpha - beta = 1). Returns the params."""
         return params
 
-    def bind(self, ex: Explainer, params: dict[str, Any]) -> dict[str, Any]:
+    def bind(self, ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
         """Hook for defaults that depend on the model (e.g. MLFEM's layers). Returns the params."""
         return params
 
@@ -160,31 +161,11 @@ def register(cls: type[Method]) -> type[Method]:
 
 def methods() -> list[str]:
     """Names of every registered method, e.g. ``['gradient', 'guided_backprop', ...]``."""
-    _load_builtin_methods()
     return list(_REGISTRY)
 
 
 def get_method(name: str) -> Method:
     """The registered method called ``name``; a clear error lists the known ones."""
-    _load_builtin_methods()
     if not isinstance(name, str) or name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
-        hint = f" Did you mean {close}?" if close else ""
-        raise ValueError(
-            f"unknown method {name!r}.{hint} Known methods: {', '.join(sorted(_REGISTRY))}"
-        )
+        raise ValueError(did_you_mean("method", name, list(_REGISTRY)))
     return _REGISTRY[name]
-
-
-def _load_builtin_methods() -> None:
-    import importlib
-
-    importlib.import_module(f"{__package__}.families")  # importing registers them
-
-
-def close_matches(word: str, options: Sequence[str], n: int = 5) -> list[str]:
-    """Options that look like ``word`` (for 'did you mean' errors)."""
-    matches = difflib.get_close_matches(word, list(options), n=n, cutoff=0.5)
-    if not matches:
-        matches = [o for o in options if word.lower() in o.lower()][:n]
-    return matches

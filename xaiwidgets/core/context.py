@@ -1,0 +1,317 @@
+"""The typed context a method receives: inputs, cached passes, gradient helpers.
+
+A method never sees the :class:`~xaiwidgets.explainer.Explainer`; it gets a
+:class:`Context` holding the model, the (validated) images and model inputs, and
+the passes it may need: cached logits and layer activations, input and layer
+gradients in bounded chunks, scores of many perturbed inputs, and progress
+reporting (the widgets' cancellation point).
+
+>>> import torch
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.ReLU(),
+...                             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+>>> ctx = Context(model, torch.rand(1, 3, 8, 8))
+>>> ctx.logits().shape
+torch.Size([1, 2])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import layers as _layers
+from .scoped import RecordOverwritten, capture, model_guard
+
+ProgressCallback = Callable[[int, int], None]
+#: ``partial(done, total, estimate)``: ``estimate()`` gives the raw attribution from the
+#: first ``done`` of ``total`` samples/steps (computed only when called)
+PartialCallback = Callable[[int, int, Callable[[], torch.Tensor]], None]
+
+
+class Context:
+    """Inputs and cached passes of one model on one batch of images.
+
+    Parameters
+    ----------
+    model
+        The classifier, returning logits ``(N, classes)``.
+    images
+        Validated display images ``(N, C, H, W)`` (what the user passed).
+    preprocess
+        Maps display images to the model input, or ``None`` (images are the input).
+    progress
+        ``True``/``False`` for a tqdm bar on long work, or a callable ``(done, total)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        progress: bool | ProgressCallback = False,
+    ) -> None:
+        self.model = model
+        self.images = images
+        self.preprocess = preprocess
+        self.progress = progress
+        #: set by callers that show first estimates (the widgets), see :meth:`report_partial`
+        self.partial: PartialCallback | None = None
+        self.inputs = preprocess(images) if preprocess is not None else images
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        """Forget cached logits and activations (done automatically when weights change)."""
+        self._cache = {"fingerprint": self._fingerprint(), "acts": {}}
+
+    def _fingerprint(self) -> tuple:
+        # parameters edited in place bump their version counter: the cache then
+        # refers to another model and must go (sanity checks randomise weights)
+        return tuple((id(t), t._version) for t in self.model.state_dict(keep_vars=True).values())
+
+    def valid_cache(self) -> dict[str, Any]:
+        if self._cache.get("fingerprint") != self._fingerprint():
+            self.clear_cache()
+        return self._cache
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    @property
+    def n_images(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.inputs.shape[-2]), int(self.inputs.shape[-1])
+
+    def forward(
+        self,
+        x: torch.Tensor | None = None,
+        layers: Sequence[str] = (),
+        grad: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One model pass on ``x`` (default: the inputs), recording ``layers``' outputs.
+
+        Runs in eval mode with hooks that are removed on exit. With ``grad=False``
+        it runs without autograd. Not cached: see :meth:`logits` and :meth:`activations`.
+        """
+        x = self.inputs if x is None else x
+        modules = {name: _layers.resolve_layer(self.model, name) for name in layers}
+        # without autograd the records are not copied (MLFEM records 16 blocks); a
+        # model that changes a recorded output in place gets a second, copying pass
+        copies = (True,) if grad or not modules else (False, True)
+        for copy in copies:
+            context = torch.enable_grad() if grad else torch.no_grad()
+            try:
+                with (model_guard(self.model), capture(modules, detach=not grad, copy=copy)
+                      as acts, context):
+                    logits = self.model(x)
+                break
+            except RecordOverwritten:
+                continue
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            shape = getattr(logits, "shape", type(logits).__name__)
+            raise ValueError(
+                f"the model must return logits of shape (N, classes); it returned {shape}"
+            )
+        return logits, dict(acts)
+
+    def logits(self) -> torch.Tensor:
+        """Cached logits (N, classes) of the images (one forward pass, no autograd)."""
+        cache = self.valid_cache()
+        if "logits" not in cache:
+            cache["logits"], _ = self.forward()
+        return cache["logits"]
+
+    def activations(self, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Cached outputs of ``layers`` (detached); runs the model only for missing layers."""
+        cache = self.valid_cache()
+        missing = [name for name in layers if name not in cache["acts"]]
+        if missing:
+            logits, acts = self.forward(layers=missing)
+            cache["acts"].update(acts)
+            cache.setdefault("logits", logits)
+        return {name: cache["acts"][name] for name in layers}
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.logits().shape[1])
+
+    def layers(self) -> list[str]:
+        """Names usable as ``layer=``, in forward order: convolutions and block outputs."""
+        return _layers.candidate_layers(self.model)
+
+    def block_layers(self) -> list[str]:
+        """The block outputs (residual blocks, or each conv's activation): MLFEM's layers."""
+        return _layers.block_outputs(self.model)
+
+    def default_layer(self) -> str:
+        """Last convolutional block: the default layer of Grad-CAM and FEM."""
+        return _layers.default_layer(self.model)
+
+    def resolve_target(self, target: Any) -> torch.Tensor:
+        """One class index per image: ``None`` = predicted class; int; or a sequence."""
+        n, classes = self.n_images, self.num_classes
+        if target is None:
+            return self.logits().argmax(dim=1)
+        if isinstance(target, torch.Tensor):
+            target = target.tolist()
+        elif isinstance(target, np.ndarray):
+            target = target.tolist()
+        if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+            values = [int(target)] * n
+        elif isinstance(target, (list, tuple)):
+            if len(target) != n:
+                raise ValueError(
+                    f"got {len(target)} targets for {n} images; pass one int per image, "
+                    "a single int, or None for the predicted classes"
+                )
+            if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                       for t in target):
+                raise TypeError(f"targets must be class indices (ints), got {target!r}")
+            values = [int(t) for t in target]
+        else:
+            raise TypeError(
+                f"target must be an int, a sequence of ints or None, got {type(target).__name__}"
+            )
+        bad = [t for t in values if not 0 <= t < classes]
+        if bad:
+            raise ValueError(
+                f"target class {bad[0]} is out of range: the model has {classes} classes "
+                f"(valid: 0..{classes - 1})"
+            )
+        return torch.tensor(values, device=self.device, dtype=torch.long)
+
+    # ------------------------------------------------------------ gradients
+    def input_gradient(
+        self, x: torch.Tensor, target: torch.Tensor, batch_size: int | None = None
+    ) -> torch.Tensor:
+        """∂ logit[target] / ∂ x for a batch ``x`` (one target per row), in chunks.
+
+        Chunks of ``batch_size`` rows bound memory (IG steps, SmoothGrad samples).
+        Call inside a ``relu_backward`` block for guided backprop / DeconvNet.
+        """
+        batch_size = batch_size or len(x)
+        grads = torch.empty_like(x)
+        chunks = range(0, len(x), batch_size)
+        for done, start in enumerate(chunks, 1):
+            stop = start + batch_size
+            xb = x[start:stop].detach().requires_grad_(True)
+            logits, _ = self.forward(xb, grad=True)
+            score = logits.gather(1, target[start:stop, None]).sum()
+            (grads[start:stop],) = torch.autograd.grad(score, xb)
+            self.report_progress(done, len(chunks))
+        return grads
+
+    def summed_input_gradient(
+        self,
+        sample: Callable[[int], torch.Tensor],
+        n: int,
+        target: torch.Tensor,
+        batch_size: int | None = None,
+        estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Σ_k ∂ logit[target] / ∂ x at the inputs ``sample(k)``, k < n; (N, C, H, W).
+
+        ``sample(k)`` returns the k-th sample of every image, shaped like the inputs.
+        The n·N rows run ``batch_size`` at a time and each sample is built only when
+        its rows are due, so memory is bounded by ``batch_size`` whatever ``n`` is
+        (IG steps, SmoothGrad samples). Call inside ``relu_backward`` for the ReLU rules.
+        ``estimate(summed, counts)`` turns a partial sum (``counts``: samples summed per
+        image, (N, 1, 1, 1)) into the method's attribution; it is offered to
+        :meth:`report_partial` after every chunk but the last.
+        """
+        n_img = self.n_images
+        total = n * n_img
+        batch_size = batch_size or total
+        summed = torch.zeros_like(self.inputs)
+        pending: list[torch.Tensor] = []  # rows built but not run yet, in row order
+        n_pending, k, row = 0, 0, 0
+        n_chunks = -(-total // batch_size)
+        for done in range(1, n_chunks + 1):
+            while n_pending < batch_size and k < n:
+                pending.append(sample(k))
+                n_pending, k = n_pending + n_img, k + 1
+            rows = torch.cat(pending) if len(pending) > 1 else pending[0]
+            take = min(batch_size, n_pending)
+            pending = [rows[take:]] if take < n_pending else []
+            n_pending -= take
+            xb = rows[:take].detach().requires_grad_(True)
+            image = torch.arange(row, row + take, device=xb.device) % n_img
+            logits, _ = self.forward(xb, grad=True)
+            (grad,) = torch.autograd.grad(logits.gather(1, target[image, None]).sum(), xb)
+            # add each row's gradient to its image's sum; a one-hot matmul is
+            # deterministic on GPUs, unlike index_add_
+            onehot = torch.nn.functional.one_hot(image, n_img).to(grad.dtype)
+            summed += (onehot.T @ grad.flatten(1)).view_as(summed)
+            row += take
+            if estimate is not None and done < n_chunks:
+                counts = ((row - torch.arange(n_img, device=xb.device) + n_img - 1) // n_img)
+                counts = counts.clamp(min=1).to(summed.dtype).view(-1, 1, 1, 1)
+                self.report_partial(row // n_img, n,
+                                    lambda s=summed.clone(), c=counts: estimate(s, c))
+            self.report_progress(done, n_chunks)
+        return summed
+
+    def layer_gradient(
+        self, layer: str, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activation of ``layer`` and ∂ logit[target] / ∂ activation, both (N, C, h, w)."""
+        logits, acts = self.forward(layers=[layer], grad=True)
+        activation = acts[layer]
+        score = logits.gather(1, target[:, None]).sum()
+        (grad,) = torch.autograd.grad(score, activation)
+        return activation.detach(), grad
+
+    def scores(self, x: torch.Tensor, target: torch.Tensor, batch_size: int = 64,
+               softmax: bool = False) -> torch.Tensor:
+        """Target logits (or probabilities) of many inputs ``x`` without autograd, in chunks.
+
+        ``target`` is one class per row of ``x`` (or a single class for all rows).
+        """
+        if target.ndim == 0 or len(target) == 1:
+            target = target.reshape(1).expand(len(x))
+        out = []
+        chunks = range(0, len(x), batch_size)
+        for done, start in enumerate(chunks, 1):
+            logits, _ = self.forward(x[start:start + batch_size])
+            if softmax:
+                logits = torch.softmax(logits, dim=1)
+            out.append(logits.gather(1, target[start:start + batch_size, None])[:, 0])
+            if len(chunks) > 1:  # a one-chunk call is a step of its caller's progress loop
+                self.report_progress(done, len(chunks))
+        return torch.cat(out)
+
+    def report_progress(self, done: int, total: int) -> None:
+        """Forward progress to the callback, if the caller gave one."""
+        if callable(self.progress):
+            self.progress(done, total)
+
+    def report_partial(self, done: int, total: int,
+                       estimate: Callable[[], torch.Tensor]) -> None:
+        """Offer a first estimate after ``done`` of ``total`` steps to :attr:`partial`.
+
+        ``estimate()`` returns the raw attribution so far (what ``attribute`` would
+        return); it runs only if the callback asks for it.
+        """
+        if self.partial is not None:
+            self.partial(done, total, estimate)
+
+    def progress_bar(self, iterable: Any, total: int, desc: str) -> Any:
+        """Wrap long loops in tqdm (when ``progress=True``) or the callback."""
+        if callable(self.progress):
+            def tracked():
+                for i, item in enumerate(iterable, 1):
+                    yield item
+                    self.progress(i, total)
+            return tracked()
+        if self.progress and total >= 20:
+            from tqdm.auto import tqdm
+
+            return tqdm(iterable, total=total, desc=desc, leave=False)
+        return iterable
