@@ -15,6 +15,7 @@ image trace with a heatmap trace over it. Colours come from
 from __future__ import annotations
 
 import base64
+import copy
 import math
 from collections.abc import Sequence
 from functools import lru_cache
@@ -80,6 +81,33 @@ def image_uri(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(rendering.png_bytes(rgb)).decode()
 
 
+class LiveFigureWidget(go.FigureWidget):
+    """A plotly ``FigureWidget`` whose full widget state is the figure as it is now.
+
+    plotly sends in-place edits (``restyle``, ``update``) as one-off messages and keeps
+    the traces of construction time in its synced ``_widget_data``. A page whose widget
+    manager asks for the state *after* the edits (Voilà runs the notebook before the
+    browser connects; a reloaded JupyterLab tab) drew those first, empty traces. Here a
+    request for the whole state serializes the current traces and layout instead.
+
+    >>> fig = LiveFigureWidget(go.Heatmap())
+    >>> fig.data[0].z = [[1, 2]]
+    >>> fig.get_state()["_widget_data"][0]["z"]
+    [[1, 2]]
+    """
+
+    def get_state(self, key: Any = None, drop_defaults: bool = False) -> dict[str, Any]:
+        state = super().get_state(key=key, drop_defaults=drop_defaults)
+        # a new view or a late page asks for everything: the figure as it is now (not while
+        # plotly's constructor opens the comm, before the traces exist)
+        if key is None and hasattr(self, "_layout_obj"):
+            for name, value in (("_widget_data", self._data),
+                                ("_widget_layout", self._layout_obj._props)):
+                to_json = self.trait_metadata(name, "to_json", self._trait_to_json)
+                state[name] = to_json(copy.deepcopy(value), self)
+        return state
+
+
 class MapGrid:
     """A grid of panels, each a heatmap over an image, in one ``go.FigureWidget``.
 
@@ -139,7 +167,7 @@ class MapGrid:
             height=int(panel_px * self.rows + 40), width=width,
             margin=dict(l=10, r=10, t=40, b=24), plot_bgcolor="white",
         )
-        self.figure = go.FigureWidget(base)
+        self.figure = LiveFigureWidget(base)
         self._maps: list[np.ndarray | None] = [None] * n
         self._signed = [False] * n
         self.colormap: str = "auto"
