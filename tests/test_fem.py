@@ -224,3 +224,23 @@ def test_mlfem_layers_argument_and_errors(tiny_resnet, images):
         ex.explain("mlfem", operator="net", net=FusionNet(len(names) + 1))
     with pytest.raises(ValueError):
         ex.explain("mlfem", operator="median")
+
+
+def test_one_fem_stack_cache_shared_by_fem_stack_fuse_and_mlfem(tiny_resnet, images,
+                                                                 monkeypatch):
+    from xaiwidgets.families import fem as fem_family
+
+    built = []
+    original = fem_family.stack_maps
+    monkeypatch.setattr(fem_family, "stack_maps",
+                        lambda *a, **k: built.append(a[2]) or original(*a, **k))
+    ex = xw.Explainer(tiny_resnet, images)
+    stack = ex.fem_stack(K=1.5)
+    fused = [xw.fuse(ex.fem_stack(K=1.5), op) for op in ("max", "add", "top")]
+    mlfem = ex.explain("mlfem", K=1.5, operator="add")
+    assert built == [1.5]  # the stack was built once; every later call re-used it
+    np.testing.assert_allclose(mlfem.values, fused[1].values, atol=1e-6)
+    stack.values[:] = -1  # a user editing the returned array cannot corrupt the cache
+    assert float(ex.fem_stack(K=1.5).min()) >= 0
+    ex.fem_stack(K=2.0)
+    assert built == [1.5, 2.0]  # a K change re-thresholds the cached activations

@@ -137,9 +137,11 @@ def fem_stack(ctx: Context, layers: str | Sequence[str] | None = None,
     K = K_PARAM.validate(K)
     names = resolve_layers(ctx, layers)
     acts = ctx.activations(names)
-    maps = stack_maps(acts, names, K, ctx.size)
+    # the one FEM-stack cache (shared with mlfem): a repeated K costs no recomputation;
+    # the DataArray gets its own copy so that editing it cannot corrupt the cache
+    maps = fem_maps(ctx, names, K)
     return xr.DataArray(
-        maps.to(torch.float32).cpu().numpy(),
+        maps.to(torch.float32).cpu().numpy().copy(),
         dims=("image", "layer", "y", "x"),
         coords={
             "image": np.arange(ctx.n_images),
