@@ -183,4 +183,45 @@ def load(name: str, weights: Any = "default", device: str | torch.device = "cpu"
     return loaded
 
 
-__all__ = ["LoadedModel", "Normalize", "WeightsUnavailableError", "available", "load"]
+class ModelChoice(NamedTuple):
+    """What :func:`load_or_fallback` returns: the model loaded, its name, and a note to show."""
+
+    loaded: LoadedModel
+    #: the model actually loaded: the one asked for, or the fallback
+    name: str
+    #: one sentence for the reader: which weights these are, and why
+    note: str
+    #: ``True`` when the pretrained weights could not be had
+    offline: bool
+
+
+def load_or_fallback(name: str = "resnet50", fallback: str | None = None,
+                     device: str | torch.device = "cpu") -> ModelChoice:
+    """Load ``name`` with its pretrained weights, or, when they cannot be downloaded, a
+    fallback: the shipped model ``fallback``, or (``fallback=None``) the same
+    architecture with random weights. The ``note`` says which, for notebooks and apps.
+
+    >>> choice = load_or_fallback("shapes-vgg")
+    >>> choice.name, choice.offline
+    ('shapes-vgg', False)
+    >>> model, preprocess, classes = choice.loaded
+    """
+    try:
+        loaded = load(name, device=device)
+    except WeightsUnavailableError:
+        target = fallback or name
+        loaded = load(target, weights="default" if fallback else None, device=device)
+        what = (f"the shipped model {fallback!r} (trained on xw.datasets.shapes)" if fallback
+                else f"{name} with RANDOM weights: the maps show the machinery, not a real "
+                     "explanation")
+        note = f"Offline: the pretrained weights of {name!r} could not be downloaded; using {what}."
+        return ModelChoice(loaded, target, note, offline=True)
+    if name in SHIPPED:
+        note = f"{name}: shipped with xaiwidgets, trained on xw.datasets.shapes."
+    else:
+        note = f"{name} with pretrained weights ({len(loaded.classes)} ImageNet classes)."
+    return ModelChoice(loaded, name, note, offline=False)
+
+
+__all__ = ["LoadedModel", "ModelChoice", "Normalize", "WeightsUnavailableError", "available",
+           "load", "load_or_fallback"]
