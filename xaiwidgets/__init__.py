@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 #: widgets are imported on first use: ``import xaiwidgets`` never loads ipywidgets or plotly
-_WIDGETS = ("ExplainerWidget", "FEMStackWidget", "CompareWidget")
+_WIDGETS = ("ExplainerWidget", "FEMStackWidget", "CompareWidget", "DatasetExplorer")
 
 
 def __getattr__(name: str):

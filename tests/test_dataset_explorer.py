@@ -1,0 +1,238 @@
+"""DatasetExplorer: predictions, filters, sorting, paging cache, confusion clicks, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from torch.utils.data import TensorDataset
+
+import xaiwidgets as xw
+from xaiwidgets.evaluation import perturbation
+from xaiwidgets.widgets import dataset_explorer as dx
+from xaiwidgets.widgets.dataset_explorer import DatasetExplorer
+
+pytest.importorskip("ipywidgets")
+
+
+@pytest.fixture(scope="module")
+def shapes_model():
+    return xw.models.load("shapes-resnet")
+
+
+@pytest.fixture(scope="module")
+def data():
+    # 64 px images for a model trained at 128 px: plenty of mistakes to filter
+    return xw.datasets.shapes(n=24, size=64, seed=5)
+
+
+@pytest.fixture(scope="module")
+def explorer(shapes_model, data):
+    model, preprocess, classes = shapes_model
+    return DatasetExplorer(model, data, preprocess=preprocess, methods=["gradcam", "fem"],
+                           background=False, page_size=4)
+
+
+def test_opens_with_batched_predictions_and_confusion(explorer, shapes_model, data):
+    model, preprocess, _ = shapes_model
+    with torch.no_grad():
+        probs = torch.softmax(model(preprocess(torch.from_numpy(data.image.values))), 1)
+    np.testing.assert_array_equal(explorer.predicted, probs.argmax(1).numpy())
+    np.testing.assert_allclose(explorer.confidence, probs.max(1).values.numpy(), rtol=1e-5)
+    labels = data.label.values
+    counts = explorer.confusion
+    assert counts.dims == ("true", "predicted") and int(counts.sum()) == len(labels)
+    for t in range(4):
+        for p in range(4):
+            expected = int(np.sum((labels == t) & (explorer.predicted == p)))
+            assert int(counts.values[t, p]) == expected
+    assert list(counts.true.values) == list(data.attrs["classes"])
+    assert explorer.metric == "pcc"  # the dataset has a gfdm
+    # the confusion matrix is also a plotly heatmap with the same counts
+    np.testing.assert_array_equal(np.asarray(explorer.confusion_figure.data[0].z), counts.values)
+
+
+def test_first_page_scores_match_evaluate(explorer, shapes_model, data):
+    model, preprocess, _ = shapes_model
+    with explorer._silenced():
+        for name, value in (("outcome", "all"), ("class", "all"), ("sort", dx.ORDER),
+                            ("method", "gradcam"), ("page", 1)):
+            explorer.controls[name].value = value
+    explorer.filter_pair(None)
+    assert explorer.shown == [0, 1, 2, 3]
+    ref = xw.evaluate(model, data.isel(image=explorer.shown), ["gradcam"], ["pcc"],
+                      preprocess=preprocess, progress=False)
+    got = explorer.results.pcc.sel({"image": explorer.shown, "method": "gradcam"})
+    np.testing.assert_allclose(got.values, ref.pcc.values[:, 0], rtol=1e-4, atol=1e-5)
+    res = explorer.results
+    assert res.pcc.dims == ("image", "method") and res.pcc.attrs["higher_is_better"] == 1
+    np.testing.assert_array_equal(res.correct.values, res.label.values == res.predicted.values)
+    # thumbnails: the picture and its map, side by side, with the score in the caption
+    tile = explorer._tiles[0]
+    assert tile.image.value[:4] == b"\x89PNG"
+    assert f"pcc {got.values[0]:.3f}" in tile.caption.value
+
+
+def test_filters_sorting_and_paging_cache(explorer, monkeypatch):
+    labels, predicted = explorer.labels, explorer.predicted
+    explorer.controls["outcome"].value = "wrong"
+    wrong = np.flatnonzero(labels != predicted)
+    assert len(wrong) > 4, "the fixture should have mistakes"
+    assert explorer.shown == wrong[:4].tolist()
+    explorer.controls["sort"].value = "confidence ↓"
+    order = wrong[np.argsort(-explorer.confidence[wrong], kind="stable")]
+    assert explorer.shown == order[:4].tolist()
+    assert explorer.controls["page"].max == -(-len(wrong) // 4)
+    explorer.controls["page"].value = 2
+    assert explorer.shown == order[4:8].tolist()
+    # paging back costs nothing: no map is recomputed
+    calls = []
+    original = DatasetExplorer._compute
+    monkeypatch.setattr(DatasetExplorer, "_compute",
+                        lambda self, m, idx: (calls.append(idx), original(self, m, idx)))
+    explorer.controls["page"].value = 1
+    assert calls == [] and explorer.shown == order[:4].tolist()
+    # a class filter: true class only
+    explorer.controls["class"].value = "star"
+    assert all(labels[i] == 3 and predicted[i] != 3 for i in explorer.shown)
+    explorer.controls["outcome"].value = "correct"
+    assert all(labels[i] == 3 == predicted[i] for i in explorer.shown)
+
+
+def test_sort_by_metric_scores_every_candidate(explorer):
+    with explorer._silenced():
+        explorer.controls["outcome"].value = "all"
+        explorer.controls["class"].value = "all"
+    explorer.controls["sort"].value = "pcc ↓"
+    scores = explorer.results.pcc.sel({"method": "gradcam"})
+    assert scores.sizes["image"] == 24 and not np.isnan(scores.values).any()
+    expected = scores.image.values[np.argsort(-scores.values, kind="stable")][:4]
+    assert explorer.shown == expected.tolist()
+    explorer.controls["sort"].value = "pcc ↑"
+    assert explorer.shown == scores.image.values[np.argsort(scores.values, kind="stable")][
+        :4].tolist()
+    labels = [label for label, _ in [(o, o) for o in explorer.controls["sort"].options]]
+    assert {"pcc ↑", "pcc ↓", "confidence ↑", "confidence ↓"} <= set(labels)
+
+
+def test_confusion_click_filters_the_gallery(explorer):
+    labels, predicted = explorer.labels, explorer.predicted
+    counts = explorer.confusion.values.copy()
+    np.fill_diagonal(counts, 0)
+    t, p = np.unravel_index(np.argmax(counts), counts.shape)
+    names = explorer.classes
+    with explorer._silenced():
+        explorer.controls["sort"].value = dx.ORDER
+
+    class Points:  # what plotly passes to a heatmap's on_click callback
+        xs, ys, point_inds = [names[p]], [names[t]], [[t, p]]
+
+    explorer._on_cell(explorer.confusion_figure.data[0], Points(), None)
+    pair = np.flatnonzero((labels == t) & (predicted == p))
+    assert explorer.shown == pair[:4].tolist() and explorer.shown
+    assert explorer.controls["class"].value == names[t]
+    assert f"predicted as <b>{names[p]}</b>" in explorer.pair_label.value
+    explorer.controls["outcome"].value = "wrong"  # the user's own filter replaces the click
+    assert explorer._pair is None
+    wrong_t = np.flatnonzero((labels == t) & (predicted != t))
+    assert explorer.shown == wrong_t[:4].tolist()
+    assert explorer._pair_box.layout.display == "none"
+
+
+def test_empty_filter_result_is_a_message(explorer):
+    labels, predicted = explorer.labels, explorer.predicted
+    empty = [(t, p) for t in range(4) for p in range(4)
+             if not np.any((labels == t) & (predicted == p))]
+    assert empty
+    explorer.filter_pair(*empty[0])
+    assert explorer.shown == [] and explorer.error is None
+    assert "No image matches" in explorer.message and explorer.message in explorer.empty.value
+    assert explorer.gallery.layout.display == "none"
+    explorer.filter_pair(None)
+    assert explorer.shown and explorer.message == ""
+
+
+def test_select_opens_the_image_in_an_explainer_widget(explorer, data):
+    w = explorer.select(5)
+    assert w is explorer.explainer and w.method == explorer.method
+    np.testing.assert_array_equal(w.images[0].numpy(), data.image.values[5])
+    assert w.wait(timeout=60) and w.result is not None and w.error is None
+    with pytest.raises(IndexError, match="out of range"):
+        explorer.select(24)
+
+
+def test_torch_dataset_without_gaze_scores_deletion(shapes_model, data):
+    model, preprocess, classes = shapes_model
+    images = torch.from_numpy(data.image.values[:6])
+    pairs = TensorDataset(images, torch.from_numpy(data.label.values[:6]))
+    x = DatasetExplorer(model, pairs, preprocess=preprocess, classes=classes,
+                        methods=["gradient"], background=False, page_size=3)
+    assert x.metric == "deletion" and x.shown == [0, 1, 2]
+    assert x.results.deletion.attrs["higher_is_better"] == 0
+    ex = xw.Explainer(model, images[:3], preprocess=preprocess)
+    maps = ex.explain("gradient")
+    ref = perturbation.deletion(ex, maps, step=dx.PERTURBATION_STEP).auc.values
+    np.testing.assert_allclose(x.results.deletion.values[:, 0], ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="compares maps with gaze data .*'deletion'"):
+        DatasetExplorer(model, pairs, preprocess=preprocess, metric="pcc", background=False)
+
+
+def test_bad_input_errors(shapes_model, data):
+    model, preprocess, _ = shapes_model
+    with pytest.raises(ValueError, match="needs an `image` variable"):
+        DatasetExplorer(model, data.drop_vars("image"), preprocess=preprocess)
+    bad = data.isel(image=slice(0, 3)).copy()
+    bad["label"] = ("image", np.array([0, 7, 1]))
+    with pytest.raises(ValueError, match="labels out of range: image 1 has label 7"):
+        DatasetExplorer(model, bad, preprocess=preprocess, background=False)
+    with pytest.raises(ValueError, match="unknown metric 'psc'"):
+        DatasetExplorer(model, data, preprocess=preprocess, metric="psc")
+    no_fix = data.isel(image=slice(0, 3)).drop_vars("fixations")
+    with pytest.raises(ValueError, match="`fixations`"):
+        DatasetExplorer(model, no_fix, preprocess=preprocess, metric="nss", background=False)
+    with pytest.raises(ValueError, match="3 class names for a model with 4 outputs"):
+        DatasetExplorer(model, data.isel(image=slice(0, 3)), preprocess=preprocess,
+                        classes=["a", "b", "c"], background=False)
+
+
+def test_unlabelled_images_have_no_confusion(shapes_model, data):
+    model, preprocess, _ = shapes_model
+    ds = xr.Dataset({"image": data.image[:5]}, attrs=data.attrs)
+    x = DatasetExplorer(model, ds, preprocess=preprocess, methods=["fem"], background=False,
+                        page_size=8)
+    assert x.confusion is None and x.confusion_figure is None
+    assert x.controls["outcome"].disabled and x.shown == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="no labels"):
+        x.filter_pair("circle", "star")
+    # the class filter falls back to the predicted class
+    name = x.classes[int(x.predicted[0])]
+    x.controls["class"].value = name
+    assert x.shown == np.flatnonzero(x.predicted == x.predicted[0]).tolist()
+
+
+def test_large_dataset_computes_only_the_page():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 3))
+    images = torch.rand(3000, 3, 16, 16)
+    pairs = TensorDataset(images, torch.randint(0, 3, (3000,)))
+    x = DatasetExplorer(model, pairs, methods=["gradient"], background=False, page_size=6,
+                        batch_size=500)
+    assert len(x.predicted) == 3000 and x.results.sizes["image"] == 6
+    assert x.open_s < 30  # predictions only (plus one page)
+
+
+def test_background_compute_and_wait(shapes_model, data):
+    model, preprocess, _ = shapes_model
+    x = DatasetExplorer(model, data.isel(image=slice(0, 8)), preprocess=preprocess,
+                        methods=["gradcam", "fem"], background=True, page_size=4)
+    assert x.wait(timeout=120) and not x.busy
+    assert x.shown == [0, 1, 2, 3] and x.results.sizes["image"] == 4
+    x.controls["method"].value = "fem"
+    x.controls["page"].value = 2  # supersedes the fem page-1 job
+    assert x.wait(timeout=120) and x.error is None
+    assert x.shown == [4, 5, 6, 7]
+    fem = x.results.pcc.sel({"method": "fem"}).dropna("image")
+    assert {4, 5, 6, 7} <= set(fem.image.values.tolist())
