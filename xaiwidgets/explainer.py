@@ -175,7 +175,7 @@ class Explainer:
             layer = layer if layer is not None else m.default_layer(ctx)
             if layer is not None:
                 _layers.resolve_layer(self.model, layer)
-        with model_guard(self.model):
+        with model_guard(self.model), ctx.recording() as extra:
             if m.class_agnostic:
                 # the target only labels the result: computing first lets the forward
                 # that fills the activation cache also give the logits target=None
@@ -185,7 +185,7 @@ class Explainer:
             else:
                 target_t = self.resolve_target(target)
                 raw = m.attribute(ctx, target_t, layer, **resolved)
-        return self.pack(raw, m, target_t, layer, reduce, resolved)
+        return self.pack(raw, m, target_t, layer, reduce, resolved, extra)
 
     def pack(
         self,
@@ -195,8 +195,12 @@ class Explainer:
         layer: str | None,
         reduce: str | None,
         params: dict[str, Any],
+        extra: dict[str, Any] | None = None,
     ) -> xr.DataArray:
-        """Reduce, upsample and label a method's raw output as a DataArray."""
+        """Reduce, upsample and label a method's raw output as a DataArray.
+
+        ``extra``: attrs the method recorded with ``Context.record`` (e.g. ``delta_error``).
+        """
         raw = raw.detach()
         how = method.default_reduce if reduce == "default" else reduce
         if raw.ndim == 4 and how is not None and how != "map":
@@ -225,6 +229,7 @@ class Explainer:
         }
         attrs.update({k: attr_value(v) for k, v in params.items()})
         attrs["params"] = json.dumps({k: attr_value(v) for k, v in params.items()})
+        attrs.update({k: attr_value(v) for k, v in (extra or {}).items()})
         return xr.DataArray(
             raw.to(torch.float32).cpu().numpy(), dims=dims, coords=coords, attrs=attrs,
             name=method.name,

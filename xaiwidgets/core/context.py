@@ -16,7 +16,9 @@ torch.Size([1, 2])
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,17 @@ class Context:
         Maps display images to the model input, or ``None`` (images are the input).
     progress
         ``True``/``False`` for a tqdm bar on long work, or a callable ``(done, total)``.
+
+    Result attrs: a method adds facts about its result (a check it made, e.g.
+    DeepLIFT's ``delta_error`` or LRP's ``conservation_error``) with
+    :meth:`record`; the Explainer opens :meth:`recording` around ``attribute`` and
+    puts what was recorded into the result's ``attrs``. Records are per thread, so
+    one Context can serve several threads::
+
+        def attribute(self, ctx, target, layer, **params):
+            attribution = ...
+            ctx.record("delta_error", 0.003)   # -> result.attrs["delta_error"]
+            return attribution
     """
 
     def __init__(
@@ -61,7 +74,34 @@ class Context:
         #: set by callers that show first estimates (the widgets), see :meth:`report_partial`
         self.partial: PartialCallback | None = None
         self.inputs = preprocess(images) if preprocess is not None else images
+        self._records = threading.local()
         self.clear_cache()
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[str, Any]]:
+        """Collect this thread's :meth:`record` calls made inside the block into a dict.
+
+        >>> ctx = Context(torch.nn.Flatten(), torch.rand(1, 3, 4, 4))
+        >>> with ctx.recording() as extra:
+        ...     ctx.record("delta_error", 0.5)
+        >>> extra
+        {'delta_error': 0.5}
+        """
+        stack = self._records.__dict__.setdefault("stack", [])
+        stack.append({})
+        try:
+            yield stack[-1]
+        finally:
+            stack.pop()
+
+    def record(self, name: str, value: Any) -> None:
+        """Add ``name = value`` to the attrs of the result being computed (this thread).
+
+        Outside :meth:`recording` (a method called directly) the value is dropped.
+        """
+        stack = getattr(self._records, "stack", None)
+        if stack:
+            stack[-1][name] = value
 
     def clear_cache(self) -> None:
         """Forget cached logits and activations (done automatically when weights change)."""
