@@ -7,8 +7,9 @@
 """
 
 from .adapters import as_dataset, from_folder, image_source
+from .moving_shapes import MOTIONS, moving_shapes
 from .photos import PHOTOS, photos, resize
 from .shapes import CLASSES, shapes
 
-__all__ = ["CLASSES", "PHOTOS", "as_dataset", "from_folder", "image_source", "photos", "resize",
-           "shapes"]
+__all__ = ["CLASSES", "MOTIONS", "PHOTOS", "as_dataset", "from_folder", "image_source",
+           "moving_shapes", "photos", "resize", "shapes"]

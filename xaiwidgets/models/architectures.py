@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from .video_architectures import ShapesVideo3D
+
 #: VGG-style configuration: conv widths, "M" for a 2x2 max-pool (VGG11's pattern)
 VGG_CONFIG = (16, "M", 16, "M", 32, 32, "M", 64, 64, "M", 64, 64, "M")
 
@@ -101,7 +103,11 @@ class ShapesResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-ARCHITECTURES = {"shapes-vgg": ShapesVGG, "shapes-resnet": ShapesResNet}
+ARCHITECTURES = {
+    "shapes-vgg": ShapesVGG,
+    "shapes-resnet": ShapesResNet,
+    "shapes-video": ShapesVideo3D,
+}
 
 
 def build(name: str, num_classes: int = 4) -> nn.Module:
