@@ -43,9 +43,10 @@ def count_forwards(model: torch.nn.Module) -> list[int]:
     return calls
 
 
-def shown_map(w, panel: int = 0) -> np.ndarray:
-    """The map panel ``panel`` of a widget (or of a MapGrid) shows."""
+def shown_map(w, panel: int | None = None) -> np.ndarray:
+    """The map panel ``panel`` (default: the widget's map panel) of a widget or MapGrid."""
     grid = getattr(w, "grid", w)
+    panel = getattr(w, "map_panel", 0) if panel is None else panel
     return np.asarray(grid.heatmap(panel).z, dtype=np.float64)
 
 
@@ -171,7 +172,7 @@ def test_view_changes_do_not_recompute(widget, monkeypatch):
     widget.controls["opacity"].value = 0.25
     widget.controls["colormap"].value = "viridis"
     assert calls == [] and widget.result is result
-    heat = widget.grid.heatmap(0)
+    heat = widget.grid.heatmap(widget.map_panel)
     assert heat.opacity == 0.25
     assert tuple(map(tuple, heat.colorscale)) == colorscale("viridis")
     widget.controls["K"].value = 2.5  # a hidden control of another method: no work either
@@ -183,7 +184,7 @@ def test_view_changes_do_not_recompute(widget, monkeypatch):
 
 def test_signed_maps_get_a_diverging_colormap_centred_at_zero(widget):
     widget.controls["method"].value = "integrated_gradients"
-    heat = widget.grid.heatmap(0)
+    heat = widget.grid.heatmap(widget.map_panel)
     assert widget.result.attrs["signed"] == 1
     assert heat.zmid == 0 and heat.zmin == pytest.approx(-heat.zmax)
     assert heat.zmax == pytest.approx(np.abs(widget.result.values).max())

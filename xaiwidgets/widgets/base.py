@@ -1,16 +1,30 @@
 """What every widget shares: images and their explainers, controls, one update loop.
 
-State lives in the controls (``w.controls[name].value``); every change goes
-through :meth:`ExplorerBase._apply`, which calls the subclass's ``_update(changed)``
-synchronously (so code and tests see the new ``w.result`` at once), shows errors
-inline and keeps the widget usable. Changes made while computing, or inside
-``with w.hold():``, are gathered into one update.
+State lives in the controls (``w.controls[name].value``). A change goes through
+three steps:
+
+1. ``_prepare(changed)`` – in the caller's thread, at once: show/hide controls;
+2. ``_compute(changed)`` – the slow part (engine calls), in a background
+   :class:`~xaiwidgets.widgets.worker.Worker` when ``background=True`` (the default
+   inside a running kernel), else before the change returns (scripts, tests);
+   it returns a ``publish()`` that stores the results and draws them;
+3. ``publish()`` – run only if no newer change came meanwhile (a stale result
+   is never drawn; the stale computation already stopped at its next chunk).
+
+Changes that only restyle (``opacity``, ``colormap``) never start a computation:
+they redraw at once. Errors show inline (``w.error``) and the widget keeps working.
+``with w.hold():`` gathers several changes into one update; ``w.wait()`` blocks
+until the latest requested result is drawn; ``w.cancel()`` (the Cancel button)
+stops the running computation.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import html
+import tempfile
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -23,43 +37,70 @@ import torch
 import xarray as xr
 
 from .. import rendering
-from ..explainer import Explainer, as_image_batch
+from ..core.inputs import as_image_batch
+from ..explainer import Explainer
 from .controls import LAYOUT, STYLE, set_visible
+from .worker import Superseded, Token, Worker, in_kernel
 
 #: controls that only restyle the figure (never recompute an explanation)
 VIEW = frozenset({"opacity", "colormap"})
 #: explainers (with their cached activations) kept for the most recently shown images
 KEEP_EXPLAINERS = 8
+#: in the background, samples per model call are capped so a newer change stops the
+#: running computation quickly and first estimates come early
+BACKGROUND_BATCH = 8
+#: side of the image picker's thumbnails (px)
+THUMB_PX = 56
+#: width of the controls column (px): every control fits, nothing is clipped
+SIDE_PX = 400
+
+Publish = Callable[[], "str | None"]
 
 
 class ExplorerBase(W.VBox):
     """Base of the widgets: holds the images, one cached :class:`Explainer` per image,
-    the controls and the status line. Subclasses build their controls and figures and
-    implement ``_update(changed: set[str])``.
+    the controls, the status line, the background worker and the exports. Subclasses
+    build their controls and figures and implement ``_compute(changed) -> publish``.
+
+    ``background``: ``None`` (default) computes in a background thread inside a
+    running Jupyter kernel and synchronously in plain Python.
     """
 
     def __init__(self, model: torch.nn.Module, images: Any,
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 classes: Sequence[str] | None = None) -> None:
+                 classes: Sequence[str] | None = None, background: bool | None = None) -> None:
         super().__init__()
         self.model = model
         self.preprocess = preprocess
         self.classes = list(classes) if classes is not None else None
         self.images = as_image_batch(images)
+        self.background = in_kernel() if background is None else bool(background)
+        self.worker = Worker(self.background, name=f"xaiwidgets-{type(self).__name__}")
         self._explainers: OrderedDict[int, Explainer] = OrderedDict()
+        self._explainers_lock = threading.RLock()
         self.controls: dict[str, W.ValueWidget] = {}
+        #: the last complete result drawn (first estimates are drawn but not stored here)
         self.result: xr.DataArray | None = None
         #: the last error shown inline ("Type: message"), ``None`` after a successful update
         self.error: str | None = None
         #: seconds taken by the last recomputation (not counting restyles)
         self.last_compute_s: float = 0.0
-        self._quiet = 0
-        self._held = 0
-        self._pending: set[str] = set()
+        self._tls = threading.local()  # per thread: silenced / held / pending changes
+        self._todo: set[str] = set()   # changes not yet drawn (guarded by worker.lock)
         self.status = W.HTML(layout=W.Layout(min_height="1.6em"))
         self.progress = W.FloatProgress(min=0.0, max=1.0, description="computing",
-                                        style=STYLE, layout=W.Layout(**LAYOUT))
+                                        style=STYLE, layout=W.Layout(width="290px"))
+        self.cancel_button = W.Button(description="Cancel", icon="stop",
+                                      tooltip="stop the running computation",
+                                      layout=W.Layout(width="90px"))
+        self.cancel_button.on_click(lambda _: self.cancel())
+        self.busy_box = W.HBox([self.progress, self.cancel_button])
+        set_visible(self.busy_box, False)
         set_visible(self.progress, False)
+        self.top5 = W.HTML(layout=W.Layout(width="230px"))
+        self.thumbnails = W.HBox(layout=W.Layout(overflow="auto", max_width="100%"))
+        self.download_link = W.HTML()
+        self._javascript = W.Output(layout=W.Layout(height="0px", overflow="hidden"))
         self.explainer()  # fail now, not at the first click, on a bad model/images pair
 
     # ------------------------------------------------------------- explainers
@@ -71,31 +112,56 @@ class ExplorerBase(W.VBox):
     def explainer(self, index: int | None = None) -> Explainer:
         """The cached :class:`Explainer` of one image (default: the current one)."""
         index = self.index if index is None else int(index)
-        if index not in self._explainers:
-            self._explainers[index] = Explainer(
-                self.model, self.images[index:index + 1], preprocess=self.preprocess,
-                classes=self.classes, progress=self._report_progress)
-            while len(self._explainers) > KEEP_EXPLAINERS:  # bound the cached activations
-                self._explainers.popitem(last=False)
-        self._explainers.move_to_end(index)
-        return self._explainers[index]
+        with self._explainers_lock:
+            if index not in self._explainers:
+                self._explainers[index] = self._new_explainer(self.images[index:index + 1])
+                while len(self._explainers) > KEEP_EXPLAINERS:  # bound the cached activations
+                    self._explainers.popitem(last=False)
+            self._explainers.move_to_end(index)
+            return self._explainers[index]
+
+    def _new_explainer(self, image: torch.Tensor) -> Explainer:
+        return Explainer(self.model, image, preprocess=self.preprocess, classes=self.classes,
+                         progress=self._report_progress)
 
     def add_image(self, image: Any, label: str = "uploaded") -> int:
         """Append an image (3,H,W) in [0, 1], the size of the others; select it, return its index.
 
-        Uploaded pictures go through :func:`xaiwidgets.rendering.read_image` first (resized).
+        Everything is checked first: a wrong size, range or dtype raises and leaves
+        the widget as it was. Uploads go through :func:`xaiwidgets.rendering.read_image`.
         """
-        image = as_image_batch(torch.as_tensor(np.asarray(image, dtype=np.float32)))
-        if image.shape[-2:] != self.images.shape[-2:]:
-            raise ValueError(f"the image is {tuple(image.shape[-2:])}, the others "
-                             f"{tuple(self.images.shape[-2:])}: resize it first")
-        image = image.to(self.images.device, self.images.dtype)
-        self.images = torch.cat([self.images, image])
-        index = len(self.images) - 1
-        control = self.controls["image"]
-        control.options = [*control.options, (f"{index}: {label}", index)]
+        try:
+            array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
+        except Exception as err:
+            raise TypeError(f"the image must be an array (3,H,W) of floats in [0, 1]; "
+                            f"got {type(image).__name__}") from err
+        if not np.issubdtype(array.dtype, np.floating):
+            raise TypeError(f"the image has dtype {array.dtype}; pass floats in [0, 1], "
+                            "e.g. image.astype('float32') / 255 for uint8 pictures")
+        batch = as_image_batch(torch.as_tensor(array, dtype=torch.float32), name="the image")
+        if len(batch) != 1:
+            raise ValueError(f"add one image (3,H,W) at a time; got {len(batch)}")
+        if batch.shape[-2:] != self.images.shape[-2:]:
+            raise ValueError(f"the image is {tuple(batch.shape[-2:])}, the others "
+                             f"{tuple(self.images.shape[-2:])}: resize it first "
+                             "(xaiwidgets.rendering.read_image does)")
+        batch = batch.to(self.images.device, self.images.dtype)
+        explainer = self._new_explainer(batch)  # checks the range and the model pairing
+        self._check_new_image()
+        with self.worker.lock:
+            self.images = torch.cat([self.images, batch])
+            index = len(self.images) - 1
+            with self._explainers_lock:
+                self._explainers[index] = explainer
+            control = self.controls["image"]
+            with self._silenced():
+                control.options = [*control.options, (f"{index}: {label}", index)]
+            self._sync_thumbnails()
         control.value = index
         return index
+
+    def _check_new_image(self) -> None:
+        """Subclasses refuse added images here (before any state changes)."""
 
     # ---------------------------------------------------------------- controls
     def _add_controls(self, controls: dict[str, W.ValueWidget]) -> None:
@@ -108,26 +174,49 @@ class ExplorerBase(W.VBox):
         return W.Dropdown(options=options, value=0, description="image", style=STYLE,
                           layout=W.Layout(**LAYOUT))
 
+    def _image_picker(self) -> W.VBox:
+        """The image dropdown above a strip of clickable thumbnails."""
+        self._sync_thumbnails()
+        return W.VBox([self.controls["image"], self.thumbnails])
+
+    def _sync_thumbnails(self) -> None:
+        """One thumbnail per image (new ones added); the current one highlighted."""
+        tiles = list(self.thumbnails.children)
+        for i in range(len(tiles), len(self.images)):
+            small = torch.nn.functional.interpolate(self.images[i:i + 1].float(),
+                                                    size=(THUMB_PX, THUMB_PX), mode="area")[0]
+            rgb = np.round(rendering.display_image(small) * 255).astype(np.uint8)
+            picture = W.Image(value=rendering.png_bytes(rgb), format="png",
+                              layout=W.Layout(width=f"{THUMB_PX}px", height=f"{THUMB_PX}px"))
+            button = W.Button(description=str(i), tooltip=f"show image {i}",
+                              layout=W.Layout(width=f"{THUMB_PX}px", height="24px"))
+            button.on_click(lambda _, i=i: setattr(self.controls["image"], "value", i))
+            tiles.append(W.VBox([picture, button], layout=W.Layout(margin="0 4px 0 0")))
+        if len(tiles) != len(self.thumbnails.children):
+            self.thumbnails.children = tiles
+        current = self.index if "image" in self.controls else 0
+        for i, tile in enumerate(tiles):
+            tile.children[1].button_style = "info" if i == current else ""
+
     def _target_control(self) -> W.Dropdown:
-        return W.Dropdown(options=self._target_options(), description="class", style=STYLE,
-                          layout=W.Layout(**LAYOUT),
+        return W.Dropdown(options=self._target_options(self.explainer()), description="class",
+                          style=STYLE, layout=W.Layout(**LAYOUT),
                           tooltip="class to explain: predictions, most probable first")
 
-    def _target_options(self) -> list[tuple[str, int]]:
+    def _target_options(self, ex: Explainer) -> list[tuple[str, int]]:
         """Every class, most probable first, labelled with its probability."""
-        ex = self.explainer()
         probs = ex.predict(top=ex.num_classes)
         labels = probs.label.values[0]
         names = probs.class_name.values[0] if "class_name" in probs.coords else labels
         return [(f"{name} ({p:.1%})" if str(name) != str(k) else f"class {k} ({p:.1%})", int(k))
                 for name, k, p in zip(names, labels, probs.values[0], strict=True)]
 
-    def _sync_targets(self) -> None:
-        """New image: new predictions; select its top class."""
-        options = self._target_options()
+    def _show_targets(self, options: list[tuple[str, int]]) -> None:
+        """New image: its predictions in the class picker (top class selected) and the chart."""
         with self._silenced():
             self.controls["target"].options = options
             self.controls["target"].value = options[0][1]
+        self.top5.value = top5_html(options)
 
     def _view_controls(self) -> dict[str, W.ValueWidget]:
         return {
@@ -153,27 +242,52 @@ class ExplorerBase(W.VBox):
             except Exception as err:  # a bad file must not break the widget
                 self._show_error(err)
 
-    def _export_controls(self) -> W.HBox:
-        name = W.Text(value="explanation", description="save as", style=STYLE,
-                      layout=W.Layout(width="260px"))
-        png = W.Button(description="PNG", icon="download", layout=W.Layout(width="90px"))
-        nc = W.Button(description="netCDF", icon="download", layout=W.Layout(width="90px"))
-        png.on_click(lambda _: self._guarded(lambda: self.save_png(f"{name.value}.png")))
-        nc.on_click(lambda _: self._guarded(lambda: self.save_netcdf(f"{name.value}.nc")))
-        return W.HBox([name, png, nc])
+    def _export_controls(self) -> W.VBox:
+        self.save_name = W.Text(value="explanation", description="save as",
+                                style={"description_width": "60px"},
+                                layout=W.Layout(width="200px"))
+        png = W.Button(description="PNG", icon="download", layout=W.Layout(width="80px"),
+                       tooltip="download the picture as shown")
+        nc = W.Button(description="netCDF", icon="download", layout=W.Layout(width="90px"),
+                      tooltip="download the map with every parameter (xarray)")
+        png.on_click(lambda _: self._guarded(lambda: self.download("png")))
+        nc.on_click(lambda _: self._guarded(lambda: self.download("netcdf")))
+        return W.VBox([W.HBox([self.save_name, png, nc]), self.download_link, self._javascript])
+
+    def _side(self, children: Sequence[W.Widget]) -> W.VBox:
+        """The controls column: fixed width, never squeezed by the figure beside it."""
+        return W.VBox(list(children), layout=W.Layout(width=f"{SIDE_PX}px",
+                                                      min_width=f"{SIDE_PX}px",
+                                                      flex="0 0 auto"))
+
+    @staticmethod
+    def _row(children: Sequence[W.Widget]) -> W.HBox:
+        """A row that wraps on narrow screens instead of clipping."""
+        return W.HBox(list(children), layout=W.Layout(flex_flow="row wrap",
+                                                      align_items="flex-start"))
 
     def _box(self, names: Sequence[str]) -> W.VBox:
         return W.VBox([self.controls[n] for n in names if n in self.controls])
 
     # ------------------------------------------------------------ update loop
+    def _state(self) -> threading.local:
+        tls = self._tls
+        if not hasattr(tls, "quiet"):
+            tls.quiet, tls.held, tls.pending = 0, 0, set()
+        return tls
+
     @contextlib.contextmanager
     def _silenced(self) -> Iterator[None]:
-        """Changes made by the widget itself (re-ranging, new options) are not user edits."""
-        self._quiet += 1
+        """Changes made by the widget itself (re-ranging, new options) are not user edits.
+
+        Per thread: a user's click while the worker re-ranges a control still counts.
+        """
+        state = self._state()
+        state.quiet += 1
         try:
             yield
         finally:
-            self._quiet -= 1
+            state.quiet -= 1
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[ExplorerBase]:
@@ -183,58 +297,147 @@ class ExplorerBase(W.VBox):
                 w.controls["method"].value = "lrp"
                 w.controls["composite"].value = "epsilon"
         """
-        self._held += 1
+        state = self._state()
+        state.held += 1
         try:
             yield self
         finally:
-            self._held -= 1
-            if not self._held and self._pending:
-                changed, self._pending = self._pending, set()
-                self._apply(changed)
+            state.held -= 1
+            if not state.held and state.pending:
+                changed, state.pending = state.pending, set()
+                self._request(changed)
 
     def _on_value(self, name: str) -> None:
-        if self._quiet:
+        state = self._state()
+        if state.quiet:
             return
-        if self._held:
-            self._pending.add(name)
+        if state.held:
+            state.pending.add(name)
             return
-        self._apply({name})
+        self._request({name})
 
-    def _apply(self, changed: set[str]) -> None:
-        self._held += 1  # edits made while updating join the next round
+    def _request(self, changed: set[str]) -> None:
+        """Prepare at once; redraw a restyle at once; hand computations to the worker."""
+        state = self._state()
+        with self.worker.lock:
+            try:
+                self._prepare(changed)
+            except Exception as err:
+                self._show_error(err)
+                return
+            if not self._needs_compute(changed):
+                if self.result is not None:  # else the pending computation draws it
+                    self._guarded(lambda: self._redraw(changed))
+                return
+            self._todo |= changed
+        state.held += 1  # synchronous jobs: edits made while computing join the next round
         try:
-            while changed:
-                self._guarded(lambda todo=changed: self._timed_update(todo))
-                changed, self._pending = self._pending, set()
+            self.worker.submit(self._job)
         finally:
-            self._held -= 1
+            state.held -= 1
+        if not state.held and state.pending:
+            changed, state.pending = state.pending, set()
+            self._request(changed)
 
-    def _timed_update(self, changed: set[str]) -> None:
+    def _job(self, token: Token) -> None:
+        """One computation of everything changed since the last drawn result."""
+        with self.worker.lock:
+            changed = set(self._todo)
+        if not changed:
+            return
         start = time.perf_counter()
-        recomputed = self._update(changed)
+        set_visible(self.busy_box, self.background)
+        try:
+            publish = self._compute(changed)
+            with self.worker.publishing(token):
+                recomputed = publish()
+                self._todo -= changed
+                self._succeeded(recomputed, time.perf_counter() - start)
+        except Superseded:
+            raise
+        except Exception as err:
+            with self.worker.publishing(token):
+                self._todo -= changed
+                self._show_error(err)
+        finally:
+            with self.worker.lock:
+                if not token.stale:
+                    set_visible(self.busy_box, False)
+                    set_visible(self.progress, False)
+
+    def _succeeded(self, recomputed: str | None, seconds: float) -> None:
         if recomputed:  # a restyle keeps the last message (errors included)
             self.error = None
-            self.last_compute_s = time.perf_counter() - start
+            self.last_compute_s = seconds
             self.status.value = (f"<span style='color:#555'>{html.escape(recomputed)} in "
-                                 f"{self.last_compute_s:.2f} s</span>")
+                                 f"{seconds:.2f} s</span>")
 
     def refresh(self) -> None:
         """Recompute everything from the controls' current values (as for a new image)."""
-        self._apply({"image", "method"} & set(self.controls))
+        self._request({"image", "method"} & set(self.controls))
 
-    def _update(self, changed: set[str]) -> str | None:  # pragma: no cover - abstract
-        """Recompute what ``changed`` affects and redraw; return a short description of
-        what was recomputed (shown in the status line) or ``None`` for a restyle."""
+    def _prepare(self, changed: set[str]) -> None:
+        """Instant, in the caller's thread: show/hide controls for the change."""
+        if "image" in changed:
+            self._sync_thumbnails()
+
+    def _needs_compute(self, changed: set[str]) -> bool:
+        """False when ``changed`` only restyles what is drawn."""
+        return bool(changed - VIEW) or self.result is None
+
+    def _redraw(self, changed: set[str]) -> None:
+        """Redraw from the stored results (restyles)."""
+        self._draw()
+
+    def _compute(self, changed: set[str]) -> Publish:  # pragma: no cover - abstract
+        """Compute what ``changed`` affects (no displayed state touched) and return a
+        ``publish()`` that stores and draws it and returns a short description of what
+        was recomputed (the status line) or ``None`` for a restyle."""
         raise NotImplementedError
+
+    def _draw(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -------------------------------------------------------- busy and cancel
+    @property
+    def busy(self) -> bool:
+        """True while a computation runs or waits to run."""
+        return self.worker.busy
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the latest requested result is drawn (then ``w.result`` is it).
+
+        Returns False when ``timeout`` seconds passed first.
+        """
+        return self.worker.wait(timeout)
+
+    def cancel(self) -> bool:
+        """Stop the running computation at its next chunk (the last map stays drawn).
+
+        The cancelled change is kept: the next change computes it too. Returns True
+        when something was running.
+        """
+        with self.worker.lock:
+            active = self.worker.cancel()
+            if active:
+                set_visible(self.busy_box, False)
+                self.status.value = ("<span style='color:#555'>cancelled: the map shown is "
+                                     "the last one computed</span>")
+            return active
+
+    def close(self) -> None:
+        """Stop the worker and close the widget."""
+        self.worker.close()
+        super().close()
 
     def _guarded(self, action: Callable[[], Any]) -> None:
         """Run ``action``; an exception is shown in the status line, not raised."""
         try:
             action()
+        except Superseded:
+            raise
         except Exception as err:
             self._show_error(err)
-        finally:
-            set_visible(self.progress, False)
 
     def _show_error(self, err: BaseException) -> None:
         self.error = f"{type(err).__name__}: {err}"
@@ -242,39 +445,135 @@ class ExplorerBase(W.VBox):
                              f"<span style='color:#b00020'>{html.escape(str(err))}</span>")
 
     def _report_progress(self, done: int, total: int) -> None:
+        """The engine's per-chunk callback: the cancellation point of a stale job."""
+        self.worker.check()
         set_visible(self.progress, True)
         self.progress.value = done / max(total, 1)
 
-    def _computing(self, what: str) -> None:
-        self.status.value = f"<span style='color:#555'>computing {html.escape(what)}…</span>"
+    def _computing(self, what: str, detail: str = "") -> None:
+        self.worker.check()
+        text = f"computing {what}" + (f": {detail}" if detail else "") + "…"
+        self.status.value = f"<span style='color:#555'>{html.escape(text)}</span>"
+
+    def _progressive(self, what: str, unit: str,
+                     draw: Callable[[torch.Tensor], None]) -> Callable | None:
+        """A partial-result callback for the engine (``ctx.partial``), or ``None`` when
+        synchronous. ``draw(raw)`` shows a first estimate; at most one per ``interval``."""
+        if not self.background:
+            return None
+        last = [0.0]
+
+        def partial(done: int, total: int, estimate: Callable[[], torch.Tensor]) -> None:
+            token = self.worker.token
+            self._computing(what, f"{done}/{total} {unit}")
+            if token is None or time.perf_counter() - last[0] < PARTIAL_INTERVAL_S:
+                return
+            raw = estimate()
+            with self.worker.publishing(token):
+                draw(raw)
+            last[0] = time.perf_counter()
+        return partial
+
+    def _engine_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """In the background, smaller chunks: quicker to stop, earlier first estimates."""
+        if self.background and isinstance(params.get("batch_size"), int):
+            return {**params, "batch_size": min(params["batch_size"], BACKGROUND_BATCH)}
+        return params
 
     # ------------------------------------------------------------------ export
     def _export_panels(self) -> list[tuple[xr.DataArray, Any]]:
         """The (map, image) pairs a PNG export shows, left to right."""
         return [(self.result, self.images[self.index])]
 
-    def save_png(self, path: str | Path) -> Path:
-        """The current map(s) over the image, as shown (colormap, opacity), to a PNG file."""
+    def _require_result(self) -> None:
         if self.result is None:
-            raise RuntimeError("nothing to save yet: the explanation has not been computed")
+            raise RuntimeError("nothing to save yet: the explanation has not been computed"
+                               + (" (w.wait() waits for it)" if self.busy else ""))
+
+    def png_bytes(self) -> bytes:
+        """The current map(s) over the image, as shown (colormap, opacity), as PNG bytes."""
+        self._require_result()
         colormap, opacity = self.controls["colormap"].value, self.controls["opacity"].value
         tiles = [da.xai.overlay(image, colormap=colormap, opacity=opacity)
                  for da, image in self._export_panels()]
         gap = np.full((tiles[0].shape[0], 4, 3), 255, dtype=np.uint8)
         row = np.concatenate([part for tile in tiles for part in (tile, gap)][:-1], axis=1)
+        return rendering.png_bytes(row)
+
+    def netcdf_bytes(self) -> bytes:
+        """``w.result`` (values and every parameter in attrs) as a netCDF file's bytes."""
+        self._require_result()
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "result.nc"
+            self.result.to_netcdf(path, engine=netcdf_engine())
+            return path.read_bytes()
+
+    def save_png(self, path: str | Path) -> Path:
+        """The current map(s) over the image, as shown (colormap, opacity), to a PNG file."""
         path = Path(path)
-        path.write_bytes(rendering.png_bytes(row))
+        path.write_bytes(self.png_bytes())
         self.status.value = f"saved {html.escape(str(path))}"
         return path
 
     def save_netcdf(self, path: str | Path) -> Path:
         """``w.result`` (values and every parameter in attrs) to a netCDF file."""
-        if self.result is None:
-            raise RuntimeError("nothing to save yet: the explanation has not been computed")
         path = Path(path)
-        self.result.to_netcdf(path, engine=netcdf_engine())
+        path.write_bytes(self.netcdf_bytes())
         self.status.value = f"saved {html.escape(str(path))}"
         return path
+
+    def download(self, kind: str = "png") -> str:
+        """Hand the PNG (``"png"``) or netCDF (``"netcdf"``) to the browser as a download.
+
+        Works without a front-end extension (JupyterLab, Notebook 7, Voilà, Binder): the
+        file travels as a ``data:`` link, clicked for the user, and shown to click again.
+        Returns the file name.
+        """
+        if kind not in ("png", "netcdf"):
+            raise ValueError(f"kind={kind!r}: choose 'png' or 'netcdf'")
+        stem = getattr(getattr(self, "save_name", None), "value", "") or "explanation"
+        name = Path(stem).stem + (".png" if kind == "png" else ".nc")
+        data = self.png_bytes() if kind == "png" else self.netcdf_bytes()
+        mime = "image/png" if kind == "png" else "application/x-netcdf"
+        url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+        self.download_link.value = (
+            f"<a download='{html.escape(name)}' href='{url}'>⬇ {html.escape(name)}</a> "
+            f"<span style='color:#555'>({len(data) / 1024:.0f} kB)</span>")
+        if in_kernel():  # start the download; the link stays for browsers that block it
+            from IPython.display import Javascript
+
+            self._javascript.outputs = ()
+            self._javascript.append_display_data(Javascript(
+                "const a = document.createElement('a');"
+                f"a.href = {url!r}; a.download = {name!r};"
+                "document.body.appendChild(a); a.click(); a.remove();"))
+        self.status.value = f"download: {html.escape(name)}"
+        return name
+
+
+#: first estimates are drawn at most this often (seconds)
+PARTIAL_INTERVAL_S = 0.25
+
+
+def top5_html(options: Sequence[tuple[str, int]], top: int = 5) -> str:
+    """A small bar chart (HTML) of the first ``top`` class options ``("name (p%)", k)``.
+
+    >>> "width:50.0%" in top5_html([("cat (50.0%)", 3)])
+    True
+    """
+    rows = []
+    for label, _ in list(options)[:top]:
+        name, _, pct = label.rpartition(" (")
+        value = float(pct.rstrip("%)") or 0.0)
+        rows.append(
+            "<div style='display:flex;align-items:center;font-size:12px;line-height:18px'>"
+            f"<span style='width:120px;overflow:hidden;text-overflow:ellipsis;"
+            f"white-space:nowrap' title='{html.escape(name)}'>{html.escape(name)}</span>"
+            "<span style='flex:1;background:#eee;height:12px;margin:0 4px'>"
+            f"<span style='display:block;height:12px;background:#4c78a8;"
+            f"width:{value:.1f}%'></span></span>"
+            f"<span style='width:44px;text-align:right'>{value:.1f}%</span></div>")
+    return "<div title='top-5 predictions'>" + "".join(rows) + "</div>"
 
 
 def netcdf_engine() -> str:

@@ -12,12 +12,14 @@ import xarray as xr
 
 from ..core.registry import get_method, methods
 from ..evaluation import metrics as _metrics
-from .base import VIEW, ExplorerBase
+from .base import VIEW, ExplorerBase, Publish, top5_html
 from .controls import LAYOUT, STYLE, set_visible
 from .figures import MapGrid
 
 DEFAULT_METHODS = ("gradient", "gradcam", "fem")
 DEFAULT_METRICS = ("pcc", "sim")
+#: side of each panel (px); panels go two per row beyond two
+MAP_PX = 360
 
 
 def reference_maps(reference: Any, n: int, size: tuple[int, int]
@@ -55,7 +57,9 @@ class CompareWidget(ExplorerBase):
     maps (N,H,W)), the reference is shown too and each map is scored with
     ``metrics`` (from :mod:`xaiwidgets.metrics`; fixation metrics such as NSS need
     the Dataset's ``fixations``). ``w.result``: the maps, dims ("method","image","y","x");
-    ``w.results``: one DataArray per method (full attrs); ``w.scores``: dims ("method","metric")::
+    ``w.results``: one DataArray per method (full attrs); ``w.scores``: dims ("method","metric").
+    Images added later (``add_image``, upload) have no reference: their scores are NaN
+    and the panels say "no reference"::
 
         ds = xw.datasets.shapes(n=4)
         w = CompareWidget(model, ds.image.values, ["gradcam", "fem"], reference=ds)
@@ -67,8 +71,9 @@ class CompareWidget(ExplorerBase):
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  classes: Sequence[str] | None = None,
                  params: dict[str, dict[str, Any]] | None = None,
-                 metrics: Sequence[str] = DEFAULT_METRICS) -> None:
-        super().__init__(model, images, preprocess, classes)
+                 metrics: Sequence[str] = DEFAULT_METRICS,
+                 background: bool | None = None) -> None:
+        super().__init__(model, images, preprocess, classes, background)
         self.methods = list(methods) if methods is not None else _default_methods()
         for name in self.methods:
             get_method(name)  # unknown names fail here, with suggestions
@@ -86,63 +91,85 @@ class CompareWidget(ExplorerBase):
         set_visible(self.controls["layer"], any(get_method(m).uses_layer for m in self.methods))
         self.results: dict[str, xr.DataArray] = {}
         self.scores: xr.DataArray | None = None
-        has_reference = self.gfdm is not None or self.fixations is not None
-        titles = self.methods + (["reference"] if has_reference else [])
-        self.grid = MapGrid(len(titles), titles=titles, panel_px=260)
+        titles = self.methods + (["reference"] if self.has_reference else [])
+        cols = len(titles) if len(titles) <= 2 else 2
+        self.grid = MapGrid(len(titles), cols=cols, titles=titles, panel_px=MAP_PX)
         self.figure = self.grid.figure
+        self.figure.layout.width = cols * MAP_PX + 60
         self._shown_image: int | None = None
-        side = W.VBox([self._box(["image", "target", "layer", *sorted(VIEW)]),
-                       self._export_controls(), self.progress])
-        self.children = [side, self.figure, self.status]
+        self.top5.value = top5_html(self.controls["target"].options)
+        side = self._side([self._box(["target"]), self.top5,
+                           self._box(["layer", *sorted(VIEW)]), self._upload_control(),
+                           self._export_controls(), self.busy_box])
+        self.children = [self._image_picker(), self._row([side, self.figure]), self.status]
         self.refresh()
 
-    def _stale(self, changed: set[str]) -> list[str]:
+    @property
+    def has_reference(self) -> bool:
+        """True when a reference (GFDM or fixations) was given."""
+        return self.gfdm is not None or self.fixations is not None
+
+    def reference_of(self, index: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(GFDM, fixations) of image ``index``; ``None`` where there is none (added images)."""
+        def row(maps: np.ndarray | None) -> np.ndarray | None:
+            return maps[index] if maps is not None and index < len(maps) else None
+        return row(self.gfdm), row(self.fixations)
+
+    def _stale(self, changed: set[str], results: dict[str, xr.DataArray]) -> list[str]:
         """Methods whose map depends on what changed (the others keep theirs)."""
-        if "image" in changed:
-            return list(self.methods)
         stale = []
         for name in self.methods:
             m = get_method(name)
-            if (name not in self.results or ("target" in changed and not m.class_agnostic)
+            if (name not in results or ("target" in changed and not m.class_agnostic)
                     or ("layer" in changed and m.uses_layer)):
                 stale.append(name)
         return stale
 
-    def _update(self, changed: set[str]) -> str | None:
-        if "image" in changed:
-            self._sync_targets()
-            self.results.clear()
-        stale = self._stale(changed) if changed - VIEW else []
+    def _compute(self, changed: set[str]) -> Publish:
+        index = self.index
+        ex = self.explainer(index)
+        options = self._target_options(ex) if "image" in changed else None
+        target = options[0][1] if options else self.controls["target"].value
+        results = {} if "image" in changed else dict(self.results)
+        stale = self._stale(changed, results) if changed - VIEW else []
         for name in stale:
             self._computing(name)
             m = get_method(name)
-            result = self.explainer().explain(
-                name, target=None if m.class_agnostic else self.controls["target"].value,
+            result = ex.explain(
+                name, target=None if m.class_agnostic else target,
                 layer=self.controls["layer"].value if m.uses_layer else None,
-                **self.method_params.get(name, {}))
-            self.results[name] = result.assign_coords(image=[self.index])
+                **self._engine_params(self.method_params.get(name, {})))
+            results[name] = result.assign_coords(image=[index])
+        combined, scores = self.result, self.scores
         if stale:
-            maps = [self.results[name].drop_vars(["target", "class_name"], errors="ignore")
+            maps = [results[name].drop_vars(["target", "class_name"], errors="ignore")
                     .rename("explanation") for name in self.methods]
-            self.result = xr.concat(maps, dim="method", combine_attrs="drop",
-                                    coords="minimal", compat="override"
-                                    ).assign_coords(method=self.methods)
-            self.scores = self._score()
-        self._draw()
-        return ", ".join(stale) or None
+            combined = xr.concat(maps, dim="method", combine_attrs="drop",
+                                 coords="minimal", compat="override"
+                                 ).assign_coords(method=self.methods)
+            scores = self._score(results, index)
 
-    def _score(self) -> xr.DataArray | None:
+        def publish() -> str | None:
+            if options is not None:
+                self._show_targets(options)
+            self.results, self.result, self.scores = results, combined, scores
+            self._draw()
+            return ", ".join(stale) or None
+        return publish
+
+    def _score(self, results: dict[str, xr.DataArray], index: int) -> xr.DataArray | None:
         """Each metric of each method's map against the reference (NaN when it lacks data)."""
-        if self.gfdm is None and self.fixations is None:
+        if not self.has_reference:
             return None
+        gfdm, fixations = self.reference_of(index)
         table = np.full((len(self.methods), len(self.metric_names)), np.nan)
         for j, metric in enumerate(self.metric_names):
             spec = _metrics.get(metric)
-            ref = self.gfdm if spec.needs == "map" else self.fixations
+            ref = gfdm if spec.needs == "map" else fixations
             if ref is None:
                 continue
             for i, name in enumerate(self.methods):
-                table[i, j] = float(spec(self.results[name].xai.map2d(), ref[self.index]))
+                table[i, j] = float(spec(results[name].xai.map2d(), ref))
         return xr.DataArray(table, dims=("method", "metric"),
                             coords={"method": self.methods, "metric": self.metric_names},
                             name="score")
@@ -153,22 +180,30 @@ class CompareWidget(ExplorerBase):
         row = self.scores.sel({"method": name})  # sel(method=) is a keyword of sel
         parts = [f"{metric.upper()} {float(row.sel(metric=metric)):.2f}"
                  for metric in self.metric_names if np.isfinite(row.sel(metric=metric))]
-        return f"{name}<br><span style='font-size:11px'>{' · '.join(parts)}</span>"
+        note = " · ".join(parts) or "no reference"
+        return f"{name}<br><span style='font-size:11px'>{note}</span>"
+
+    def _redraw(self, changed: set[str]) -> None:
+        self.grid.restyle(self.controls["colormap"].value, self.controls["opacity"].value)
 
     def _draw(self) -> None:
-        image = None if self._shown_image == self.index else self.images[self.index]
+        index = int(self.result.image.values[0])
+        image = None if self._shown_image == index else self.images[index]
         with self.figure.batch_update():
             self.grid.restyle(self.controls["colormap"].value, self.controls["opacity"].value)
             for i, name in enumerate(self.methods):
                 da = self.results[name]
                 self.grid.show(i, da.xai.map2d(), image=image, title=self._title(name),
                                signed=da.xai.signed)
-            if len(self.methods) < self.grid.n:
-                reference = self.gfdm if self.gfdm is not None else self.fixations
-                self.grid.show(len(self.methods), reference[self.index], image=image,
-                               title="reference (GFDM)" if self.gfdm is not None
-                               else "reference (fixations)")
-        self._shown_image = self.index
+            if self.has_reference:
+                gfdm, fixations = self.reference_of(index)
+                reference = gfdm if gfdm is not None else fixations
+                title = ("reference (GFDM)" if gfdm is not None else "reference (fixations)"
+                         if fixations is not None else "no reference for this image")
+                if reference is None:
+                    reference = np.zeros(self.images.shape[-2:])
+                self.grid.show(len(self.methods), reference, image=image, title=title)
+        self._shown_image = index
 
     def _export_panels(self):
         image = self.images[self.index]

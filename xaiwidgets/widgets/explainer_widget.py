@@ -7,15 +7,21 @@ from typing import Any
 
 import ipywidgets as W
 import torch
+import xarray as xr
 
 from ..core import registry
 from ..core.registry import get_method
-from .base import VIEW, ExplorerBase
+from .base import VIEW, ExplorerBase, Publish, top5_html
 from .controls import LAYOUT, STYLE, ParamControls, set_visible
-from .figures import MapGrid
+from .figures import MapGrid, image_uri
 
 #: the method shown first when the caller names none (fast, and a readable map)
 DEFAULT_METHOD = "gradcam"
+#: side of the image and map panels (px)
+MAP_PX = 360
+#: what a progress count counts, per method (first estimates' status line)
+UNITS = {"integrated_gradients": "steps", "smoothgrad": "samples", "occlusion": "windows",
+         "meaningful_perturbation": "steps", "lime": "chunks"}
 
 
 class ExplainerWidget(ExplorerBase):
@@ -28,7 +34,11 @@ class ExplainerWidget(ExplorerBase):
     (dims ``("image","y","x")``, attrs = every parameter). Setting a control's
     ``value`` from code updates both at once, exactly as a click would.
     ``method`` is shown first (default Grad-CAM); ``methods`` limits the dropdown
-    (default: every registered method)::
+    (default: every registered method). The figure shows the image and, beside it,
+    the map over the image (panel ``w.map_panel``); the top-5 predictions sit beside
+    the class picker. In the background (``background=True``, the default in a
+    kernel) IG, SmoothGrad, occlusion and meaningful perturbation draw first
+    estimates while they run; ``w.wait()`` waits for the final map::
 
         w = ExplainerWidget(model, images, preprocess=preprocess, classes=classes)
         w.controls["method"].value = "fem"
@@ -40,8 +50,8 @@ class ExplainerWidget(ExplorerBase):
     def __init__(self, model: torch.nn.Module, images: Any,
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  classes: Sequence[str] | None = None, method: str | None = None,
-                 methods: Sequence[str] | None = None) -> None:
-        super().__init__(model, images, preprocess, classes)
+                 methods: Sequence[str] | None = None, background: bool | None = None) -> None:
+        super().__init__(model, images, preprocess, classes, background)
         names = list(methods) if methods is not None else registry.methods()
         method = method or (DEFAULT_METHOD if DEFAULT_METHOD in names else names[0])
         ex = self.explainer()
@@ -56,14 +66,20 @@ class ExplainerWidget(ExplorerBase):
             **self.params.controls,
             **self._view_controls(),
         })
-        self.grid = MapGrid(1)
+        #: panel 0: the image; panel ``map_panel``: the map over it
+        self.map_panel = 1
+        self.grid = MapGrid(2, titles=["image", " "], panel_px=MAP_PX)
+        self.grid.heatmap(self.map_panel).showscale = True
         self.figure = self.grid.figure
+        self.figure.layout.width = 2 * MAP_PX + 110
         self._shown_image: int | None = None
-        picks = self._box(["image", "target", "method", "layer"])
+        self.top5.value = top5_html(self.controls["target"].options)
         self._params_box = W.VBox(list(self.params.controls.values()))
-        side = W.VBox([picks, self._params_box, self._box(sorted(VIEW)), self._upload_control(),
-                       self._export_controls(), self.progress])
-        self.children = [W.HBox([side, self.figure]), self.status]
+        side = self._side([self._box(["method", "layer"]), self._params_box,
+                           self._box(sorted(VIEW)), self._upload_control(),
+                           self._export_controls(), self.busy_box])
+        picks = self._row([self._image_picker(), self._box(["target"]), self.top5])
+        self.children = [picks, self._row([side, self.figure]), self.status]
         self.refresh()
 
     @property
@@ -80,18 +96,15 @@ class ExplainerWidget(ExplorerBase):
             names.add("target")
         return names
 
-    def _update(self, changed: set[str]) -> str | None:
-        if "image" in changed:
-            self._sync_targets()
+    def _prepare(self, changed: set[str]) -> None:
+        super()._prepare(changed)
         if "method" in changed:
             self._select_method(keep=changed)
         self.params.forget(changed - self._relevant())
-        recomputed = None
-        if changed & self._relevant() or self.result is None:
-            self.params.note_changes(self.method, changed)
-            recomputed = self._compute()
-        self._draw()
-        return recomputed
+        self.params.note_changes(self.method, changed)
+
+    def _needs_compute(self, changed: set[str]) -> bool:
+        return bool(changed & self._relevant()) or self.result is None
 
     def _select_method(self, keep: set[str]) -> None:
         m = get_method(self.method)
@@ -105,28 +118,60 @@ class ExplainerWidget(ExplorerBase):
         # FEM ignores the class: the picker stays visible (predictions) but inactive
         self.controls["target"].disabled = m.class_agnostic
 
-    def _compute(self) -> str:
+    def _compute(self, changed: set[str]) -> Publish:
         m = get_method(self.method)
+        index = self.index
+        ex = self.explainer(index)
         self._computing(m.name)
+        options = self._target_options(ex) if "image" in changed else None
+        target = None if m.class_agnostic else (
+            options[0][1] if options else self.controls["target"].value)
         layer = self.controls["layer"].value if m.uses_layer else None
-        target = None if m.class_agnostic else self.controls["target"].value
-        result = self.explainer().explain(m.name, target=target, layer=layer,
-                                          **self.params.values(m.name))
-        self.result = result.assign_coords(image=[self.index])
-        with self._silenced():
-            self.params.show_used(m.name, result.attrs)
-        return m.name
+        params = self._engine_params(self.params.values(m.name))
+
+        def first_estimate(raw: torch.Tensor) -> None:
+            da = ex.pack(raw, m, ex.resolve_target(target), layer, "default", params)
+            self._show(da.assign_coords(image=[index]), estimate=True)
+
+        ex.context.partial = self._progressive(m.name, UNITS.get(m.name, "steps"),
+                                               first_estimate)
+        try:
+            result = ex.explain(m.name, target=target, layer=layer, **params)
+        finally:
+            ex.context.partial = None
+        result = result.assign_coords(image=[index])
+
+        def publish() -> str:
+            if options is not None:
+                self._show_targets(options)
+            self.result = result
+            with self._silenced():
+                self.params.show_used(m.name, result.attrs)
+            self._draw()
+            return m.name
+        return publish
 
     def _draw(self) -> None:
-        if self.result is None:
-            return
-        da = self.result
+        if self.result is not None:
+            self._show(self.result)
+
+    def _redraw(self, changed: set[str]) -> None:
+        self.grid.restyle(self.controls["colormap"].value, self.controls["opacity"].value)
+
+    def _show(self, da: xr.DataArray, estimate: bool = False) -> None:
+        """Draw ``da`` (of the current image) beside the image; ``estimate``: a first one."""
+        index = int(da.image.values[0])
+        title = self._title(da) + (" · first estimate" if estimate else "")
         with self.figure.batch_update():
             self.grid.restyle(self.controls["colormap"].value, self.controls["opacity"].value)
-            image = None if self._shown_image == self.index else self.images[self.index]
-            self.grid.show(0, da.xai.map2d(), image=image, title=self._title(da),
+            image = None
+            if self._shown_image != index:
+                image = self.images[index]
+                self.grid.image(0).source = image_uri(image)
+                self.grid.set_title(0, self.controls["image"].label or f"image {index}")
+            self.grid.show(self.map_panel, da.xai.map2d(), image=image, title=title,
                            signed=da.xai.signed)
-        self._shown_image = self.index
+        self._shown_image = index
 
     def _title(self, da) -> str:
         layer = f" · {da.attrs['layer']}" if da.attrs.get("layer") else ""

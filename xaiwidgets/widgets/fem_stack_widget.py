@@ -9,7 +9,7 @@ import ipywidgets as W
 import torch
 
 from ..core.registry import get_method
-from .base import VIEW, ExplorerBase
+from .base import VIEW, ExplorerBase, Publish
 from .controls import LAYOUT, STYLE, ParamControls, set_visible
 from .figures import MapGrid
 
@@ -17,6 +17,8 @@ from .figures import MapGrid
 FUSION_PARAMS = ("K", "operator", "alpha", "normalize")
 #: operators whose result depends on alpha
 USES_ALPHA = ("add", "top")
+#: side of the two main panels (px)
+MAP_PX = 360
 
 
 class FEMStackWidget(ExplorerBase):
@@ -38,8 +40,8 @@ class FEMStackWidget(ExplorerBase):
     def __init__(self, model: torch.nn.Module, images: Any,
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  classes: Sequence[str] | None = None, layers: Sequence[str] | None = None,
-                 net: torch.nn.Module | None = None) -> None:
-        super().__init__(model, images, preprocess, classes)
+                 net: torch.nn.Module | None = None, background: bool | None = None) -> None:
+        super().__init__(model, images, preprocess, classes, background)
         self.layers = list(layers) if layers is not None else self.explainer().block_layers()
         if not self.layers:
             raise ValueError("the model has no block layers for a FEM stack; pass layers=[...]")
@@ -48,23 +50,29 @@ class FEMStackWidget(ExplorerBase):
         self.params.select("mlfem")
         self._add_controls({
             "image": self._image_control(),
+            # the layer's name is shown below the slider: a readout would be clipped
             "layer": W.SelectionSlider(options=self.layers, value=self.layers[-1],
                                        description="layer", continuous_update=True,
-                                       style=STYLE, layout=W.Layout(**LAYOUT)),
+                                       readout=False, style=STYLE, layout=W.Layout(**LAYOUT)),
             **self.params.controls,
             **self._view_controls(),
         })
+        self.layer_label = W.HTML(layout=W.Layout(margin="0 0 0 115px"))
         self.stack = None
-        self.grid = MapGrid(2, titles=["layer", "fused"])
+        self.grid = MapGrid(2, titles=["layer", "fused"], panel_px=MAP_PX)
         self.figure = self.grid.figure
+        self.figure.layout.width = 2 * MAP_PX + 60
         self.layers_grid = MapGrid(len(self.layers), cols=min(len(self.layers), 4),
                                    titles=self.layers, panel_px=170, resolution=64)
         self.grid_figure = self.layers_grid.figure
+        self.grid_figure.layout.width = min(len(self.layers), 4) * 180 + 40
         self._shown_image: int | None = None
-        side = W.VBox([self._box(["image", "layer", *self.params.controls]),
-                       self._box(sorted(VIEW)), self._upload_control(),
-                       self._export_controls(), self.progress])
-        self.children = [W.HBox([side, self.figure]), self.grid_figure, self.status]
+        side = self._side([self.controls["layer"], self.layer_label,
+                           self._box(list(self.params.controls)), self._box(sorted(VIEW)),
+                           self._upload_control(), self._export_controls(), self.busy_box])
+        self.children = [self._image_picker(), self._row([side, self.figure]),
+                         self.grid_figure, self.status]
+        self._prepare(set())
         self.refresh()
 
     def fusion_params(self) -> dict[str, Any]:
@@ -72,29 +80,50 @@ class FEMStackWidget(ExplorerBase):
         values = self.params.values("mlfem")
         return {k: values[k] for k in ("operator", "alpha", "normalize") if k in values}
 
-    def _update(self, changed: set[str]) -> str | None:
+    def _prepare(self, changed: set[str]) -> None:
+        super()._prepare(changed)
+        set_visible(self.controls["alpha"], self.fusion_params().get("operator") in USES_ALPHA)
+        position = self.layers.index(self.controls["layer"].value)
+        self.layer_label.value = (f"<b>{self.layers[position]}</b> "
+                                  f"({position + 1}/{len(self.layers)})")
+
+    def _needs_compute(self, changed: set[str]) -> bool:
+        return bool(changed - VIEW - {"layer"}) or self.result is None
+
+    def _compute(self, changed: set[str]) -> Publish:
         from ..fusion import fuse
 
+        index = self.index
         done = []
-        if self.stack is None or changed & {"image", "K"}:
+        stack = self.stack
+        if stack is None or changed & {"image", "K"}:
             self._computing("FEM stack")
             K = self.params.values("mlfem").get("K", get_method("mlfem").param("K").default)
-            stack = self.explainer().fem_stack(layers=self.layers, K=K)
-            self.stack = stack.assign_coords(image=[self.index])
+            stack = self.explainer(index).fem_stack(layers=self.layers, K=K)
+            stack = stack.assign_coords(image=[index])
             done.append("FEM stack")
+        result = self.result
         if done or changed & {"operator", "alpha", "normalize"}:
+            self._computing("fusion")
             params = self.fusion_params()
-            set_visible(self.controls["alpha"], params.get("operator") in USES_ALPHA)
-            self.result = fuse(self.stack, net=self.net, **params)
+            result = fuse(stack, net=self.net, **params)
             done.append(f"fusion ({params.get('operator')})")
-        # the small multiples show the stack: a fusion change leaves them as they are
-        self._draw(redraw_layers="FEM stack" in done or bool(changed & VIEW))
-        return " + ".join(done) or None
 
-    def _draw(self, redraw_layers: bool) -> None:
+        def publish() -> str | None:
+            self.stack, self.result = stack, result
+            # the small multiples show the stack: a fusion change leaves them as they are
+            self._draw(redraw_layers="FEM stack" in done)
+            return " + ".join(done) or None
+        return publish
+
+    def _redraw(self, changed: set[str]) -> None:
+        self._draw(redraw_layers=bool(changed & VIEW))
+
+    def _draw(self, redraw_layers: bool = True) -> None:
         colormap, opacity = self.controls["colormap"].value, self.controls["opacity"].value
-        new_image = self._shown_image != self.index
-        image = self.images[self.index] if new_image else None
+        index = int(self.stack.image.values[0])
+        new_image = self._shown_image != index
+        image = self.images[index] if new_image else None
         position = self.layers.index(self.controls["layer"].value)
         chosen = self.stack.isel(image=0, layer=position)
         with self.figure.batch_update():
@@ -103,13 +132,13 @@ class FEMStackWidget(ExplorerBase):
                            title=f"{self.layers[position]} ({position + 1}/{len(self.layers)})")
             self.grid.show(1, self.result.xai.map2d(), image=image,
                            title=f"fused: {self.fusion_params().get('operator', '')}")
-        if redraw_layers:
+        if redraw_layers or new_image:
             with self.grid_figure.batch_update():
                 self.layers_grid.restyle(colormap, opacity)
                 for i in range(len(self.layers)):
                     self.layers_grid.show(i, self.stack.isel(image=0, layer=i).values,
                                           image=image)
-        self._shown_image = self.index
+        self._shown_image = index
 
     def _export_panels(self):
         chosen = self.stack.isel(layer=self.layers.index(self.controls["layer"].value))

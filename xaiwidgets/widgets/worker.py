@@ -146,11 +146,15 @@ class Worker:
         with self._changed:
             return self._changed.wait_for(lambda: not self.busy, timeout=timeout)
 
+    @property
+    def token(self) -> Token | None:
+        """The token of the job running in the calling thread (``None`` outside jobs)."""
+        return getattr(self._local, "token", None)
+
     def check(self) -> None:
         """Inside a job: raise :class:`Superseded` when it is stale. Elsewhere: nothing."""
-        token = getattr(self._local, "token", None)
-        if token is not None:
-            token.check()
+        if self.token is not None:
+            self.token.check()
 
     @contextlib.contextmanager
     def publishing(self, token: Token) -> Iterator[None]:
