@@ -205,6 +205,28 @@ def model_randomization(
     )
 
 
+def randomized_copy(model: nn.Module, example: torch.Tensor, down_to: str, *,
+                    layers: Sequence[str] | None = None, seed: int = 0) -> nn.Module:
+    """A copy of ``model`` with cascading randomisation from the logits down to ``down_to``.
+
+    The layers (default :func:`weight_layers`, in forward order) are re-initialised
+    top-down with the seeds of :func:`model_randomization` (layer ``i`` from the top:
+    ``seed + i``), so the copy equals that test's cascading model at ``down_to``.
+    ``example`` is one model input (for the forward order). The user's model is untouched.
+
+    >>> random_top = randomized_copy(model, x[:1], down_to="fc")            # doctest: +SKIP
+    """
+    work = copy.deepcopy(model)
+    order = weight_layers(work, example) if layers is None else list(layers)
+    top_down = order[::-1]
+    if down_to not in top_down:
+        raise ValueError(f"down_to={down_to!r} is not a randomisable layer; top-down they "
+                         f"are {top_down}")
+    for i, name in enumerate(top_down[:top_down.index(down_to) + 1]):
+        randomize_(resolve_layer(work, name), seed + i)
+    return work
+
+
 def data_randomization(
     model: nn.Module,
     shuffled_model: nn.Module,

@@ -1,0 +1,97 @@
+"""Live scores beside a map and the sanity toggle's randomised model copy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import xaiwidgets as xw
+from xaiwidgets.evaluation import sanity
+from xaiwidgets.widgets.live_scores import LiveScores, score_map
+
+pytest.importorskip("ipywidgets")
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+
+
+def deletion_by_hand(model: nn.Module, image: torch.Tensor, saliency: np.ndarray,
+                     target: int, step: float) -> float:
+    """Textbook deletion: zero the most relevant pixels first, trapezoid of the probability."""
+    h, w = saliency.shape
+    order = np.argsort(-saliency.ravel(), kind="stable")
+    fractions = np.round(np.arange(0, 1 + step / 2, step), 10)
+    probs = []
+    for f in fractions:
+        x = image.clone().reshape(3, -1)
+        x[:, order[:int(round(f * h * w))]] = 0.0
+        with torch.no_grad():
+            probs.append(torch.softmax(model(x.reshape(1, 3, h, w)), 1)[0, target].item())
+    return float(np.trapezoid(probs, fractions))
+
+
+def test_score_map_matches_independent_computations():
+    model = tiny_model()
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ex = xw.Explainer(model, image, progress=False)
+    saliency = ex.explain("gradient")
+    gaze = np.random.default_rng(2).random((8, 8))
+    scores, curves = score_map(ex, saliency, gaze, step=0.25)
+    target = int(saliency.target.values[0])
+    expected = deletion_by_hand(model, image[0], saliency.values[0], target, 0.25)
+    assert scores["deletion"] == pytest.approx(expected, rel=1e-5)
+    assert len(curves["deletion"][0]) == 5 and curves["insertion"][1][-1] == pytest.approx(
+        torch.softmax(model(image), 1)[0, target].item(), rel=1e-5)  # all pixels back
+    assert scores["pcc"] == pytest.approx(np.corrcoef(saliency.values[0].ravel(),
+                                                      gaze.ravel())[0, 1], rel=1e-6)
+    s = saliency.values[0].astype(np.float64)
+    s = (s - s.min()) / (s.max() - s.min())
+    g = (gaze - gaze.min()) / (gaze.max() - gaze.min())
+    assert scores["sim"] == pytest.approx(np.minimum(s / s.sum(), g / g.sum()).sum(), rel=1e-6)
+    assert set(score_map(ex, saliency, step=0.5)[0]) == {"deletion", "insertion"}
+    with pytest.raises(ValueError, match="gaze map is"):
+        score_map(ex, saliency, np.zeros((4, 4)))
+
+
+def test_panel_shows_scores_and_curves():
+    model = tiny_model()
+    ex = xw.Explainer(model, torch.rand(1, 3, 8, 8), progress=False)
+    panel = LiveScores(step=0.5)
+    scores = panel.update(ex, ex.explain("gradient"), gaze=np.ones((8, 8)))
+    assert panel.scores == scores and "deletion" in panel.table.value
+    assert "↓" in panel.table.value and "pcc" in panel.table.value
+    deletion = next(t for t in panel.figure.data if t.name == "deletion")
+    np.testing.assert_allclose(deletion.y, panel.curves["deletion"][1])
+    assert list(deletion.x) == [0.0, 0.5, 1.0]
+    panel.clear()
+    assert panel.scores == {} and "computing" in panel.table.value
+
+
+def test_randomized_copy_leaves_the_model_and_matches_the_cascade():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.rand(2, 3, 12, 12)  # SSIM (in the reference test) wants >= 11 px
+    layers = sanity.weight_layers(model, images[:1])
+    assert layers == ["0", "2", "6"]
+    copy = sanity.randomized_copy(model, images[:1], down_to="2", seed=3)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])  # the user's model is untouched
+    state = copy.state_dict()
+    assert torch.equal(state["0.weight"], before["0.weight"])  # below the cut: trained
+    assert not torch.equal(state["2.weight"], before["2.weight"])
+    assert not torch.equal(state["6.weight"], before["6.weight"])
+    # the same model as the cascading randomisation test at that layer
+    target = xw.Explainer(model, images, progress=False).resolve_target(None).tolist()
+    ref = sanity.model_randomization(model, images, "gradient", modes=["cascading"],
+                                     seed=3, keep_maps=True, progress=False)
+    mine = xw.Explainer(copy, images, progress=False).explain("gradient", target=target)
+    np.testing.assert_allclose(
+        mine.values, ref.saliency.sel(mode="cascading", layer="2").values, rtol=1e-5,
+        atol=1e-7)
+    with pytest.raises(ValueError, match="not a randomisable layer"):
+        sanity.randomized_copy(model, images[:1], down_to="4")
