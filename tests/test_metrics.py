@@ -251,3 +251,14 @@ def test_auc_borji_seed():
     s, f = random_maps(20, 20), (random_maps(20, 20) > 0.9).astype(int)
     assert metrics.auc_borji(s, f, seed=1) == metrics.auc_borji(s, f, seed=1)
     assert metrics.auc_borji(s, f, seed=1) != metrics.auc_borji(s, f, seed=2)
+
+
+def test_vectorised_average_ranks_equal_scipy_rankdata_with_ties():
+    from scipy.stats import rankdata
+
+    from xaiwidgets.evaluation.metrics import _average_ranks
+
+    rng = np.random.default_rng(3)
+    rows = np.concatenate([rng.integers(0, 5, (6, 300)).astype(float),  # many ties
+                           rng.random((2, 300)), np.zeros((1, 300))])
+    np.testing.assert_array_equal(_average_ranks(rows), rankdata(rows, axis=1))
