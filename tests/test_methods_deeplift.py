@@ -146,19 +146,22 @@ def test_black_baseline_uses_the_preprocess():
     np.testing.assert_allclose(black.values, explicit.values, rtol=1e-6)
 
 
-def test_functions_restored_even_after_an_error():
+def test_nothing_in_torch_is_replaced_and_the_rule_ends_with_the_block():
     originals = (F.relu, torch.relu, F.max_pool2d, torch.sigmoid, F.gelu)
-    with pytest.raises(RuntimeError, match="boom"), rescale_rule():
-        assert F.relu is not originals[0]
+    with pytest.raises(RuntimeError, match="boom"), rescale_rule(rows=2):
+        assert (F.relu, torch.relu, F.max_pool2d, torch.sigmoid, F.gelu) == originals
         raise RuntimeError("boom")
-    assert (F.relu, torch.relu, F.max_pool2d, torch.sigmoid, F.gelu) == originals
-    # outside a paired batch with autograd the patched functions are plain functions
-    with rescale_rule():
+    # outside a paired batch with autograd the functions compute as usual
+    with rescale_rule(rows=2):
         x = torch.randn(3, 4)
         assert torch.equal(F.relu(x), x.clamp(min=0))
         y = x.clone()
         F.relu_(y)
         assert torch.equal(y, x.clamp(min=0))
+    # after the block a paired batch gets plain gradients again
+    both = torch.tensor([[1.0], [-1.0]], requires_grad=True)
+    (grad,) = torch.autograd.grad(torch.relu(both).sum(), both)
+    assert grad.tolist() == [[1.0], [0.0]]
 
 
 @pytest.mark.parametrize("name", ["shapes-vgg", "shapes-resnet"])

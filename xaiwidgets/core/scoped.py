@@ -1,33 +1,129 @@
-"""Scoped changes to a user's model: every one is undone on exit, exception or not.
+"""The one place where the engine changes a model or torch; every change is undone.
 
-* :func:`model_guard` – eval mode and non-in-place ReLUs for the duration of a call,
-  then the exact ``training`` flags and ``inplace`` flags restored.
-* :func:`capture` – forward hooks that record layer outputs; handles removed on exit.
-* :func:`relu_backward` – swaps the backward rule of every ReLU (module, functional
-  or in-place, shared modules included) for guided backprop / DeconvNet.
+Rules (tested in ``tests/test_scoped.py`` and ``tests/test_threads.py``):
+
+* nothing in ``torch`` or ``torch.nn.functional`` is ever replaced: rules for
+  functions (guided backprop, DeconvNet, DeepLIFT) are :class:`FunctionRules`, a
+  ``torch.overrides.TorchFunctionMode``. A mode lives on the calling thread's own
+  mode stack, so a rule acts only inside the ``with`` block and only in the thread
+  that entered it; another thread's forward and backward passes never see it;
+* every change to a model (hooks, flags, attributes, canonizers, merged weights) is
+  recorded in a :class:`Scope` and undone in reverse order in a ``finally``, also
+  when setting it up fails part-way.
+
+The pieces:
+
+* :class:`Scope` – a change log (a ``contextlib.ExitStack``) with helpers for each
+  kind of change::
+
+      with Scope() as scope:
+          scope.handle(module.register_forward_hook(hook))   # hook handle: removed
+          scope.set(module, "eps", 0.0)                      # attribute: restored
+          scope.undo(canonizer.remove)                       # any undo function
+          canonizer.register(...)                            # (record the undo first)
+          scope.mode(FunctionRules({F.relu: rule}))          # function rules: exited
+          ...                                                # everything undone here
+
+  Record an undo *before* the change it reverts when the change can fail half-way
+  (zennit's ``Composite.register``): ``scope.undo(composite.remove)`` then
+  ``composite.register(model)``.
+* :func:`model_guard` – eval mode and non-in-place activations for the duration of a
+  call, reference-counted per model so several threads can explain one model.
+* :func:`capture` – forward hooks that record layer outputs (this thread's passes only).
+* :func:`relu_backward` – guided backprop / DeconvNet backward rules for ReLUs
+  (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu`` and their in-place forms).
+* :func:`census` – the non-linearities one forward pass calls, for preconditions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+_MISSING = object()
+
+
+class Scope(contextlib.ExitStack):
+    """A log of changes, undone in reverse order on exit (exception or not).
+
+    >>> m = nn.BatchNorm2d(2)
+    >>> with Scope() as scope:
+    ...     scope.set(m, "eps", 0.0)
+    ...     assert m.eps == 0.0
+    >>> m.eps
+    1e-05
+    """
+
+    def handle(self, handle: RemovableHandle) -> RemovableHandle:
+        """Record a hook handle (``register_*_hook``'s result): removed on exit."""
+        self.callback(handle.remove)
+        return handle
+
+    def set(self, obj: Any, name: str, value: Any) -> None:
+        """``setattr(obj, name, value)``, restoring the old value (or its absence) on exit."""
+        old = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else _MISSING
+        if old is _MISSING and hasattr(obj, name):
+            old = getattr(obj, name)  # a parameter, buffer or class attribute
+            restore = (lambda: setattr(obj, name, old)) if name in _instance_names(obj) \
+                else (lambda: _delete(obj, name))
+        elif old is _MISSING:
+            restore = lambda: _delete(obj, name)  # noqa: E731
+        else:
+            restore = lambda: setattr(obj, name, old)  # noqa: E731
+        self.callback(restore)
+        setattr(obj, name, value)
+
+    def undo(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Record any undo function (e.g. a canonizer's ``remove``), called on exit."""
+        self.callback(function, *args, **kwargs)
+
+    def mode(self, mode: TorchFunctionMode) -> TorchFunctionMode:
+        """Enter a torch function mode (this thread only) until exit."""
+        return self.enter_context(mode)
+
+
+def _instance_names(obj: Any) -> set[str]:
+    names = set(getattr(obj, "__dict__", {}))
+    if isinstance(obj, nn.Module):
+        names |= set(obj._parameters) | set(obj._buffers) | set(obj._modules)
+    return names
+
+
+def _delete(obj: Any, name: str) -> None:
+    if hasattr(obj, name):
+        delattr(obj, name)
+
+
+class HookSet(Scope):
+    """Hook handles collected in one place and removed in one call (a :class:`Scope`)."""
+
+    def add(self, handle: RemovableHandle) -> None:
+        self.handle(handle)
+
+    def remove(self) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------- model guard
 # Explanations may run in several threads on one model (dask's threaded scheduler):
 # the guard is reference-counted per model so the first entry saves the state and
-# the last exit restores it, and hooks/ReLU swaps only act in the thread that made them.
+# the last exit restores it.
 _GUARD_LOCK = threading.Lock()
-_GUARDED: dict[int, list] = {}  # id(model) -> [entries, training flags, inplace flags]
+_GUARDED: dict[int, list] = {}  # id(model) -> [entries, Scope of the flag changes]
 
 
 @contextlib.contextmanager
 def model_guard(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` in eval mode with non-in-place ReLUs; restore everything after.
+    """Run ``model`` in eval mode with non-in-place activations; restore everything after.
 
     In-place activations break forward/backward hooks and overwrite captured
     activations, so they are switched off here rather than rejected. Nested and
@@ -44,18 +140,20 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
         if key in _GUARDED:
             _GUARDED[key][0] += 1
         else:
-            modules = list(model.modules())
-            training = [(m, m.training) for m in modules]
-            inplace = [(m, True) for m in modules if getattr(m, "inplace", None) is True]
-            _GUARDED[key] = [1, training, inplace]
-            # flags are only written where they change: Module.train()/__setattr__ on
-            # every module of an eval-mode ResNet50 costs milliseconds, paid by every
-            # slider change
-            for m, flag in training:
-                if flag:
-                    m.training = False
-            for m, _ in inplace:
-                m.inplace = False
+            scope = Scope()
+            try:
+                # flags are only written where they change: Module.train()/__setattr__
+                # on every module of an eval-mode ResNet50 costs milliseconds, paid by
+                # every slider change
+                for m in model.modules():
+                    if m.training:
+                        scope.set(m, "training", False)
+                    if getattr(m, "inplace", None) is True:
+                        scope.set(m, "inplace", False)
+            except BaseException:
+                scope.close()
+                raise
+            _GUARDED[key] = [1, scope]
     try:
         yield model
     finally:
@@ -64,27 +162,10 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
             entry[0] -= 1
             if entry[0] == 0:
                 del _GUARDED[key]
-                for m, flag in entry[1]:
-                    if m.training != flag:
-                        m.training = flag
-                for m, flag in entry[2]:
-                    m.inplace = flag
+                entry[1].close()
 
 
-class HookSet:
-    """Handles collected in one place and removed in one call."""
-
-    def __init__(self) -> None:
-        self.handles: list[RemovableHandle] = []
-
-    def add(self, handle: RemovableHandle) -> None:
-        self.handles.append(handle)
-
-    def remove(self) -> None:
-        while self.handles:
-            self.handles.pop().remove()
-
-
+# --------------------------------------------------------------------- capture
 class RecordOverwritten(RuntimeError):
     """A recorded output was changed in place later in the pass (see :func:`capture`)."""
 
@@ -101,6 +182,7 @@ def capture(
     With ``copy=False`` nothing is copied (cheaper: MLFEM records 16 blocks);
     instead, leaving the block raises :class:`RecordOverwritten` if a record was
     changed in place after it was made, so the caller can run again with copies.
+    Only passes of the thread that opened the block are recorded.
 
     >>> conv = nn.Conv2d(3, 4, 3)
     >>> with capture({"conv": conv}) as acts:
@@ -110,7 +192,6 @@ def capture(
     """
     records: dict[str, torch.Tensor] = {}
     versions: dict[str, int] = {}
-    hooks = HookSet()
     owner = threading.get_ident()
 
     def make_hook(name: str) -> Callable:
@@ -130,20 +211,160 @@ def capture(
 
         return hook
 
-    try:
+    with Scope() as scope:
         for name, module in modules.items():
-            hooks.add(module.register_forward_hook(make_hook(name)))
+            scope.handle(module.register_forward_hook(make_hook(name)))
         yield records
-    finally:
-        hooks.remove()
     changed = [name for name, version in versions.items()
                if records[name]._version != version]
     if changed:
         raise RecordOverwritten(f"outputs of {changed} were modified in place after capture")
 
 
+# ------------------------------------------------------------- function rules
+Rule = Callable[[Callable, tuple, dict], Any]
+
+
+class FunctionRules(TorchFunctionMode):
+    """Call ``rules[f](f, args, kwargs)`` instead of torch function ``f`` inside the block.
+
+    A ``TorchFunctionMode``: it sits on the entering thread's mode stack, so other
+    threads never see it, and no function in torch is replaced. Inside a rule the
+    mode is off (calling ``f`` runs torch's own function). ``observe(f, args, kwargs)``,
+    if given, sees every torch function called in the block (e.g. to name the
+    non-linearities a model uses). ``bypass()`` turns the rules off for a while in
+    this thread (an ``autograd.Function.backward`` that calls the original function).
+
+    >>> double_relu = FunctionRules({F.relu: lambda f, args, kw: 2 * f(*args, **kw)})
+    >>> with double_relu:
+    ...     F.relu(torch.tensor([-1.0, 3.0]))
+    tensor([0., 6.])
+    """
+
+    def __init__(self, rules: Mapping[Callable, Rule],
+                 observe: Callable[[Callable, tuple, dict], None] | None = None) -> None:
+        super().__init__()
+        self.rules = dict(rules)
+        self.observe = observe
+        self._bypass = 0
+
+    @contextlib.contextmanager
+    def bypass(self) -> Iterator[None]:
+        self._bypass += 1
+        try:
+            yield
+        finally:
+            self._bypass -= 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if self._bypass:
+            return func(*args, **kwargs)
+        if self.observe is not None:
+            self.observe(func, args, kwargs)
+        rule = self.rules.get(func)
+        if rule is None:
+            return func(*args, **kwargs)
+        return rule(func, args, kwargs)
+
+
+#: where the functions named below live
+NAMESPACES: dict[str, Any] = {"F": F, "torch": torch, "Tensor": torch.Tensor}
+
+
+def named_functions(namespace: str, names: str) -> dict[Callable, str]:
+    """``{function: "namespace.name"}`` for the space-separated ``names`` that exist.
+
+    >>> named_functions("F", "relu no_such_function")  # doctest: +ELLIPSIS
+    {<function relu at ...>: 'F.relu'}
+    """
+    owner = NAMESPACES[namespace]
+    return {getattr(owner, n): f"{namespace}.{n}" for n in names.split() if hasattr(owner, n)}
+
+
+#: every way to call a ReLU: nn.ReLU calls F.relu; in-place forms included
+RELU_FUNCTIONS: dict[Callable, str] = {
+    **named_functions("F", "relu relu_"), **named_functions("torch", "relu relu_"),
+    **named_functions("Tensor", "relu relu_"),
+}
+#: elementwise activations other than ReLU (the torch functions their modules call)
+OTHER_ACTIVATIONS: dict[Callable, str] = {
+    **named_functions("F", "silu gelu leaky_relu leaky_relu_ hardswish hardsigmoid elu elu_ "
+                     "selu celu mish softplus relu6 hardtanh hardtanh_ prelu rrelu logsigmoid "
+                     "softsign tanhshrink sigmoid tanh"),
+    **named_functions("torch", "sigmoid sigmoid_ tanh tanh_ selu celu prelu rrelu"),
+    **named_functions("Tensor", "sigmoid sigmoid_ tanh tanh_"),
+}
+#: functions that compute a ReLU when called with a zero bound (warned about)
+RELU_LIKE: dict[Callable, str] = {
+    **named_functions("torch", "clamp clamp_ clip clamp_min clamp_min_ maximum fmax max"),
+    **named_functions("Tensor", "clamp clamp_ clip clip_ clamp_min clamp_min_ maximum "
+                                     "fmax max"),
+    **named_functions("F", "threshold threshold_"),
+}
+
+
+def _is_zero(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.numel() > 0 and not value.requires_grad and bool((value == 0).all())
+    return isinstance(value, (int, float)) and value == 0
+
+
+def relu_like_call(func: Callable, args: tuple, kwargs: dict) -> str | None:
+    """How a call computes a ReLU without being one (``clamp(min=0)``, ``maximum(x, 0)``,
+    ``threshold(x, 0, 0)``), or ``None``."""
+    name = RELU_LIKE.get(func)
+    if name is None:
+        return None
+    rest = list(args[1:])
+    if name.endswith(("clamp", "clamp_", "clip", "clip_")):
+        low = kwargs.get("min", rest[0] if rest else None)
+        high = kwargs.get("max", rest[1] if len(rest) > 1 else None)
+        return f"{name}(min=0)" if _is_zero(low) and high is None else None
+    if name.endswith(("clamp_min", "clamp_min_")):
+        return f"{name}(0)" if rest and _is_zero(rest[0]) else None
+    if name.endswith(("maximum", "fmax", "max")):
+        other = kwargs.get("other", rest[0] if rest else None)
+        zero_first = _is_zero(args[0]) if args else False
+        return f"{name}(x, 0)" if _is_zero(other) or zero_first else None
+    threshold = kwargs.get("threshold", rest[0] if rest else None)
+    value = kwargs.get("value", rest[1] if len(rest) > 1 else None)
+    return f"{name}(x, 0, 0)" if _is_zero(threshold) and _is_zero(value) else None
+
+
+def census(model: nn.Module, x: torch.Tensor) -> Counter[str]:
+    """The non-linearities one forward pass of ``model`` on ``x`` calls, by name and count.
+
+    Names are ``"F.relu"``, ``"Tensor.relu"``, ``"F.silu"``, ... and for ReLUs written
+    another way ``"torch.clamp(min=0)"`` etc. Nothing is changed in the model or torch.
+
+    >>> census(nn.Sequential(nn.Linear(2, 2), nn.SiLU(), nn.ReLU()), torch.ones(1, 2))
+    Counter({'F.silu': 1, 'F.relu': 1})
+    """
+    found: Counter[str] = Counter()
+
+    def observe(func: Callable, args: tuple, kwargs: dict) -> None:
+        name = RELU_FUNCTIONS.get(func) or OTHER_ACTIVATIONS.get(func)
+        name = name or relu_like_call(func, args, kwargs)
+        if name is not None:
+            found[name] += 1
+
+    with model_guard(model), torch.no_grad(), FunctionRules({}, observe=observe):
+        model(x)
+    return found
+
+
+def activation_modules(model: nn.Module) -> list[str]:
+    """Class names of the activation modules in ``model`` other than ``nn.ReLU``."""
+    kinds = {type(m).__name__ for m in model.modules()
+             if type(m).__module__.startswith("torch.nn.modules.activation")
+             and not isinstance(m, nn.ReLU)}
+    return sorted(kinds)
+
+
+# --------------------------------------------------------- ReLU backward rules
 class RuleSwitch:
-    """On/off switch of a swapped ReLU backward rule, read at backward time.
+    """On/off switch of a ReLU backward rule, read at backward time.
 
     One forward pass inside :func:`relu_backward` can then serve two backward passes:
     ``active = False`` gives ordinary ReLU gradients (e.g. Grad-CAM's, to a layer),
@@ -197,51 +418,35 @@ class _DeconvReLU(torch.autograd.Function):
 
 
 _RELU_RULES = {"guided": _GuidedReLU, "deconvnet": _DeconvReLU}
-_ORIGINAL_RELUS = (F.relu, F.relu_, torch.relu, torch.relu_)
-_relu_state = threading.local()
-_swap_lock = threading.Lock()
-_swap_users = 0
-
-
-def _dispatch(original: Callable, takes_inplace: bool) -> Callable:
-    """A stand-in for a ReLU function: the swapped rule in threads that asked for one."""
-
-    def relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        rule = getattr(_relu_state, "rule", None)
-        if rule is None:
-            return original(x, inplace=inplace) if takes_inplace else original(x)
-        return rule.apply(x, _relu_state.switch)
-
-    return relu
-
-
-_SWAPPED = tuple(_dispatch(f, i == 0) for i, f in enumerate(_ORIGINAL_RELUS))
 
 
 @contextlib.contextmanager
 def relu_backward(rule: str) -> Iterator[RuleSwitch]:
-    """Swap the backward rule of every ReLU called inside the block (this thread only).
+    """Give every ReLU called inside the block (this thread only) another backward rule.
 
-    ``rule`` is ``"guided"`` or ``"deconvnet"``. It works by swapping
-    ``torch.nn.functional.relu`` (which ``nn.ReLU`` calls) and ``torch.relu``
-    while any thread is inside such a block, so a ReLU module used twice, a
-    functional ReLU and an in-place ReLU all get the rule, and no module is
-    edited. Other threads keep ordinary ReLUs. The block yields a :class:`RuleSwitch`
-    that turns the rule off and on for later backward passes of the same forward.
+    ``rule`` is ``"guided"`` or ``"deconvnet"``. ``nn.ReLU`` (which calls ``F.relu``),
+    ``F.relu``, ``torch.relu``, ``Tensor.relu`` and the in-place forms all get it, a
+    ReLU module used twice included; no module is edited and no torch function is
+    replaced (a :class:`FunctionRules` mode). Other activations keep their gradient.
+    The block yields a :class:`RuleSwitch` that turns the rule off and on for later
+    backward passes of the same forward.
+
+    >>> x = torch.tensor([-1.0, 2.0], requires_grad=True)
+    >>> with relu_backward("deconvnet"):
+    ...     torch.autograd.grad(torch.relu(x).sum(), x)[0]
+    tensor([1., 1.])
     """
-    global _swap_users
-    function = _RELU_RULES[rule]
-    previous = getattr(_relu_state, "rule", None), getattr(_relu_state, "switch", None)
-    with _swap_lock:
-        if _swap_users == 0:
-            F.relu, F.relu_, torch.relu, torch.relu_ = _SWAPPED
-        _swap_users += 1
-    _relu_state.rule, _relu_state.switch = function, RuleSwitch()
-    try:
-        yield _relu_state.switch
-    finally:
-        _relu_state.rule, _relu_state.switch = previous
-        with _swap_lock:
-            _swap_users -= 1
-            if _swap_users == 0:
-                F.relu, F.relu_, torch.relu, torch.relu_ = _ORIGINAL_RELUS
+    if rule not in _RELU_RULES:
+        raise ValueError(f"unknown ReLU rule {rule!r}; use one of {list(_RELU_RULES)}")
+    function, switch = _RELU_RULES[rule], RuleSwitch()
+
+    def apply(func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+        out = function.apply(args[0], switch)
+        if RELU_FUNCTIONS[func].endswith("_") or kwargs.get("inplace") or (
+                len(args) > 1 and args[1] is True):
+            # in place, as asked (callers may ignore the result): autograd records the copy
+            return args[0].copy_(out)
+        return out
+
+    with FunctionRules(dict.fromkeys(RELU_FUNCTIONS, apply)):
+        yield switch
