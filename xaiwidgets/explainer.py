@@ -176,6 +176,7 @@ class Explainer:
             if layer is not None:
                 _layers.resolve_layer(self.model, layer)
         with model_guard(self.model), ctx.recording() as extra:
+            m.check(ctx, layer, resolved)
             if m.class_agnostic:
                 # the target only labels the result: computing first lets the forward
                 # that fills the activation cache also give the logits target=None

@@ -117,6 +117,14 @@ class Method:
     ) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check(self, ctx: Context, layer: str | None, params: dict[str, Any]) -> None:
+        """Preconditions, checked by the Explainer before :meth:`attribute`.
+
+        Raise ``ValueError`` naming what is missing when the method cannot give a
+        meaningful result on this model (guided backprop without ReLUs), or warn when
+        the result is only approximate. Default: no preconditions.
+        """
+
     def default_layer(self, ctx: Context) -> str | None:
         """The layer used when the caller gives none (only for ``uses_layer`` methods)."""
         return ctx.default_layer() if self.uses_layer else None
