@@ -7,6 +7,7 @@ import torch
 from ..core.ops import minmax, upsample
 from ..core.registry import Method, register
 from ..core.scoped import relu_backward
+from .gradient import require_relus
 
 
 def gradcam_map(ctx, target: torch.Tensor, layer: str) -> torch.Tensor:
@@ -33,6 +34,7 @@ class GradCAM(Method):
     family = "cam"
     default_reduce = "map"
     uses_layer = True
+    target_from_pass = True
     normalize_output = True
 
     def attribute(self, ctx, target, layer, **params) -> torch.Tensor:
@@ -47,13 +49,18 @@ class GuidedGradCAM(Method):
     family = "cam"
     default_reduce = "map"
     uses_layer = True
+    target_from_pass = True
     normalize_output = True
+
+    def check(self, ctx, layer, params) -> None:
+        """Guided backprop's precondition (``families/gradient.py``: ReLUs needed)."""
+        require_relus(ctx, self.name)
 
     def attribute(self, ctx, target, layer, **params) -> torch.Tensor:
         x = ctx.inputs.detach().requires_grad_(True)
         with relu_backward("guided") as guided:
             logits, acts = ctx.forward(x, layers=[layer], grad=True)
-            score = logits.gather(1, target[:, None]).sum()
+            score = logits.gather(1, ctx.pass_target(logits, target)[:, None]).sum()
             # one forward serves both backward passes: ordinary ReLU gradients down to
             # the layer (Grad-CAM), then guided ones on to the input
             guided.active = False

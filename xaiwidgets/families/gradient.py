@@ -1,13 +1,82 @@
-"""Gradient family: gradient, guided backprop, DeconvNet, Integrated Gradients, SmoothGrad."""
+"""Gradient family: gradient, guided backprop, DeconvNet, Integrated Gradients, SmoothGrad.
+
+Guided backprop, DeconvNet (and Guided Grad-CAM) change the backward rule of ReLUs
+only: ``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu`` and the in-place forms.
+Their precondition (:func:`require_relus`, checked before computing):
+
+* a model whose forward pass calls no ReLU is refused (``ValueError`` naming the
+  activations it does call: SiLU, GELU, LeakyReLU, Hardswish, ...): the result would be
+  exactly the plain gradient;
+* other activations next to ReLUs (a sigmoid gate, a Hardswish) keep their ordinary
+  gradient (as in Captum); a :class:`ReluRuleWarning` names them;
+* ReLUs written another way (``clamp(min=0)``, ``F.threshold(x, 0, 0)``,
+  ``torch.maximum(x, 0)``) are not given the rule; a :class:`ReluRuleWarning` names them.
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from typing import Any
 
 import torch
 
 from ..core.registry import Method, Param, register
-from ..core.scoped import relu_backward
+from ..core.scoped import (
+    OTHER_ACTIVATIONS,
+    RELU_FUNCTIONS,
+    activation_modules,
+    census,
+    relu_backward,
+)
+
+
+class ReluRuleWarning(UserWarning):
+    """A ReLU backward rule (guided, DeconvNet) does not reach some non-linearities."""
+
+
+def nonlinearities(ctx) -> Counter[str]:
+    """The non-linearities the model calls (one forward pass on one image, cached)."""
+    cache = ctx.valid_cache()
+    if "census" not in cache:
+        cache["census"] = census(ctx.model, ctx.inputs[:1])
+    return cache["census"]
+
+
+def require_relus(ctx, method: str) -> None:
+    """Refuse a model without ReLUs, warn about what the ReLU rule does not reach.
+
+    >>> import torch, xaiwidgets as xw
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.SiLU(),
+    ...                           torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    >>> xw.explain(net, torch.rand(1, 3, 8, 8), "guided_backprop")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: guided_backprop changes the backward rule of ReLUs, and this model calls none...
+    """
+    found = nonlinearities(ctx)
+    relus = [name for name in found if name in RELU_FUNCTIONS.values()]
+    others = [name for name in found if name in OTHER_ACTIVATIONS.values()]
+    written = [name for name in found if name not in relus and name not in others]
+    listed = lambda names: ", ".join(f"{n} (x{found[n]})" for n in names)  # noqa: E731
+    modules = activation_modules(ctx.model)
+    in_modules = f" (modules: {', '.join(modules)})" if modules else ""
+    if not relus:
+        uses = listed(others + written) or "no activation torch can see"
+        raise ValueError(
+            f"{method} changes the backward rule of ReLUs, and this model calls none: it "
+            f"uses {uses}{in_modules}. The result would equal the plain gradient; use "
+            "'gradient', 'integrated_gradients' or 'deeplift' instead"
+        )
+    if others:
+        warnings.warn(
+            f"{method}: {listed(others)}{in_modules} keep their ordinary gradient; only "
+            f"the ReLUs ({listed(relus)}) get the {method} rule", ReluRuleWarning,
+            stacklevel=4)
+    if written:
+        warnings.warn(
+            f"{method}: {listed(written)} compute ReLUs but are not ReLU calls, so they "
+            "keep their ordinary gradient; write them as torch.relu / nn.ReLU to give "
+            f"them the {method} rule", ReluRuleWarning, stacklevel=4)
 
 BATCH_SIZE = Param("batch_size", 32, kind="int", low=1, doc="samples per model call (memory)")
 
@@ -18,7 +87,12 @@ class Gradient(Method):
 
     name = "gradient"
     family = "gradient"
+    target_from_pass = True
     relu_rule: str | None = None
+
+    def check(self, ctx, layer: str | None, params: dict[str, Any]) -> None:
+        if self.relu_rule is not None:
+            require_relus(ctx, self.name)
 
     def attribute(self, ctx, target, layer, **params: Any) -> torch.Tensor:
         if self.relu_rule is None:
