@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only check they are up to date")
     args = parser.parse_args(argv)
     stale = []
-    for source in sorted(SOURCES.glob("[0-9]*.py")):
+    for source in sorted(SOURCES.glob("*.py")):  # the numbered notebooks and app.py
         target = HERE / f"{source.stem}.ipynb"
         text = nbformat.writes(build(source)) + "\n"
         if target.exists() and target.read_text() == text:

@@ -156,26 +156,30 @@ show({"gradient": grad, "Grad-CAM": cam, "FEM": fem, "GFDM (people)": ds.gfdm})
 # Grad-CAM and FEM land on the object, roughly where the (simulated) observers looked; the
 # gradient is sharper but noisier. `04_evaluation` turns this impression into numbers.
 #
-# ## 6. Your own model
+# ## 6. Your own model, on real photos
 #
-# Any `torch.nn.Module` classifier works, for example a torchvision network on real photos.
-# Without internet we build ResNet-18 with `weights=None`, i.e. **random weights**: the maps
-# below show the machinery, not a meaningful explanation. On Binder or anywhere with internet,
-# `xw.models.load("resnet18")` downloads the ImageNet weights and the same code explains a
-# real classifier.
+# Any `torch.nn.Module` classifier works, for example a torchvision network on photos.
+# `xw.models.load_or_fallback("resnet50")` downloads ResNet-50's ImageNet weights (once, into
+# the torch hub cache) with the 1000 ImageNet class names. Without internet it builds the same
+# network with **random weights** instead and says so: the maps below then show the
+# machinery, not a meaningful explanation. On Binder the download works.
 
 # %%
-photos, photo_names = xw.datasets.photos(size=160, names=["cat", "coffee"])
-net, net_preprocess, net_classes = xw.models.load("resnet18", weights=None)
+choice = xw.models.load_or_fallback("resnet50")
+print(choice.note)
+net, net_preprocess, net_classes = choice.loaded
+photos, photo_names = xw.datasets.photos(size=224, names=["cat", "coffee"])
 photo_ex = xw.Explainer(net, photos, preprocess=net_preprocess, classes=net_classes)
-print("ResNet-18 residual blocks:", photo_ex.block_layers())
+photo_pred = photo_ex.predict(top=1)
+print("ResNet-50 residual blocks:", photo_ex.block_layers())
 photo_cam = photo_ex.explain("gradcam")
 fig, axes = plt.subplots(1, 4, figsize=(10, 2.8))
 for i, name in enumerate(photo_names):
+    guess = str(photo_pred.class_name[i, 0].values)
     axes[2 * i].imshow(photos[i].permute(1, 2, 0).numpy())
-    axes[2 * i].set_title(name)
+    axes[2 * i].set_title(f"{name}: {guess}"[:28])
     axes[2 * i + 1].imshow(photo_cam.xai.overlay(photos, index=i))
-    axes[2 * i + 1].set_title("Grad-CAM (random weights!)")
+    axes[2 * i + 1].set_title("Grad-CAM" + (" (random weights!)" if choice.offline else ""))
 for ax in axes:
     ax.axis("off")
 plt.tight_layout()
@@ -186,12 +190,14 @@ plt.tight_layout()
 # `ExplainerWidget` puts all of this behind controls: pick an image, a method, a layer, a
 # target class and the method's parameters (sliders come from each method's declared
 # parameters). In a live notebook, move the sliders; here we also drive it from code,
-# exactly as a click would.
+# exactly as a click would. Slow methods compute in the background (the controls stay
+# responsive, a newer change cancels the older one); `w.wait()` waits for the latest map.
 
 # %%
 w = xw.ExplainerWidget(model, images, preprocess=preprocess, classes=classes)
 w.controls["method"].value = "gradcam"
 display(w)
+w.wait()  # maps are computed in the background: a slow method never freezes the notebook
 print(w.result.attrs["method"], w.result.attrs["layer"])
 
 # %% [markdown]
