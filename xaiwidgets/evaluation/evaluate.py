@@ -3,9 +3,11 @@
 The images are split into chunks of ``batch_size``; each chunk is one
 ``dask.delayed`` task that builds an :class:`~xaiwidgets.Explainer` on its images,
 computes every method's maps and scores them against the gaze data. Without a
-client the tasks run on dask's local threaded scheduler (tqdm progress bar); with
-``client=`` (a ``dask.distributed.Client``) the same tasks go to the cluster and
-the model is scattered to the workers once.
+client the tasks run on dask's configured scheduler (``dask.config.set(scheduler=
+"synchronous")``, ``"processes"``, a default ``Client``), threads when none is set
+(tqdm progress bar); with ``client=`` (a ``dask.distributed.Client``) the same tasks
+go to the cluster and the model is scattered to the workers once. Every scheduler
+gives bit-identical numbers (``attrs["scheduler"]`` says which one ran).
 
 The result is an ``xr.Dataset`` with dims ("image", "method"), one variable per
 metric, image coordinates (``label``, ``predicted``, ``correct``, ...) to split
@@ -176,7 +178,11 @@ def evaluate(
         ``{method: {parameter: value}}``; ``"layer"`` and ``"reduce"`` are accepted; a
         list for a number/choice parameter (or ``layer``) sweeps it (module docstring).
     client
-        A ``dask.distributed.Client``; default: local threads.
+        A ``dask.distributed.Client``. Default: dask's configured scheduler
+        (``dask.config.set(scheduler="synchronous")``, a default ``Client``), and
+        local threads when none is configured. Every scheduler gives the same numbers:
+        each task explains with its own copy of the model, and method rules are
+        scoped to the thread that runs them.
     batch_size
         Images per task (and per model call).
     target
@@ -231,6 +237,8 @@ def evaluate(
     # pickled by us (cloudpickle: models defined in a notebook work too), because
     # distributed's own serialisation of modules loses their hook dicts' type
     model_ref: Any = cloudpickle.dumps(model)
+    scheduler = scheduler_name(client)
+    client = client if client is not None else default_client(scheduler)
     if client is not None:  # sent to each worker once, not with every task
         model_ref = client.scatter(model_ref, broadcast=True, hash=False)
     run = dask.delayed(_run_chunk, pure=False)
@@ -245,7 +253,41 @@ def evaluate(
         ))
     results = _compute(tasks, client, progress)
     return _assemble(results, dataset, specs, metric_names, labels, model, model_name,
-                     preprocess, params, target, batch_size, client)
+                     preprocess, params, target, batch_size, scheduler)
+
+
+def scheduler_name(client: Any = None) -> str:
+    """The scheduler :func:`evaluate` uses: ``"distributed"`` with a client (given, or
+    the default one a ``dask.distributed.Client`` sets), else dask's configured
+    ``scheduler`` (``dask.config.set(scheduler="synchronous")``), else ``"threads"``.
+
+    >>> import dask
+    >>> with dask.config.set(scheduler="synchronous"):
+    ...     scheduler_name()
+    'synchronous'
+    """
+    if client is not None:
+        return "distributed"
+    import dask
+
+    configured = dask.config.get("scheduler", None)
+    if configured is None:
+        return "threads"
+    if not isinstance(configured, str):
+        return getattr(configured, "__name__", type(configured).__name__)
+    aliases = {"threading": "threads", "sync": "synchronous", "single-threaded":
+               "synchronous", "multiprocessing": "processes", "dask.distributed":
+               "distributed"}
+    return aliases.get(configured, configured)
+
+
+def default_client(scheduler: str) -> Any:
+    """The distributed client a ``dask.config`` scheduler of "distributed" refers to."""
+    if scheduler != "distributed":
+        return None
+    from distributed import default_client as current
+
+    return current()
 
 
 def _compute(tasks: list, client: Any, progress: bool) -> list[dict[str, Any]]:
@@ -253,12 +295,13 @@ def _compute(tasks: list, client: Any, progress: bool) -> list[dict[str, Any]]:
 
     desc = f"evaluate ({len(tasks)} tasks)"
     if client is None:
+        # dask's configured scheduler (threads when none is): compute() reads it
         if not progress:
-            return list(dask.compute(*tasks, scheduler="threads"))
+            return list(dask.compute(*tasks))
         from tqdm.dask import TqdmCallback
 
         with TqdmCallback(desc=desc, leave=False):
-            return list(dask.compute(*tasks, scheduler="threads"))
+            return list(dask.compute(*tasks))
     futures = client.compute(tasks)
     if progress:
         from distributed import as_completed
@@ -272,7 +315,7 @@ def _compute(tasks: list, client: Any, progress: bool) -> list[dict[str, Any]]:
 def _assemble(results: list[dict[str, Any]], dataset: xr.Dataset, specs: list[Variant],
               metric_names: Sequence[str], labels: np.ndarray | None, model: nn.Module,
               model_name: str | None, preprocess: Callable | None, params: Any,
-              target: str, batch_size: int, client: Any) -> xr.Dataset:
+              target: str, batch_size: int, scheduler: str) -> xr.Dataset:
     """Concatenate the chunks into the result Dataset (coords and netCDF-safe attrs)."""
     def cat(key: str) -> np.ndarray:
         return np.concatenate([r[key] for r in results])
@@ -314,7 +357,7 @@ def _assemble(results: list[dict[str, Any]], dataset: xr.Dataset, specs: list[Va
                              default=lambda value: str(attr_value(value))),
         "target": target,
         "batch_size": batch_size,
-        "scheduler": "distributed" if client is not None else "threads",
+        "scheduler": scheduler,
         "classes": json.dumps(list(dataset.attrs.get("classes", []))),
         "dataset_attrs": json.dumps({k: attr_value(v) for k, v in dataset.attrs.items()},
                                     default=str),
