@@ -175,7 +175,7 @@ class Explainer:
             layer = layer if layer is not None else m.default_layer(ctx)
             if layer is not None:
                 _layers.resolve_layer(self.model, layer)
-        with model_guard(self.model), ctx.recording() as extra:
+        with model_guard(self.model, exclusive=m.changes_model), ctx.recording() as extra:
             m.check(ctx, layer, resolved)
             if m.class_agnostic:
                 # the target only labels the result: computing first lets the forward

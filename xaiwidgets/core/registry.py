@@ -107,6 +107,9 @@ class Method:
     #: True when the method ignores the target class (FEM); its ``attribute`` then gets
     #: ``target=None`` (the target, resolved after it, only labels the result)
     class_agnostic: ClassVar[bool] = False
+    #: True when ``attribute`` changes the model while it runs (LRP's canonizers): the
+    #: Explainer then holds the model exclusively (other threads' calls on it wait)
+    changes_model: ClassVar[bool] = False
     #: normalise the final 2-D map to [0, 1] (CAM, FEM)
     normalize_output: ClassVar[bool] = False
     #: parameter overrides for a quick run (tests, previews): few samples/steps
