@@ -114,20 +114,64 @@ class HookSet(Scope):
 
 
 # ----------------------------------------------------------------- model guard
-# Explanations may run in several threads on one model (dask's threaded scheduler):
-# the guard is reference-counted per model so the first entry saves the state and
-# the last exit restores it.
-_GUARD_LOCK = threading.Lock()
-_GUARDED: dict[int, list] = {}  # id(model) -> [entries, Scope of the flag changes]
+# Explanations may run in several threads on one model (widgets, user threads): the
+# guard is a per-model readers-writer lock. Shared entries (methods that only run the
+# model) overlap; an exclusive entry (a method that changes the model, e.g. LRP's
+# BatchNorm merge) waits for them and keeps others out. The first entry saves the
+# flags, the last exit restores them. Entries nest within a thread.
+_GUARD = threading.Condition(threading.Lock())
+_GUARDED: dict[int, _Guard] = {}
+_WRITERS_WAITING: Counter[int] = Counter()
+
+
+class _Guard:
+    def __init__(self, scope: Scope, owner: int | None) -> None:
+        self.scope = scope
+        self.owner = owner  # the thread holding it exclusively, or None
+        self.holders: Counter[int] = Counter()
+
+
+def _flag_scope(model: nn.Module) -> Scope:
+    scope = Scope()
+    try:
+        # flags are only written where they change: Module.train()/__setattr__ on
+        # every module of an eval-mode ResNet50 costs milliseconds, paid by every
+        # slider change
+        for m in model.modules():
+            if m.training:
+                scope.set(m, "training", False)
+            if getattr(m, "inplace", None) is True:
+                scope.set(m, "inplace", False)
+    except BaseException:
+        scope.close()  # what was set before the failure is restored too
+        raise
+    return scope
+
+
+def _admitted(key: int, me: int, exclusive: bool) -> bool:
+    entry = _GUARDED.get(key)
+    if entry is None or entry.owner == me:
+        return True
+    if exclusive:
+        if me in entry.holders:
+            raise RuntimeError(
+                "a model guarded for this thread's shared use cannot be changed inside "
+                "the same call; declare the method with changes_model = True so that the "
+                "Explainer takes the model exclusively from the start"
+            )
+        return False
+    return entry.owner is None and (me in entry.holders or not _WRITERS_WAITING[key])
 
 
 @contextlib.contextmanager
-def model_guard(model: nn.Module) -> Iterator[nn.Module]:
+def model_guard(model: nn.Module, exclusive: bool = False) -> Iterator[nn.Module]:
     """Run ``model`` in eval mode with non-in-place activations; restore everything after.
 
     In-place activations break forward/backward hooks and overwrite captured
     activations, so they are switched off here rather than rejected. Nested and
     concurrent guards on one model are fine: the last one out restores the state.
+    ``exclusive=True`` (for code that changes the model: canonizers, merged weights)
+    waits until no other thread uses the model and keeps other threads' guards waiting.
 
     >>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(inplace=True)).train()
     >>> with model_guard(m):
@@ -135,34 +179,36 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
     >>> m.training, m[1].inplace
     (True, True)
     """
-    key = id(model)
-    with _GUARD_LOCK:
-        if key in _GUARDED:
-            _GUARDED[key][0] += 1
-        else:
-            scope = Scope()
-            try:
-                # flags are only written where they change: Module.train()/__setattr__
-                # on every module of an eval-mode ResNet50 costs milliseconds, paid by
-                # every slider change
-                for m in model.modules():
-                    if m.training:
-                        scope.set(m, "training", False)
-                    if getattr(m, "inplace", None) is True:
-                        scope.set(m, "inplace", False)
-            except BaseException:
-                scope.close()
-                raise
-            _GUARDED[key] = [1, scope]
+    key, me = id(model), threading.get_ident()
+    with _GUARD:
+        if exclusive:
+            _WRITERS_WAITING[key] += 1
+        try:
+            _GUARD.wait_for(lambda: _admitted(key, me, exclusive))
+        finally:
+            if exclusive:
+                _WRITERS_WAITING[key] -= 1
+                if not _WRITERS_WAITING[key]:
+                    del _WRITERS_WAITING[key]
+        entry = _GUARDED.get(key)
+        if entry is None:
+            entry = _GUARDED[key] = _Guard(_flag_scope(model), me if exclusive else None)
+        entry.holders[me] += 1
     try:
         yield model
     finally:
-        with _GUARD_LOCK:
-            entry = _GUARDED[key]
-            entry[0] -= 1
-            if entry[0] == 0:
+        with _GUARD:
+            entry.holders[me] -= 1
+            if not entry.holders[me]:
+                del entry.holders[me]
+            if not entry.holders:
                 del _GUARDED[key]
-                entry[1].close()
+                try:
+                    entry.scope.close()
+                finally:
+                    _GUARD.notify_all()
+            elif entry.owner is None:
+                _GUARD.notify_all()
 
 
 # --------------------------------------------------------------------- capture
