@@ -127,3 +127,132 @@ def run_sliders(model: nn.Module, x: torch.Tensor, target: int, repeats: int,
             row["note"] = f"error: {type(err).__name__}: {err}".splitlines()[0][:200]
         rows.append(row)
     return rows
+
+
+# ------------------------------------------------------------- widget latency
+#: (widget, control, value) changes timed in order; ``"method"`` changes set the method
+#: first, so the next rows change that method's parameters. ``None`` widget kwargs: default.
+WIDGET_CHANGES: dict[str, tuple[tuple[str, Any], ...]] = {
+    "ExplainerWidget": (
+        ("opacity", 0.4), ("colormap", "viridis"), ("colormap", "auto"),
+        ("target", 1), ("layer", -2), ("layer", -1),
+        ("method", "fem"), ("K", 2.0), ("method", "mlfem"), ("K", 1.5),
+        ("operator", "add"), ("alpha", 0.3), ("normalize", "interleaved"),
+        ("method", "gradient"), ("method", "lrp"), ("epsilon", 0.1),
+        ("method", "integrated_gradients"), ("method", "smoothgrad"),
+        ("image", 1), ("method", "gradcam"),
+    ),
+    "FEMStackWidget": (
+        ("opacity", 0.4), ("colormap", "viridis"), ("layer", 0), ("layer", -1),
+        ("K", 2.0), ("operator", "add"), ("alpha", 0.3), ("normalize", "interleaved"),
+        ("image", 1),
+    ),
+    "CompareWidget": (
+        ("opacity", 0.4), ("colormap", "viridis"), ("target", 1), ("layer", -2),
+        ("image", 1),
+    ),
+}
+
+
+def _resolve(w: Any, control: str, value: Any) -> Any:
+    """Indexes into options for pickers (``target`` 1: the second most probable class)."""
+    options = getattr(w.controls[control], "options", None)
+    if control in ("target", "layer") and isinstance(value, int) and options is not None:
+        option = list(options)[value]
+        return option[1] if isinstance(option, tuple) else option
+    return value
+
+
+def time_widget_changes(w: Any, changes: tuple[tuple[str, Any], ...],
+                        timeout: float = 900.0) -> list[dict[str, Any]]:
+    """For each change: ms until the change returns to the caller, until the first
+    estimate is drawn (IG/SmoothGrad...) and until the final result is drawn."""
+    import time
+
+    first: list[float] = []
+    if hasattr(w, "_show"):
+        original = w._show
+
+        def show(da: Any, estimate: bool = False) -> None:
+            original(da, estimate=estimate)
+            if estimate and not first:
+                first.append(time.perf_counter())
+        w._show = show
+    rows = []
+    for control, value in changes:
+        value = _resolve(w, control, value)
+        first.clear()
+        start = time.perf_counter()
+        w.controls[control].value = value
+        returned = time.perf_counter()
+        w.wait(timeout)
+        drawn = time.perf_counter()
+        rows.append({
+            "widget": type(w).__name__, "control": control, "value": str(value),
+            "method": getattr(w, "method", ""),
+            "return_ms": 1e3 * (returned - start), "drawn_ms": 1e3 * (drawn - start),
+            "first_estimate_ms": 1e3 * (first[0] - start) if first else None,
+            "error": w.error,
+        })
+    return rows
+
+
+def run_widget_latency(model: nn.Module, images: torch.Tensor,
+                       preprocess: Callable | None = None) -> list[dict[str, Any]]:
+    """Every control of every widget, in the background mode of a notebook."""
+    rows = []
+    for name, changes in WIDGET_CHANGES.items():
+        cls = getattr(xw, name)
+        w = cls(model, images, preprocess=preprocess, background=True)
+        w.wait()
+        rows += time_widget_changes(w, changes)
+        w.close()
+    return rows
+
+
+def widget_markdown(rows: list[dict[str, Any]]) -> str:
+    """The latency table (Markdown)."""
+    def ms(v: float | None) -> str:
+        return "–" if v is None else (f"{v:.0f}" if v >= 10 else f"{v:.1f}")
+    lines = ["| widget | control → value | method | returns (ms) | first estimate (ms) "
+             "| drawn (ms) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        note = f" (error: {r['error']})" if r["error"] else ""
+        lines.append(f"| {r['widget']} | {r['control']} → {r['value']} | {r['method']} | "
+                     f"{ms(r['return_ms'])} | {ms(r['first_estimate_ms'])} | "
+                     f"{ms(r['drawn_ms'])}{note} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.slider [--model resnet50] [--size 224] [--out FILE.json]``:
+    the widget latency table (random weights, CPU, two images)."""
+    import argparse
+    import json
+
+    import torchvision
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.slider", description=main.__doc__)
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.model)(weights=None).eval()
+    images = torch.rand(2, 3, args.size, args.size)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    rows = run_widget_latency(model, images, preprocess=lambda x: (x - mean) / std)
+    table = widget_markdown(rows)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"model": args.model, "size": args.size,
+                       "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -117,19 +117,28 @@ class FEMStackWidget(ExplorerBase):
         return publish
 
     def _redraw(self, changed: set[str]) -> None:
-        self._draw(redraw_layers=bool(changed & VIEW))
+        """Restyles touch no map; a layer change redraws only the layer panel."""
+        if changed & VIEW:
+            colormap, opacity = self.controls["colormap"].value, self.controls["opacity"].value
+            self.grid.restyle(colormap, opacity)
+            self.layers_grid.restyle(colormap, opacity)
+        if "layer" in changed:
+            self._show_layer()
+
+    def _show_layer(self, image: Any = None) -> None:
+        """The chosen layer's map in the first panel."""
+        position = self.layers.index(self.controls["layer"].value)
+        self.grid.show(0, self.stack.isel(image=0, layer=position).values, image=image,
+                       title=f"{self.layers[position]} ({position + 1}/{len(self.layers)})")
 
     def _draw(self, redraw_layers: bool = True) -> None:
         colormap, opacity = self.controls["colormap"].value, self.controls["opacity"].value
         index = int(self.stack.image.values[0])
         new_image = self._shown_image != index
         image = self.images[index] if new_image else None
-        position = self.layers.index(self.controls["layer"].value)
-        chosen = self.stack.isel(image=0, layer=position)
         with self.figure.batch_update():
             self.grid.restyle(colormap, opacity)
-            self.grid.show(0, chosen.values, image=image,
-                           title=f"{self.layers[position]} ({position + 1}/{len(self.layers)})")
+            self._show_layer(image)
             self.grid.show(1, self.result.xai.map2d(), image=image,
                            title=f"fused: {self.fusion_params().get('operator', '')}")
         if redraw_layers or new_image:
