@@ -70,17 +70,13 @@ class Scope(contextlib.ExitStack):
 
     def set(self, obj: Any, name: str, value: Any) -> None:
         """``setattr(obj, name, value)``, restoring the old value (or its absence) on exit."""
-        old = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else _MISSING
-        if old is _MISSING and hasattr(obj, name):
-            old = getattr(obj, name)  # a parameter, buffer or class attribute
-            restore = (lambda: setattr(obj, name, old)) if name in _instance_names(obj) \
-                else (lambda: _delete(obj, name))
-        elif old is _MISSING:
-            restore = lambda: _delete(obj, name)  # noqa: E731
-        else:
-            restore = lambda: setattr(obj, name, old)  # noqa: E731
-        self.callback(restore)
+        own = name in _instance_names(obj)
+        old = getattr(obj, name, _MISSING)
         setattr(obj, name, value)
+        if own or (old is not _MISSING and name not in _instance_names(obj)):
+            self.callback(setattr, obj, name, old)  # an own attribute, or a property
+        else:  # new, or now shadowing a class attribute
+            self.callback(_delete, obj, name)
 
     def undo(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Record any undo function (e.g. a canonizer's ``remove``), called on exit."""
@@ -99,7 +95,7 @@ def _instance_names(obj: Any) -> set[str]:
 
 
 def _delete(obj: Any, name: str) -> None:
-    if hasattr(obj, name):
+    if name in _instance_names(obj):
         delattr(obj, name)
 
 
