@@ -7,6 +7,7 @@ Each shortcut is checked against the slow way it replaced, and for the work it s
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -110,3 +111,19 @@ def test_summed_input_gradient_matches_stacked_gradients(tiny_resnet, images):
     np.testing.assert_allclose(summed.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
     # 10 rows, 3 per call: each call has built only the samples its rows need
     assert built == [0, 1, 2, 3, 4] and seen == [2, 3, 5, 5]
+
+
+@pytest.mark.parametrize("method", ["gradient", "guided_backprop", "gradcam", "guided_gradcam"])
+def test_first_gradient_call_runs_the_model_once_and_fills_the_prediction_cache(
+        tiny_resnet, images, method):
+    reference = xw.Explainer(tiny_resnet, images)
+    expected = reference.explain(method, target=reference.predict(top=1).label[:, 0].values
+                                 .tolist())
+    ex = xw.Explainer(tiny_resnet, images)
+    rows = Rows(tiny_resnet)
+    result = ex.explain(method)  # target=None: the predicted classes, from the same pass
+    top = ex.predict(top=1)
+    rows.handle.remove()
+    assert len(rows.sizes) == 1
+    assert list(result.attrs["target"]) == top.label[:, 0].values.tolist()
+    np.testing.assert_allclose(result.values, expected.values, rtol=1e-5, atol=1e-6)

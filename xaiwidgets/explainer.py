@@ -177,10 +177,12 @@ class Explainer:
                 _layers.resolve_layer(self.model, layer)
         with model_guard(self.model, exclusive=m.changes_model), ctx.recording() as extra:
             m.check(ctx, layer, resolved)
-            if m.class_agnostic:
-                # the target only labels the result: computing first lets the forward
-                # that fills the activation cache also give the logits target=None
-                # needs, instead of a second forward pass
+            predicted_in_pass = (target is None and m.target_from_pass
+                                 and "logits" not in ctx.valid_cache())
+            if m.class_agnostic or predicted_in_pass:
+                # the target only labels the result (FEM), or the method reads the
+                # predicted classes from its own pass: computing first lets that pass
+                # fill the prediction cache, instead of a separate forward pass
                 raw = m.attribute(ctx, None, layer, **resolved)
                 target_t = self.resolve_target(target)
             else:

@@ -159,7 +159,30 @@ class Context:
             raise ValueError(
                 f"the model must return logits of shape (N, classes); it returned {shape}"
             )
+        if grad and self.is_inputs(x):
+            # a gradient pass on the images themselves fills the prediction and activation
+            # cache, so the first explanation runs the model once, and predict() never
+            cache = self.valid_cache()
+            cache.setdefault("logits", logits.detach())
+            for name, activation in acts.items():
+                cache["acts"].setdefault(name, activation.detach())
         return logits, dict(acts)
+
+    def is_inputs(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` holds the model inputs themselves (a view of the same storage)."""
+        inputs = self.inputs
+        return x is inputs or (x.shape == inputs.shape and x.stride() == inputs.stride()
+                               and x.data_ptr() == inputs.data_ptr()
+                               and x.storage_offset() == inputs.storage_offset())
+
+    @staticmethod
+    def pass_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """``target``, or (``None``) the predicted classes of this pass's ``logits``.
+
+        Methods given ``target=None`` (see ``Method.target_from_pass``) resolve it from
+        their own forward pass on the images instead of a separate prediction pass.
+        """
+        return logits.detach().argmax(dim=1) if target is None else target
 
     def logits(self) -> torch.Tensor:
         """Cached logits (N, classes) of the images (one forward pass, no autograd)."""
@@ -234,16 +257,20 @@ class Context:
         """∂ logit[target] / ∂ x for a batch ``x`` (one target per row), in chunks.
 
         Chunks of ``batch_size`` rows bound memory (IG steps, SmoothGrad samples).
+        ``target=None`` means the predicted classes.
         Call inside a ``relu_backward`` block for guided backprop / DeconvNet.
         """
         batch_size = batch_size or len(x)
+        if target is None and not (self.is_inputs(x) and batch_size >= len(x)):
+            target = self.resolve_target(None)  # predicted classes need the clean pass
         grads = torch.empty_like(x)
         chunks = range(0, len(x), batch_size)
         for done, start in enumerate(chunks, 1):
             stop = start + batch_size
             xb = x[start:stop].detach().requires_grad_(True)
             logits, _ = self.forward(xb, grad=True)
-            score = logits.gather(1, target[start:stop, None]).sum()
+            rows = self.pass_target(logits, None if target is None else target[start:stop])
+            score = logits.gather(1, rows[:, None]).sum()
             (grads[start:stop],) = torch.autograd.grad(score, xb)
             self.report_progress(done, len(chunks))
         return grads
@@ -293,18 +320,21 @@ class Context:
             if estimate is not None and done < n_chunks:
                 counts = ((row - torch.arange(n_img, device=xb.device) + n_img - 1) // n_img)
                 counts = counts.clamp(min=1).to(summed.dtype).view(-1, 1, 1, 1)
-                self.report_partial(row // n_img, n,
-                                    lambda s=summed.clone(), c=counts: estimate(s, c))
+                # a snapshot of the running sum, turned into a map only if someone draws it
+                self.report_partial(row // n_img, n, partial(estimate, summed.clone(), counts))
             self.report_progress(done, n_chunks)
         return summed
 
     def layer_gradient(
         self, layer: str, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Activation of ``layer`` and ∂ logit[target] / ∂ activation, both (N, C, h, w)."""
+        """Activation of ``layer`` and ∂ logit[target] / ∂ activation, both (N, C, h, w).
+
+        ``target=None`` means the predicted classes (read from this very pass).
+        """
         logits, acts = self.forward(layers=[layer], grad=True)
         activation = acts[layer]
-        score = logits.gather(1, target[:, None]).sum()
+        score = logits.gather(1, self.pass_target(logits, target)[:, None]).sum()
         (grad,) = torch.autograd.grad(score, activation)
         return activation.detach(), grad
 

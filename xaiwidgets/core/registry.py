@@ -107,6 +107,10 @@ class Method:
     #: True when the method ignores the target class (FEM); its ``attribute`` then gets
     #: ``target=None`` (the target, resolved after it, only labels the result)
     class_agnostic: ClassVar[bool] = False
+    #: True when the method accepts ``target=None`` and reads the predicted classes from
+    #: its own forward pass on the images (see ``Context.pass_target``): the first call
+    #: then runs the model once, not a prediction pass plus a gradient pass
+    target_from_pass: ClassVar[bool] = False
     #: True when ``attribute`` changes the model while it runs (LRP's canonizers): the
     #: Explainer then holds the model exclusively (other threads' calls on it wait)
     changes_model: ClassVar[bool] = False
