@@ -17,6 +17,7 @@ torch.Size([1, 2])
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -321,7 +322,8 @@ class Context:
                 counts = ((row - torch.arange(n_img, device=xb.device) + n_img - 1) // n_img)
                 counts = counts.clamp(min=1).to(summed.dtype).view(-1, 1, 1, 1)
                 # a snapshot of the running sum, turned into a map only if someone draws it
-                self.report_partial(row // n_img, n, partial(estimate, summed.clone(), counts))
+                self.report_partial(row // n_img, n,
+                                    functools.partial(estimate, summed.clone(), counts))
             self.report_progress(done, n_chunks)
         return summed
 
