@@ -194,3 +194,81 @@ def test_occlusion_of_a_pixel_sum_model():
             total[y:y + 4, x0:x0 + 4] += 2 * x[0, 0, y:y + 4, x0:x0 + 4].sum().item()
             count[y:y + 4, x0:x0 + 4] += 1
     np.testing.assert_allclose(occ, total / count, rtol=1e-5)
+
+
+class Activated(nn.Module):
+    """conv -> activation -> conv -> activation -> pool -> linear, the activation given
+    as a callable (a module or any function)."""
+
+    def __init__(self, act) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.act = act
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.act(self.conv2(self.act(self.conv1(x))))
+        return self.head(x.mean((2, 3)))
+
+
+RELU_RULE_METHODS = ["guided_backprop", "deconvnet", "guided_gradcam"]
+
+
+@pytest.mark.parametrize("method", RELU_RULE_METHODS)
+@pytest.mark.parametrize("act, names", [
+    (nn.SiLU(), "F.silu.*SiLU"), (nn.GELU(), "F.gelu.*GELU"),
+    (nn.LeakyReLU(0.1), "F.leaky_relu.*LeakyReLU"), (nn.Hardswish(), "F.hardswish.*Hardswish"),
+])
+def test_relu_rules_refuse_networks_without_relus(method, act, names):
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=f"{method} changes the backward rule of ReLUs.*{names}"):
+        xw.explain(Activated(act), x, method, target=0)
+
+
+@pytest.mark.parametrize("method", RELU_RULE_METHODS)
+@pytest.mark.parametrize("relu", [torch.relu, torch.nn.functional.relu,
+                                  lambda t: t.relu(), lambda t: t.relu_()])
+def test_relu_rules_reach_relus_written_as_functions_and_methods(method, relu):
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) - 0.5
+    # the same layer for Guided Grad-CAM (the default follows the modules)
+    layer = {"layer": "conv2"} if method == "guided_gradcam" else {}
+    ruled = xw.explain(Activated(relu), x, method, target=0, reduce=None, **layer).values
+    as_module = xw.explain(Activated(nn.ReLU()), x, method, target=0, reduce=None,
+                           **layer).values
+    np.testing.assert_array_equal(ruled, as_module)
+    if method != "guided_gradcam":  # the rule changes the result: not the plain gradient
+        plain = xw.explain(Activated(nn.ReLU()), x, "gradient", target=0, reduce=None).values
+        assert not np.allclose(ruled, plain)
+
+
+@pytest.mark.parametrize("written", [
+    (lambda t: t.clamp(min=0), "Tensor.clamp\\(min=0\\)"),
+    (lambda t: torch.nn.functional.threshold(t, 0.0, 0.0), "F.threshold\\(x, 0, 0\\)"),
+    (lambda t: torch.maximum(t, torch.zeros(())), "torch.maximum\\(x, 0\\)"),
+])
+def test_relus_written_another_way_are_named_in_a_warning(written):
+    act, name = written
+
+    class Mixed(Activated):
+        def forward(self, x):  # one real ReLU, one written another way
+            x = act(self.conv2(torch.relu(self.conv1(x))))
+            return self.head(x.mean((2, 3)))
+
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(xw.families.gradient.ReluRuleWarning, match=f"{name}.*not ReLU calls"):
+        xw.explain(Mixed(nn.ReLU()), x, "guided_backprop", target=0)
+    with pytest.raises(ValueError, match=name):  # with no real ReLU: refused, named
+        xw.explain(Activated(act), x, "guided_backprop", target=0)
+
+
+def test_other_activations_next_to_relus_keep_their_gradient_with_a_warning():
+    class Gated(Activated):
+        def forward(self, x):
+            x = torch.relu(self.conv1(x))
+            x = self.conv2(x) * torch.sigmoid(x.mean((2, 3), keepdim=True))
+            return self.head(x.mean((2, 3)))
+
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(xw.families.gradient.ReluRuleWarning, match="torch.sigmoid.*keep"):
+        xw.explain(Gated(nn.ReLU()), x, "deconvnet", target=0)
