@@ -21,27 +21,36 @@ is deliberately not cached: a cached canonization would have to stay on the mode
 from __future__ import annotations
 
 import contextlib
+import copy
+import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torchvision.models.resnet import BasicBlock, Bottleneck
-from zennit.canonizers import Canonizer, SequentialMergeBatchNorm
-from zennit.composites import SpecialFirstLayerMapComposite, layer_map_base
+from zennit.canonizers import Canonizer
 from zennit.core import BasicHook, Composite, ParamMod, Stabilizer
-from zennit.rules import Epsilon, Flat, Gamma, ZBox, ZPlus
+from zennit.layer import Sum
+from zennit.rules import Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
-from zennit.types import BatchNorm, Convolution
+from zennit.types import Activation, AvgPool, BatchNorm, Convolution
 from zennit.types import Linear as AnyLinear
 
 from ..core.registry import Method, Param, register
-from ..core.scoped import model_guard
 
 #: denominator stabiliser of every rule except LRP-ε (zennit's default)
 STABILIZER = 1e-6
 #: LRP-0 needs *some* stabiliser: z_j = 0 would give 0/0 where R_j = 0
 ZERO_STABILIZER = 1e-12
+#: relative conservation error above which a warning fires, where the rules must
+#: conserve (see :func:`lrp`): float32 LRP-0 without biases conserves to ~1e-5 and the
+#: stabilisers (1e-6, ε ≤ 1e-3) absorb well under 1 %; what the rules cannot see
+#: (a functional residual add doubles relevance, a functional 2x2 mean divides it by 4)
+#: is off by far more
+CONSERVATION_TOLERANCE = 0.05
 
 #: composite -> (first layer rule or None, convolution rule, dense layer rule)
 COMPOSITES: dict[str, tuple[str | None, str, str]] = {
@@ -93,6 +102,10 @@ class AlphaBeta(BasicHook):
         return AlphaBeta(self.alpha, self.beta, self.stabilizer)
 
 
+class LRPWarning(UserWarning):
+    """An LRP map that is not what its rules promise (see :func:`lrp`)."""
+
+
 def rule(kind: str, *, epsilon: float = 1e-6, gamma: float = 0.25, alpha: float = 2.0,
          beta: float = 1.0, low: Any = None, high: Any = None) -> BasicHook:
     """One LRP rule as a zennit hook: ``zero``, ``epsilon``, ``gamma``, ``zplus``
@@ -120,48 +133,207 @@ def rule(kind: str, *, epsilon: float = 1e-6, gamma: float = 0.25, alpha: float 
     raise ValueError(f"unknown LRP rule {kind!r}")
 
 
-class MergeBatchNorm(SequentialMergeBatchNorm):
-    """zennit's merge of each BatchNorm into the conv/linear layer before it, made exact.
+# ------------------------------------------------------------------ shadow copy
+def shadow_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree that shares every parameter and buffer tensor.
 
-    zennit empties the BatchNorm (mean 0, variance 1, weight 1, bias 0) but leaves its
-    ``eps``, so the "identity" still divides by sqrt(1 + eps); relevance passes it
-    unchanged, and LRP-0 drifts from gradient × input. Here ``eps`` is 0 while merged.
+    Each module is copied shallowly with its own ``_parameters``, ``_buffers``,
+    ``_modules`` and hook dictionaries, so canonizers and rule hooks can replace
+    entries, patch ``forward`` or flip flags on the copy while the user's model, its
+    parameter objects and its hooks stay exactly as they are (also under zennit 1.0,
+    whose canonizers set attributes with ``object.__setattr__``, and in other threads).
+    Costs no tensor memory; modules used twice stay shared.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2))
+    >>> copy_ = shadow_copy(net)
+    >>> copy_[0] is net[0], copy_[0].weight is net[0].weight
+    (False, True)
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def copy_module(module: nn.Module) -> nn.Module:
+        if id(module) in memo:
+            return memo[id(module)]
+        new = copy.copy(module)
+        memo[id(module)] = new
+        state = vars(new)
+        for key, value in list(state.items()):
+            if isinstance(value, (dict, set)):
+                state[key] = copy.copy(value)
+        for key, child in module._modules.items():
+            new._modules[key] = None if child is None else copy_module(child)
+        new.training = False  # eval mode and no in-place ops, on the copy only
+        if getattr(new, "inplace", None) is True:
+            new.inplace = False
+        return new
+
+    return copy_module(model)
+
+
+# ------------------------------------------------------------------ tracing
+LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class Trace:
+    """What one plain forward pass of the (shadow) model showed, by module name.
+
+    ``pairs``: (linear layer, BatchNorm) where the BatchNorm normalises exactly that
+    layer's output and nothing else reads it; ``first``: the first conv/linear layer
+    applied; ``logits``: the model's output.
     """
 
-    def register(self, linears: Any, batch_norm: nn.Module) -> None:
-        super().register(linears, batch_norm)  # merges with the true eps first
-        self.saved_eps = batch_norm.eps
-        batch_norm.eps = 0.0
-
-    def remove(self) -> None:
-        super().remove()
-        self.batch_norm.eps = self.saved_eps
+    pairs: list[tuple[str, str]]
+    first: str | None
+    logits: torch.Tensor
 
 
-def _mergeable(norm: nn.Module) -> bool:
-    """zennit can fold a BatchNorm only when it has affine weights and running statistics."""
-    return all(getattr(norm, key, None) is not None
-               for key in ("weight", "bias", "running_mean", "running_var"))
+def trace(model: nn.Module, x: torch.Tensor) -> Trace:
+    """Run ``model`` once (no autograd) and pair each BatchNorm with the layer it follows.
 
-
-def canonizers_for(model: nn.Module) -> list[Canonizer]:
-    """Canonizers for ``model``: BatchNorm merged into the preceding conv/linear layer
-    and, for torchvision ResNet blocks, the residual addition as a ``Sum`` module.
-
-    If any BatchNorm cannot be merged (no affine weights or no running statistics), none
-    is merged (zennit's merge would fail half-way through the model); unmerged
-    BatchNorms pass relevance through unchanged. Other residual additions (custom blocks) are not
-    visible to hooks; relevance crosses them as a gradient, so it is not conserved.
+    Pairs come from tensor identity in the forward pass, not from declaration order:
+    a BatchNorm is paired with a conv/linear layer only when its input *is* that
+    layer's output, both run once, and no other module reads that output. Run it on a
+    :func:`shadow_copy`: the hooks go on the modules passed in.
     """
-    modules = list(model.modules())
-    norms = [m for m in modules if isinstance(m, BatchNorm)]
-    merge = bool(norms) and all(_mergeable(m) for m in norms)
-    residual = any(isinstance(m, (BasicBlock, Bottleneck)) for m in modules)
-    canonizers: list[Canonizer] = [MergeBatchNorm()] if merge else []
-    if residual:
-        # what zennit's ResNetCanonizer does, with the exact merge
-        canonizers += [ResNetBasicBlockCanonizer(), ResNetBottleneckCanonizer()]
-    return canonizers
+    calls: list[tuple[nn.Module, tuple, Any]] = []
+    leaves = [m for m in model.modules() if not m._modules]
+
+    def record(module: nn.Module, args: tuple, output: Any) -> None:
+        calls.append((module, args, output))
+
+    handles = [m.register_forward_hook(record) for m in leaves]
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    count: dict[int, int] = {}
+    readers: dict[int, int] = {}  # id(tensor) -> number of module calls reading it
+    owner: dict[int, nn.Module] = {}  # id(output tensor) -> the conv/linear layer
+    first = None
+    for module, args, output in calls:
+        count[id(module)] = count.get(id(module), 0) + 1
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                readers[id(arg)] = readers.get(id(arg), 0) + 1
+        if isinstance(module, LINEAR_TYPES) and isinstance(output, torch.Tensor):
+            owner[id(output)] = module
+            first = first or module
+    names = {id(m): name for name, m in model.named_modules()}
+    pairs = []
+    for module, args, _ in calls:
+        if not isinstance(module, BatchNorm) or not args or not isinstance(args[0], torch.Tensor):
+            continue
+        layer = owner.get(id(args[0]))
+        if (layer is not None and count[id(layer)] == 1 and count[id(module)] == 1
+                and readers[id(args[0])] == 1 and _mergeable(layer, module, args[0])):
+            pairs.append((names[id(layer)], names[id(module)]))
+    return Trace(pairs, None if first is None else names[id(first)], logits)
+
+
+def _mergeable(layer: nn.Module, norm: nn.Module, between: torch.Tensor) -> bool:
+    """The BatchNorm uses running statistics and normalises the layer's output channels."""
+    if norm.running_mean is None or norm.running_var is None:
+        return False  # no running statistics: batch statistics even in eval mode
+    channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if isinstance(layer, nn.Linear) and between.ndim != 2:
+        return False  # BatchNorm1d normalises dim 1, the linear layer's features are last
+    return channels == norm.num_features
+
+
+def merge_batchnorm(layer: nn.Module, norm: nn.Module) -> None:
+    """Fold ``norm`` into ``layer`` (both modules of a :func:`shadow_copy`).
+
+    ``layer`` gets new weight and bias tensors ``w · s`` and ``(b − μ) · s + β`` with
+    ``s = γ / sqrt(σ² + eps)``; ``norm`` becomes the exact identity (mean 0, variance 1,
+    weight 1, bias 0 and eps 0). Only the copy's parameter dictionaries change.
+    """
+    with torch.no_grad():
+        mean, var = norm.running_mean, norm.running_var
+        scale = torch.rsqrt(var + norm.eps)
+        shift = -mean * scale
+        if norm.weight is not None:
+            scale = scale * norm.weight
+            shift = shift * norm.weight + norm.bias
+        weight = layer.weight * scale.reshape(-1, *([1] * (layer.weight.ndim - 1)))
+        bias = shift if layer.bias is None else layer.bias * scale + shift
+    layer._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+    layer._parameters["bias"] = nn.Parameter(bias, requires_grad=False)
+    if norm.weight is not None:
+        norm._parameters["weight"] = nn.Parameter(torch.ones_like(norm.weight), False)
+        norm._parameters["bias"] = nn.Parameter(torch.zeros_like(norm.bias), False)
+    norm._buffers["running_mean"] = torch.zeros_like(mean)
+    norm._buffers["running_var"] = torch.ones_like(var)
+    norm.eps = 0.0
+
+
+def block_canonizers(model: nn.Module) -> list[Canonizer]:
+    """zennit's canonizers that make torchvision ResNet residual sums explicit ``Sum``
+    modules (the Norm rule then splits relevance in proportion), if the model has such
+    blocks. Other residual additions are reported by :func:`unseen_operations`."""
+    if any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
+        return [ResNetBasicBlockCanonizer(), ResNetBottleneckCanonizer()]
+    return []
+
+
+# ------------------------------------------------------------------ composites
+class RuleComposite(Composite):
+    """Which rule on which module: by layer type, with a given first layer and the
+    merged (now identity) BatchNorms left without rule.
+
+    ``applied`` records, after registration, ``{layer type: {rule names}}``.
+    """
+
+    def __init__(self, name: str, rules: dict[str, Any], *, first: nn.Module | None = None,
+                 merged: frozenset[int] = frozenset(),
+                 canonizers: list[Canonizer] | None = None) -> None:
+        first_kind, conv, dense = COMPOSITES[name]
+        stabilizer = ZERO_STABILIZER if name == "zero" else STABILIZER
+        self.kinds = {"first": first_kind, "conv": conv, "dense": dense,
+                      "batchnorm": "zero" if name == "zero" else "epsilon"}
+        self.rules = rules
+        self.base = [(Activation, "pass", Pass()), (Sum, "norm", Norm(stabilizer)),
+                     (AvgPool, "norm", Norm(stabilizer))]
+        self.first, self.merged = first, merged
+        self.applied: dict[str, set[str]] = {}
+        #: ids of the modules that got a rule (or were merged) in the last registration
+        self.ruled: set[int] = set()
+        super().__init__(module_map=self.module_map, canonizers=canonizers or [])
+
+    def module_map(self, ctx: dict, name: str, module: nn.Module) -> BasicHook | None:
+        kind, hook = self.choose(ctx, module)
+        if kind is not None:
+            self.applied.setdefault(type(module).__name__, set()).add(kind)
+            self.ruled.add(id(module))
+        return hook
+
+    def choose(self, ctx: dict, module: nn.Module) -> tuple[str | None, Any]:
+        if id(module) in self.merged:
+            return "merged", None
+        for types, kind, hook in self.base:
+            if isinstance(module, types):
+                return kind, hook
+        if isinstance(module, BatchNorm):
+            kind = self.kinds["batchnorm"]
+            return kind, rule(kind, **self.rules)
+        if not isinstance(module, AnyLinear):
+            return None, None
+        # the first layer: the one the trace saw first, else the first in module order
+        is_first = (module is self.first if self.first is not None
+                    else not ctx.get("first_layer_visited", False))
+        ctx["first_layer_visited"] = True
+        if is_first and self.kinds["first"] is not None:
+            kind = self.kinds["first"]
+            return f"{kind} (first layer)", rule(kind, **self.rules)
+        kind = self.kinds["conv"] if isinstance(module, Convolution) else self.kinds["dense"]
+        return kind, rule(kind, **self.rules)
+
+    def summary(self) -> str:
+        """``'Conv2d: zplus, flat (first layer); Linear: epsilon; ReLU: pass'``."""
+        return "; ".join(f"{layer}: {', '.join(sorted(kinds))}"
+                         for layer, kinds in sorted(self.applied.items()))
 
 
 def make_composite(
@@ -174,29 +346,111 @@ def make_composite(
     low: Any = None,
     high: Any = None,
     canonizers: list[Canonizer] | None = None,
-) -> Composite:
-    """The zennit composite called ``name`` (see :data:`COMPOSITES`) with these parameters.
+    first: nn.Module | None = None,
+    merged: frozenset[int] = frozenset(),
+) -> RuleComposite:
+    """The composite called ``name`` (see :data:`COMPOSITES`) with these parameters.
 
     Activations pass relevance through, residual sums and average pools split it in
     proportion to their inputs (zennit's ``Norm``), max-pools route it to the maximum.
+    A BatchNorm that could not be merged is a layer of its own with LRP-ε (LRP-0 in
+    the ``zero`` composite), exact for its affine map.
 
     >>> make_composite("alpha_beta", alpha=1.0, beta=0.0)  # doctest: +ELLIPSIS
-    <zennit.composites.SpecialFirstLayerMapComposite object at ...>
+    <xaiwidgets.families.lrp.RuleComposite object at ...>
     """
     if name not in COMPOSITES:
         raise ValueError(f"unknown composite {name!r}; choose one of {list(COMPOSITES)}")
-    first, conv, dense = COMPOSITES[name]
-    kwargs = dict(epsilon=epsilon, gamma=gamma, alpha=alpha, beta=beta, low=low, high=high)
-    # LRP-0 also splits sums and average pools with (almost) no stabiliser
-    layer_map = layer_map_base(ZERO_STABILIZER if name == "zero" else STABILIZER) + [
-        (Convolution, rule(conv, **kwargs)),
-        (nn.Linear, rule(dense, **kwargs)),
-    ]
-    first_map = [(AnyLinear, rule(first, **kwargs))] if first else []
-    return SpecialFirstLayerMapComposite(layer_map=layer_map, first_map=first_map,
-                                         canonizers=canonizers or [])
+    rules = dict(epsilon=epsilon, gamma=gamma, alpha=alpha, beta=beta, low=low, high=high)
+    return RuleComposite(name, rules, first=first, merged=merged, canonizers=canonizers)
 
 
+# ------------------------------------------------------------ unseen operations
+#: torch functions (by name) that carry relevance wrongly when called outside a module
+#: that has a rule: relevance then crosses them as a plain gradient
+UNSEEN = {
+    "residual add (relevance is copied to both summands, not split)":
+        {"add", "add_", "__add__", "__radd__", "__iadd__",
+         "sub", "sub_", "__sub__", "__rsub__", "__isub__"},
+    "product of two activations (a gate; relevance goes to both factors)":
+        {"mul", "mul_", "__mul__", "__rmul__", "__imul__",
+         "div", "div_", "__truediv__", "__itruediv__"},
+    "functional average pooling or mean (relevance is divided by the pool size)":
+        {"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+         "adaptive_avg_pool2d", "adaptive_avg_pool3d", "mean", "sum"},
+    "functional linear map (no LRP rule)":
+        {"linear", "conv1d", "conv2d", "conv3d", "matmul", "__matmul__", "mm", "bmm",
+         "einsum"},
+    "functional normalisation (no LRP rule)":
+        {"batch_norm", "layer_norm", "group_norm", "instance_norm", "normalize"},
+    "functional non-ReLU activation (relevance is scaled by its derivative)":
+        {"silu", "gelu", "sigmoid", "tanh", "softmax", "log_softmax", "hardswish",
+         "hardsigmoid", "mish", "elu", "softplus"},
+}
+_KIND = {fn: kind for kind, names in UNSEEN.items() for fn in names}
+_TWO_OPERANDS = {next(iter(UNSEEN)), list(UNSEEN)[1]}
+
+
+def _flows(value: Any) -> bool:
+    """``value`` is a tensor that carries relevance (depends on the input)."""
+    return (isinstance(value, torch.Tensor) and value.requires_grad
+            and not isinstance(value, nn.Parameter))
+
+
+class _UnseenMode(TorchFunctionMode):
+    """Records torch calls outside rule-bearing modules that would misroute relevance.
+
+    A torch function mode is per thread and active only inside its ``with`` block:
+    nothing in ``torch`` is replaced.
+    """
+
+    def __init__(self, stack: list[tuple[str, bool]]) -> None:
+        super().__init__()
+        self.stack, self.found = stack, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = _KIND.get(getattr(func, "__name__", ""))
+        if kind is not None and not (self.stack and self.stack[-1][1]):
+            operands = [a for a in (*args, *kwargs.values()) if _flows(a)]
+            if len(operands) >= (2 if kind in _TWO_OPERANDS else 1):
+                where = self.stack[-1][0] if self.stack else ""
+                self.found.setdefault(where, set()).add(kind)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def unseen_operations(model: nn.Module, ruled: set[int]) -> Iterator[dict[str, set[str]]]:
+    """Inside the block, record ``{module name: {problems}}`` for every operation of a
+    forward pass that LRP's rules do not see (see :data:`UNSEEN`).
+
+    ``ruled``: ids of the modules whose output a rule computes (operations inside them
+    are the rule's business). The module name is the innermost module whose
+    ``forward`` made the call ("" for the model's own forward).
+    """
+    names = {id(m): name for name, m in model.named_modules()}
+    stack: list[tuple[str, bool]] = []
+    handles = []
+
+    def enter(module: nn.Module, _args: tuple) -> None:
+        stack.append((names.get(id(module), ""), id(module) in ruled))
+
+    def leave(_module: nn.Module, _args: tuple, _output: Any) -> None:
+        stack.pop()
+
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
+    mode = _UnseenMode(stack)
+    try:
+        with mode:
+            yield mode.found
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ------------------------------------------------------------------ relevance
 @contextlib.contextmanager
 def attached(model: nn.Module, composite: Composite) -> Iterator[nn.Module]:
     """Canonize ``model`` and register the composite's hooks; revert both on exit.
@@ -211,9 +465,29 @@ def attached(model: nn.Module, composite: Composite) -> Iterator[nn.Module]:
         composite.remove()
 
 
+def _backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+              composite: Composite, detect: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, set[str]]]:
+    """Relevance, logits and (``detect``) unseen operations of one modified pass."""
+    x = x.detach().requires_grad_(True)
+    found: dict[str, set[str]] = {}
+    with attached(model, composite), torch.enable_grad():
+        ruled = getattr(composite, "ruled", None)
+        with (unseen_operations(model, ruled) if detect and ruled is not None
+              else contextlib.nullcontext(found)) as found:
+            logits = model(x)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            raise ValueError("the model must return logits of shape (N, classes)")
+        seed = torch.zeros_like(logits)
+        seed.scatter_(1, target[:, None], logits.detach().gather(1, target[:, None]))
+        (rel,) = torch.autograd.grad(logits, x, grad_outputs=seed)
+    return rel.detach(), logits.detach(), found
+
+
 def relevance(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
               composite: Composite) -> torch.Tensor:
-    """LRP relevance of ``x`` (same shape) for one target class per row.
+    """LRP relevance of ``x`` (same shape) for one target class per row, with a given
+    composite, computed on a :func:`shadow_copy` (the model is never touched).
 
     The backward pass starts from the target logit (0 at the other classes), so with
     LRP-0 and no biases the relevance of each image sums to its target logit.
@@ -222,17 +496,139 @@ def relevance(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
     >>> relevance(net, torch.ones(1, 2), torch.tensor([0]), make_composite("zero")).shape
     torch.Size([1, 2])
     """
-    x = x.detach().requires_grad_(True)
-    with model_guard(model), attached(model, composite), torch.enable_grad():
-        logits = model(x)
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-            raise ValueError("the model must return logits of shape (N, classes)")
-        seed = torch.zeros_like(logits)
-        seed.scatter_(1, target[:, None], logits.detach().gather(1, target[:, None]))
-        (rel,) = torch.autograd.grad(logits, x, grad_outputs=seed)
-    return rel.detach()
+    return _backward(shadow_copy(model), x, target, composite)[0]
 
 
+def logits_close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal within ``1e-4 · max|logit| + 1e-5`` (float32 reordering of a merge)."""
+    return a.shape == b.shape and bool(
+        ((a - b).abs() <= 1e-4 * b.abs().max() + 1e-5).all())
+
+
+@dataclass
+class Explanation:
+    """Result of :func:`lrp`: relevance and what was done to get it."""
+
+    relevance: torch.Tensor
+    #: |Σ R − f_target(x)| / |f_target(x)| per image
+    conservation_error: torch.Tensor
+    #: rule per layer type, e.g. ``"BatchNorm2d: merged...; Conv2d: zplus"``
+    rules: str
+    #: ``{module name: {problems}}`` the rules cannot see
+    unseen: dict[str, set[str]] = field(default_factory=dict)
+    #: BatchNorms kept as layers because merging them changed the logits
+    unmerged: list[str] = field(default_factory=list)
+    #: whether this configuration must conserve relevance exactly (no bias, ε small)
+    conserving: bool = False
+
+
+def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite: str,
+        **rules: Any) -> Explanation:
+    """LRP of ``x`` for ``target`` with the named composite, checked and side-effect free.
+
+    1. A :func:`shadow_copy` of the model is traced (:func:`trace`); each BatchNorm is
+       merged into the conv/linear layer whose output it normalises (on the copy).
+    2. Rules go on the copy; one modified forward/backward pass gives the relevance,
+       and operations the rules cannot see are recorded (:func:`unseen_operations`).
+    3. The canonized logits must equal the plain ones (:func:`logits_close`).
+       Otherwise the merges that change them are found and left out (those BatchNorms
+       become layers with LRP-ε, exact for their affine map) and the pass is repeated
+       on a fresh copy; if the logits still differ, a ``RuntimeError`` names the
+       canonized blocks.
+
+    The user's model is only read: nothing is registered, merged or flagged on it.
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.ReLU(),
+    ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    >>> lrp(net, torch.rand(1, 3, 8, 8), torch.tensor([1]), "epsilon").rules
+    'AdaptiveAvgPool2d: norm; BatchNorm2d: merged; Conv2d: epsilon; ReLU: pass'
+    """
+    shadow: nn.Module | None = shadow_copy(model)
+    plain = trace(shadow, x)
+    merges, unmerged = list(plain.pairs), []
+    for _ in range(3):
+        shadow = shadow or shadow_copy(model)
+        modules = dict(shadow.named_modules())
+        for layer, norm in merges:
+            merge_batchnorm(modules[layer], modules[norm])
+        built = make_composite(
+            composite, **rules, canonizers=block_canonizers(shadow),
+            first=modules.get(plain.first) if plain.first is not None else None,
+            merged=frozenset(id(modules[norm]) for _, norm in merges))
+        rel, logits, unseen = _backward(shadow, x, target, built, detect=True)
+        if logits_close(logits, plain.logits):
+            break
+        shadow = None  # start again from a fresh copy: nothing to undo
+        if not merges:
+            blocks = [name for name, m in model.named_modules()
+                      if isinstance(m, (BasicBlock, Bottleneck))]
+            raise RuntimeError(
+                "LRP's residual-block canonizer changes this model's output (max "
+                f"|Δlogit| {float((logits - plain.logits).abs().max()):.3g}) in the blocks "
+                f"{blocks[:5]}; their forward differs from torchvision's: use a "
+                "gradient method for this model, or rewrite the sum as a zennit Sum module")
+        bad = [pair for pair in merges if not _merge_keeps_logits(model, x, pair, plain)]
+        bad = bad or merges  # each merge alone is fine, all together are not
+        unmerged += [norm for _, norm in bad]
+        merges = [pair for pair in merges if pair not in bad]
+    target_logit = logits.gather(1, target[:, None])[:, 0]
+    total = rel.flatten(1).sum(1)
+    error = (total - target_logit).abs() / target_logit.abs()
+    result = Explanation(rel, error, built.summary(), unseen, unmerged,
+                         _conserving(shadow, composite, rules, unmerged))
+    _warn(result)
+    return result
+
+
+def _merge_keeps_logits(model: nn.Module, x: torch.Tensor, pair: tuple[str, str],
+                        plain: Trace) -> bool:
+    """Whether merging this one (layer, BatchNorm) pair alone keeps the logits."""
+    shadow = shadow_copy(model)
+    modules = dict(shadow.named_modules())
+    merge_batchnorm(modules[pair[0]], modules[pair[1]])
+    with torch.no_grad():
+        return logits_close(shadow(x), plain.logits)
+
+
+def _conserving(shadow: nn.Module, composite: str, rules: dict[str, Any],
+                unmerged: list[str]) -> bool:
+    """Whether the rules must conserve relevance here: no bias absorbs any (no bias
+    in a rule-bearing layer, no BatchNorm as a layer), ε ≤ 1e-3, and no α/β rule."""
+    if unmerged or any(isinstance(m, BatchNorm) and m.eps != 0 for m in shadow.modules()):
+        return False
+    if any(isinstance(m, AnyLinear) and m.bias is not None and bool(m.bias.any())
+           for m in shadow.modules()):
+        return False
+    if composite == "alpha_beta":
+        return False  # a neuron without negative parts passes on α times its relevance
+    return composite == "zero" or rules.get("epsilon", 1e-6) <= 1e-3
+
+
+def describe_unseen(unseen: dict[str, set[str]]) -> str:
+    """``"'block1': residual add (...); ..."`` ("" when nothing was found)."""
+    return "; ".join(f"{name or '(the model)'!r}: {', '.join(sorted(kinds))}"
+                     for name, kinds in sorted(unseen.items()))
+
+
+def _warn(result: Explanation) -> None:
+    if result.unseen:
+        warnings.warn(
+            "LRP's rules cannot see these operations of the model's forward, so relevance "
+            "crosses them as a plain gradient and the map is not conservative: "
+            f"{describe_unseen(result.unseen)}. Make them modules (a zennit.layer.Sum for "
+            "sums, nn.AdaptiveAvgPool2d for pooling) or prefer a gradient method.",
+            LRPWarning, stacklevel=4)
+    if result.unmerged:
+        warnings.warn(
+            f"LRP: merging the BatchNorms {result.unmerged} into the layer before them "
+            "changed the model's logits; they are kept as layers of their own (LRP-ε)",
+            LRPWarning, stacklevel=4)
+    worst = float(result.conservation_error.max())
+    if result.conserving and worst > CONSERVATION_TOLERANCE:
+        warnings.warn(
+            f"LRP: relevance misses the target logit by {worst:.1%} although this model "
+            "and composite conserve it (no bias, small ε): an operation outside the "
+            "rules' view changes it", LRPWarning, stacklevel=4)
 def input_bounds(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Lowest and highest possible model inputs, for the z^B rule.
 
@@ -289,6 +685,9 @@ class LRP(Method):
     def attribute(self, ctx, target, layer, composite, epsilon, gamma, alpha,
                   beta) -> torch.Tensor:
         low, high = input_bounds(ctx) if composite == "epsilon_gamma_box" else (None, None)
-        built = make_composite(composite, epsilon=epsilon, gamma=gamma, alpha=alpha, beta=beta,
-                               low=low, high=high, canonizers=canonizers_for(ctx.model))
-        return relevance(ctx.model, ctx.inputs, target, built)
+        result = lrp(ctx.model, ctx.inputs, target, composite, epsilon=epsilon, gamma=gamma,
+                     alpha=alpha, beta=beta, low=low, high=high)
+        ctx.record("conservation_error", result.conservation_error.tolist())
+        ctx.record("lrp_rules", result.rules)
+        ctx.record("lrp_unseen", describe_unseen(result.unseen))
+        return result.relevance
