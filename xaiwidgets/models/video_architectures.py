@@ -3,10 +3,13 @@
 :class:`ShapesVideo3D` takes clips ``(N, 3, T, H, W)``: a Conv3d-BatchNorm-ReLU stem
 (spatial stride 2), three stages of one torchvision video ``BasicBlock`` each (two
 3x3x3 Conv3d with BatchNorm and a residual connection; the attribute names of
-``r3d_18``: ``stem``, ``layer1``..``layer3``, ``avgpool``, ``fc``), widths 16-32-64,
-global average pooling over (t, y, x) and a linear classifier. The first stage keeps
-the full frame rate so that the small per-frame motions stay visible; the last one
-halves time and space.
+``r3d_18``: ``stem``, ``layer1``..``layer3``, ``fc``), widths 12-24-48, global **max**
+pooling over (t, y, x) (``pool``) and a linear classifier. The first stage keeps the
+full frame rate so that the small per-frame motions stay visible; the last one halves
+time and space. Max rather than average pooling: the motion that sets the class
+covers a few percent of the volume, and with average pooling the same network stayed
+at chance level for hundreds of steps (static texture dominated the pooled features),
+while with max pooling it learned within a hundred.
 
 >>> import torch
 >>> ShapesVideo3D()(torch.rand(2, 3, 8, 64, 64)).shape
@@ -32,12 +35,12 @@ def _stage(channels: int, width: int, stride: tuple[int, int, int]) -> nn.Sequen
 
 class ShapesVideo3D(nn.Module):
     """A narrow 3-stage ``r3d``: stem, ``layer1``-``layer3`` (one ``BasicBlock`` each),
-    global average pool, ``fc``; about 0.2 M parameters."""
+    global max pool, ``fc``; about 0.13 M parameters."""
 
     def __init__(
         self,
         num_classes: int = 4,
-        widths: tuple[int, int, int] = (16, 32, 64),
+        widths: tuple[int, int, int] = (12, 24, 48),
         strides: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 2, 2), (2, 2, 2)),
     ):
         super().__init__()
@@ -52,7 +55,7 @@ class ShapesVideo3D(nn.Module):
             stages.append(_stage(channels, width, stride))
             channels = width
         self.layer1, self.layer2, self.layer3 = stages
-        self.avgpool = nn.AdaptiveAvgPool3d(1)
+        self.pool = nn.AdaptiveMaxPool3d(1)
         self.fc = nn.Linear(channels, num_classes)
         # torchvision's video ResNet initialisation
         for module in self.modules():
@@ -67,4 +70,4 @@ class ShapesVideo3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.fc(torch.flatten(self.pool(x), 1))
