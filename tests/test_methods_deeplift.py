@@ -1,4 +1,4 @@
-"""DeepLIFT (rescale): SPEC.md's worked example, summation to delta, Captum (test-only)."""
+"""DeepLIFT (rescale): the worked example (docs/methods.md), summation to delta, Captum (test-only)."""
 
 from __future__ import annotations
 
@@ -172,3 +172,82 @@ def test_summation_to_delta_on_the_shipped_models(name):
     with torch.no_grad():
         target = model(x).argmax(1).tolist()
     assert_sums_to_delta(model, x, 0.0, target)
+
+
+class Net(nn.Module):
+    """conv -> act -> conv -> act -> mean -> linear with the activation as any callable."""
+
+    def __init__(self, act) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.act = act
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.conv2(self.act(self.conv1(x)))).mean((2, 3)))
+
+
+def strongest_target(model, x) -> list[int]:
+    with torch.no_grad():
+        return (model(x) - model(torch.zeros_like(x))).abs().argmax(1).tolist()
+
+
+@pytest.mark.parametrize("act", [
+    nn.Hardswish(), nn.Hardsigmoid(), nn.Mish(), nn.Softplus(), nn.SELU(),
+    lambda t: t.relu(), lambda t: torch.relu(t), lambda t: t.clamp(min=0),
+    lambda t: t.sigmoid(), lambda t: torch.nn.functional.threshold(t, 0.1, 0.0),
+], ids=["hardswish", "hardsigmoid", "mish", "softplus", "selu", "Tensor.relu",
+        "torch.relu", "clamp", "Tensor.sigmoid", "threshold"])
+def test_every_way_to_call_an_activation_sums_to_delta_without_warnings(act):
+    model = Net(act)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DeepLiftWarning
+        r = assert_sums_to_delta(model, x, 0.0, strongest_target(model, x))
+    assert max(r.attrs["delta_error"]) < 1e-4
+
+
+def test_delta_error_attr_is_the_relative_summation_error(tiny_cnn, images):
+    reference = images.flip(0) * 0.5
+    r = xw.explain(tiny_cnn, images, "deeplift", target=[1, 2], baseline=reference,
+                   reduce=None)
+    expected_delta = delta(tiny_cnn, images, reference, [1, 2])
+    total = r.values.astype(np.float64).sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(r.attrs["delta_error"],
+                               np.abs(total - expected_delta) / np.abs(expected_delta),
+                               rtol=1e-3, atol=1e-6)
+    assert len(r.attrs["delta_error"]) == 2
+
+
+class Gated(nn.Module):
+    """A squeeze-and-excitation gate (activation × sigmoid of its mean) and a LayerNorm:
+    non-linearities without a rescale rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.LayerNorm([6, 8, 8])
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        h = h * torch.sigmoid(h.mean((2, 3), keepdim=True))
+        return self.head(self.norm(h).mean((2, 3)))
+
+
+def test_non_linearities_without_a_rule_are_named_and_the_error_reported():
+    model = Gated()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    with pytest.warns(xw.families.deeplift.DeepLiftWarning) as caught:
+        r = xw.explain(model, x, "deeplift", target=[0, 1], reduce=None)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "Tensor.mul of two activations" in messages and "F.layer_norm" in messages
+    # the recorded error is the true one, computed independently
+    expected = delta(model, x, torch.zeros_like(x), [0, 1])
+    total = r.values.astype(np.float64).sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(r.attrs["delta_error"],
+                               np.abs(total - expected) / np.abs(expected), rtol=1e-3)
+    assert max(r.attrs["delta_error"]) > xw.families.deeplift.DELTA_TOLERANCE
+    assert "miss f(x) - f(x') by" in messages and "above 1%" in messages
