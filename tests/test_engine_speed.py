@@ -114,16 +114,26 @@ def test_summed_input_gradient_matches_stacked_gradients(tiny_resnet, images):
 
 
 @pytest.mark.parametrize("method", ["gradient", "guided_backprop", "gradcam", "guided_gradcam"])
+@pytest.mark.parametrize("explicit", [False, True])
 def test_first_gradient_call_runs_the_model_once_and_fills_the_prediction_cache(
-        tiny_resnet, images, method):
+        tiny_resnet, images, method, explicit):
     reference = xw.Explainer(tiny_resnet, images)
-    expected = reference.explain(method, target=reference.predict(top=1).label[:, 0].values
-                                 .tolist())
+    predicted = reference.predict(top=1).label[:, 0].values.tolist()
+    chosen = [(t + 1) % 4 for t in predicted] if explicit else predicted
+    expected = reference.explain(method, target=chosen)
     ex = xw.Explainer(tiny_resnet, images)
     rows = Rows(tiny_resnet)
-    result = ex.explain(method)  # target=None: the predicted classes, from the same pass
+    # the predicted classes, or explicit ones checked against the same pass
+    result = ex.explain(method, target=chosen if explicit else None)
     top = ex.predict(top=1)
     rows.handle.remove()
-    assert len(rows.sizes) == 1
-    assert list(result.attrs["target"]) == top.label[:, 0].values.tolist()
+    assert rows.sizes.count(len(images)) == 1  # one pass over the batch (TODO: no probes)
+    assert top.label[:, 0].values.tolist() == predicted
+    assert list(result.attrs["target"]) == chosen
     np.testing.assert_allclose(result.values, expected.values, rtol=1e-5, atol=1e-6)
+
+
+def test_explicit_targets_out_of_range_fail_in_the_first_pass(tiny_resnet, images):
+    ex = xw.Explainer(tiny_resnet, images)
+    with pytest.raises(ValueError, match="out of range"):
+        ex.explain("gradcam", target=99)

@@ -21,9 +21,9 @@ import xarray as xr
 from torch import nn
 
 from .core import layers as _layers
-from .core.context import Context, ProgressCallback
+from .core.context import Context, OutputSelector, ProgressCallback
 from .core.inputs import as_image_batch
-from .core.ops import attr_value, minmax, reduce_channels, upsample
+from .core.ops import attr_value, informative, minmax, reduce_channels, upsample
 from .core.registry import Method, get_method
 from .core.scoped import model_guard
 
@@ -54,6 +54,15 @@ class Explainer:
     progress
         ``True``/``False`` for a tqdm bar on long work, or a callable ``(done, total)``
         (the widgets pass one to drive their progress bar).
+    output
+        For models returning a tuple, a dict or an output object: which part holds the
+        logits, an index (``output=0``), a key (``output="logits"``) or a callable.
+        A model returning one logit per image is a binary classifier: classes 0 and 1
+        are explained by ``-z`` and ``z``, and :meth:`predict` uses the sigmoid.
+
+    A model compiled with ``torch.compile`` is explained through the module it wraps
+    (``_orig_mod``: same weights, layer names without the prefix). One pass on the
+    first image checks the output and records the layers' shapes at construction.
 
     The forward pass (logits and activations of the layers asked for) is cached,
     so predictions, FEM and MLFEM parameter changes never run the model again.
@@ -66,13 +75,15 @@ class Explainer:
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
         classes: Sequence[str] | None = None,
         progress: bool | ProgressCallback = True,
+        output: OutputSelector = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.model = _layers.unwrap(model)
         self.preprocess = preprocess
         self.classes = list(classes) if classes is not None else None
         self.progress = progress
+        self.output = output
         self.set_images(images)
 
     # ------------------------------------------------------------------ images
@@ -95,7 +106,18 @@ class Explainer:
             )
         if params is not None and params.dtype != images.dtype:
             images = images.to(params.dtype)
-        self.context = Context(self.model, images, self.preprocess, self.progress)
+        self.context = Context(self.model, images, self.preprocess, self.progress,
+                               self.output)
+        # one pass on one image: the output is usable, the classes fit, the layers' shapes
+        self.context.shapes()
+        if self.classes is not None:
+            classes = self.context.probe_classes
+            if len(self.classes) != classes:
+                raise ValueError(
+                    f"got {len(self.classes)} class names for a model with {classes} "
+                    f"outputs{' (a single logit: binary)' if self.context.binary else ''}; "
+                    "pass one name per class, in the order of the model's outputs"
+                )
 
     # the context's inputs and passes, under the Explainer's name
     @property
@@ -129,7 +151,7 @@ class Explainer:
 
         Coordinates ``label`` (class index) and ``class_name`` (when classes are known).
         """
-        probs = torch.softmax(self.logits().float(), dim=1)
+        probs = self.context.probabilities(self.logits().float())
         top = max(1, min(int(top), probs.shape[1]))
         values, indices = probs.topk(top, dim=1)
         idx = indices.cpu().numpy()
@@ -177,13 +199,16 @@ class Explainer:
                 _layers.resolve_layer(self.model, layer)
         with model_guard(self.model, exclusive=m.changes_model), ctx.recording() as extra:
             m.check(ctx, layer, resolved)
-            predicted_in_pass = (target is None and m.target_from_pass
-                                 and "logits" not in ctx.valid_cache())
-            if m.class_agnostic or predicted_in_pass:
-                # the target only labels the result (FEM), or the method reads the
-                # predicted classes from its own pass: computing first lets that pass
-                # fill the prediction cache, instead of a separate forward pass
+            if m.class_agnostic:
+                # the target only labels the result (FEM): computing first lets the
+                # pass that fills the activation cache also give the predictions
                 raw = m.attribute(ctx, None, layer, **resolved)
+                target_t = self.resolve_target(target)
+            elif m.target_from_pass and "logits" not in ctx.valid_cache():
+                # the method's own pass on the images gives the predicted classes (and
+                # checks explicit ones): no separate prediction pass before it
+                given = None if target is None else ctx.parse_target(target)
+                raw = m.attribute(ctx, given, layer, **resolved)
                 target_t = self.resolve_target(target)
             else:
                 target_t = self.resolve_target(target)
@@ -208,6 +233,9 @@ class Explainer:
         how = method.default_reduce if reduce == "default" else reduce
         if raw.ndim == 4 and how is not None and how != "map":
             raw = reduce_channels(raw, how)
+        # a constant map carries no information: it stays constant (all zeros once
+        # normalised) and the result says so
+        useful = informative(raw.float().flatten(1)[:, None] if raw.ndim == 4 else raw.float())
         raw = upsample(raw.float(), self.size)
         if raw.ndim == 3 and method.normalize_output:
             raw = minmax(raw)
@@ -229,6 +257,8 @@ class Explainer:
             "reduce": str(how),
             "signed": int(method.signed and how not in ("max_abs", "sum_abs")),
             "class_agnostic": int(method.class_agnostic),
+            # per image: 0 when the map is constant (see docs/methods.md)
+            "informative": useful.reshape(-1).int().cpu().numpy(),
         }
         attrs.update({k: attr_value(v) for k, v in params.items()})
         attrs["params"] = json.dumps({k: attr_value(v) for k, v in params.items()})

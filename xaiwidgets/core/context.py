@@ -27,9 +27,12 @@ import torch
 from torch import nn
 
 from . import layers as _layers
+from .ops import pick_logits
 from .scoped import RecordOverwritten, capture, model_guard
 
 ProgressCallback = Callable[[int, int], None]
+#: which part of a model's output holds the logits: an index, a key or a callable
+OutputSelector = int | str | Callable[[Any], torch.Tensor] | None
 #: ``partial(done, total, estimate)``: ``estimate()`` gives the raw attribution from the
 #: first ``done`` of ``total`` samples/steps (computed only when called)
 PartialCallback = Callable[[int, int, Callable[[], torch.Tensor]], None]
@@ -67,11 +70,19 @@ class Context:
         images: torch.Tensor,
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
         progress: bool | ProgressCallback = False,
+        output: OutputSelector = None,
     ) -> None:
         self.model = model
         self.images = images
         self.preprocess = preprocess
         self.progress = progress
+        #: which part of a tuple/dict model output holds the logits (see :meth:`select_output`)
+        self.output = output
+        #: True when the model returns a single logit (a binary classifier)
+        self.binary = False
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        #: number of classes seen by the :meth:`shapes` pass (0 before it)
+        self.probe_classes = 0
         #: set by callers that show first estimates (the widgets), see :meth:`report_partial`
         self.partial: PartialCallback | None = None
         self.inputs = preprocess(images) if preprocess is not None else images
@@ -155,11 +166,7 @@ class Context:
                 break
             except RecordOverwritten:
                 continue
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-            shape = getattr(logits, "shape", type(logits).__name__)
-            raise ValueError(
-                f"the model must return logits of shape (N, classes); it returned {shape}"
-            )
+        logits = self.select_output(logits)
         if grad and self.is_inputs(x):
             # a gradient pass on the images themselves fills the prediction and activation
             # cache, so the first explanation runs the model once, and predict() never
@@ -168,6 +175,41 @@ class Context:
             for name, activation in acts.items():
                 cache["acts"].setdefault(name, activation.detach())
         return logits, dict(acts)
+
+    def select_output(self, out: Any) -> torch.Tensor:
+        """The logits ``(N, classes)`` in a model's output ``out``.
+
+        ``output`` (given to the Explainer) picks them from a tuple/list (an index), a
+        dict or an object with attributes (a key) or anything (a callable). A single
+        logit ``z`` (N, 1) is a binary classifier: it becomes ``(N, 2) = [-z, z]``, so
+        class 1 is explained by ``z``, class 0 by ``-z``, and :meth:`probabilities`
+        gives ``sigmoid(z)`` and ``1 - sigmoid(z)``.
+        """
+        logits, self.binary = pick_logits(out, self.output)
+        return logits
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of ``logits``: softmax, or the sigmoid of a binary model's logit.
+
+        >>> ctx = Context(torch.nn.Flatten(), torch.rand(1, 3, 1, 1))
+        >>> ctx.probabilities(torch.tensor([[0.0, 2.0, 0.0]])).sum().item()
+        1.0
+        """
+        return torch.sigmoid(logits) if self.binary else torch.softmax(logits, dim=1)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Output shape of every module, in the order they finish (one pass on one image).
+
+        Cached; the default layer and the FEM stack are chosen from these shapes.
+        Modules that do not run (auxiliary heads in eval mode) are absent.
+        """
+        if self._shapes is None:
+            def probe() -> None:
+                logits, _ = self.forward(self.inputs[:1])
+                self.probe_classes = int(logits.shape[1])
+
+            self._shapes = _layers.output_shapes(self.model, probe)
+        return self._shapes
 
     def is_inputs(self, x: torch.Tensor) -> bool:
         """Whether ``x`` holds the model inputs themselves (a view of the same storage)."""
@@ -178,12 +220,15 @@ class Context:
 
     @staticmethod
     def pass_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-        """``target``, or (``None``) the predicted classes of this pass's ``logits``.
+        """``target`` checked against this pass's ``logits``, or (``None``) their
+        predicted classes.
 
-        Methods given ``target=None`` (see ``Method.target_from_pass``) resolve it from
-        their own forward pass on the images instead of a separate prediction pass.
+        Methods with ``Method.target_from_pass`` get targets before any prediction
+        pass: ``None`` or explicit targets whose range only this pass can check.
         """
-        return logits.detach().argmax(dim=1) if target is None else target
+        if target is None:
+            return logits.detach().argmax(dim=1)
+        return Context.check_target(target, logits.shape[1])
 
     def logits(self) -> torch.Tensor:
         """Cached logits (N, classes) of the images (one forward pass, no autograd)."""
@@ -208,24 +253,27 @@ class Context:
 
     def layers(self) -> list[str]:
         """Names usable as ``layer=``, in forward order: convolutions and block outputs."""
-        return _layers.candidate_layers(self.model)
+        return _layers.candidate_layers(self.model, self.shapes())
 
     def block_layers(self) -> list[str]:
         """The block outputs (residual blocks, or each conv's activation): MLFEM's layers."""
-        return _layers.block_outputs(self.model)
+        return _layers.block_outputs(self.model, self.shapes())
 
     def default_layer(self) -> str:
-        """Last convolutional block: the default layer of Grad-CAM and FEM."""
-        return _layers.default_layer(self.model)
+        """The last layer with a spatial (≥ 2×2) output: the default of Grad-CAM and FEM."""
+        return _layers.default_layer(self.model, self.shapes())
 
     def resolve_target(self, target: Any) -> torch.Tensor:
         """One class index per image: ``None`` = predicted class; int; or a sequence."""
-        n, classes = self.n_images, self.num_classes
         if target is None:
             return self.logits().argmax(dim=1)
-        if isinstance(target, torch.Tensor):
-            target = target.tolist()
-        elif isinstance(target, np.ndarray):
+        return self.check_target(self.parse_target(target), self.num_classes)
+
+    def parse_target(self, target: Any) -> torch.Tensor:
+        """Explicit targets as one class index per image, checked for type and count
+        only (no pass needed; :meth:`check_target` checks the range)."""
+        n = self.n_images
+        if isinstance(target, (torch.Tensor, np.ndarray)):
             target = target.tolist()
         if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
             values = [int(target)] * n
@@ -243,13 +291,18 @@ class Context:
             raise TypeError(
                 f"target must be an int, a sequence of ints or None, got {type(target).__name__}"
             )
-        bad = [t for t in values if not 0 <= t < classes]
+        return torch.tensor(values, device=self.device, dtype=torch.long)
+
+    @staticmethod
+    def check_target(target: torch.Tensor, classes: int) -> torch.Tensor:
+        """``target`` itself, or a clear error when a class index is out of range."""
+        bad = [t for t in target.tolist() if not 0 <= t < classes]
         if bad:
             raise ValueError(
                 f"target class {bad[0]} is out of range: the model has {classes} classes "
                 f"(valid: 0..{classes - 1})"
             )
-        return torch.tensor(values, device=self.device, dtype=torch.long)
+        return target
 
     # ------------------------------------------------------------ gradients
     def input_gradient(
@@ -353,7 +406,7 @@ class Context:
         for done, start in enumerate(chunks, 1):
             logits, _ = self.forward(x[start:start + batch_size])
             if softmax:
-                logits = torch.softmax(logits, dim=1)
+                logits = self.probabilities(logits)
             out.append(logits.gather(1, target[start:start + batch_size, None])[:, 0])
             if len(chunks) > 1:  # a one-chunk call is a step of its caller's progress loop
                 self.report_progress(done, len(chunks))
