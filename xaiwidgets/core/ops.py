@@ -8,18 +8,38 @@ tensor([[[0., 1.]]])
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+#: a map whose span (max − min) is at most this fraction of its largest magnitude is
+#: constant: float32 rounding (eps ≈ 1.2e-7, a few operations) leaves spans below it,
+#: e.g. a 1×1 feature map upsampled; stretching those would draw rounding noise
+CONSTANT_RTOL = 1e-6
+
+
+def informative(maps: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
+    """Per map: True unless it is constant (span ≤ :data:`CONSTANT_RTOL` · max |map|).
+
+    >>> informative(torch.tensor([[[1.0, 1.0 + 1e-8]], [[0.0, 1.0]]])).tolist()
+    [False, True]
+    """
+    low, high = maps.amin(dim=dims), maps.amax(dim=dims)
+    return (high - low) > CONSTANT_RTOL * torch.maximum(low.abs(), high.abs())
+
 
 def minmax(maps: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
     """Min-max normalise to [0, 1] over ``dims``; a constant map becomes all zeros.
 
+    Constant means a span of at most :data:`CONSTANT_RTOL` times the map's largest
+    magnitude (rounding noise is not stretched into contrast).
+
     >>> minmax(torch.full((1, 2, 2), 5.0)).sum().item()
+    0.0
+    >>> minmax(torch.tensor([[[5.0, 5.0 + 4e-7]]])).sum().item()
     0.0
     """
     if tuple(dims) == (-2, -1) and maps.ndim >= 2:
@@ -30,8 +50,10 @@ def minmax(maps: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.Tensor
         low = maps.amin(dim=dims, keepdim=True)
         high = maps.amax(dim=dims, keepdim=True)
     span = high - low
-    # a constant map has maps - low == 0 everywhere: dividing by 1 keeps it all zeros
-    return (maps - low).div_(torch.where(span > 0, span, torch.ones_like(span)))
+    varies = span > CONSTANT_RTOL * torch.maximum(low.abs(), high.abs())
+    out = (maps - low).div_(torch.where(varies, span, torch.ones_like(span)))
+    # a constant map (rounding noise at most) becomes all zeros
+    return out if bool(varies.all()) else out.mul_(varies)
 
 
 def value_span(maps: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
@@ -46,14 +68,22 @@ def value_span(maps: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.Te
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear (align_corners=False) resize of (N, H, W) or (N, C, H, W) maps to ``size``.
 
+    The result stays within each map's [min, max] (bilinear weights are convex; the
+    clamp removes rounding), so upsampling never invents contrast: a constant map
+    stays exactly constant.
+
     >>> upsample(torch.zeros(1, 2, 2), (4, 4)).shape
     torch.Size([1, 4, 4])
+    >>> upsample(torch.full((1, 1, 1), 0.1), (16, 16)).unique().numel()
+    1
     """
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     squeeze = maps.ndim == 3
     x = maps.unsqueeze(1) if squeeze else maps
+    low, high = torch.aminmax(x.flatten(-2), dim=-1)
     x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    x = torch.maximum(torch.minimum(x, high[..., None, None]), low[..., None, None])
     return x.squeeze(1) if squeeze else x
 
 
@@ -136,3 +166,72 @@ def model_device(model: nn.Module, default: str | torch.device = "cpu") -> torch
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device(default)
+
+
+def pick_logits(out: Any, output: Any = None) -> tuple[torch.Tensor, bool]:
+    """The logits ``(N, classes)`` in a model's output, and whether the model is binary.
+
+    ``output`` selects them: an index (tuple/list), a key (dict, or an attribute of
+    an output object) or a callable; ``None`` takes ``out`` itself. One logit ``z``
+    per image, ``(N, 1)`` or ``(N,)``, is a binary classifier and becomes ``[-z, z]``.
+
+    >>> pick_logits({"logits": torch.zeros(2, 3)}, "logits")[0].shape
+    torch.Size([2, 3])
+    >>> pick_logits(torch.tensor([[1.5]]))
+    (tensor([[-1.5000,  1.5000]]), True)
+    """
+    whole = out
+    try:
+        if callable(output):
+            out = output(out)
+        elif isinstance(output, str) and not isinstance(out, Mapping):
+            out = getattr(out, output)
+        elif output is not None:
+            out = out[output]
+    except (KeyError, IndexError, AttributeError, TypeError) as error:
+        raise ValueError(
+            f"output={output!r} does not select anything in the model's output "
+            f"({_describe_output(whole)}): {error}"
+        ) from None
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(
+            f"the model returns {_describe_output(out)}, not a logits tensor; say which "
+            f"part holds the logits, e.g. Explainer(model, images, output={_suggest(out)!r})"
+            " (a key, an index, or a callable)"
+        )
+    if out.ndim == 1:
+        out = out[:, None]
+    if out.ndim != 2:
+        raise ValueError(
+            f"the model must return logits of shape (N, classes); it returned shape "
+            f"{tuple(out.shape)}. Pass output=<callable> to Explainer to turn it into logits."
+        )
+    if out.shape[1] == 1:
+        return torch.cat([-out, out], dim=1), True
+    return out, False
+
+
+def _tensor_parts(out: Any) -> list[tuple[Any, Any]]:
+    if isinstance(out, Mapping):
+        return list(out.items())
+    if isinstance(out, (tuple, list)):
+        return list(enumerate(out))
+    return [(k, v) for k, v in vars(out).items() if not k.startswith("_")] \
+        if hasattr(out, "__dict__") else []
+
+
+def _describe_output(out: Any) -> str:
+    parts = [f"{k!r}: {tuple(v.shape)}" for k, v in _tensor_parts(out)
+             if isinstance(v, torch.Tensor)]
+    shape = f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else ""
+    return f"a {type(out).__name__}{shape}" + (f" with tensors {{{', '.join(parts)}}}"
+                                               if parts else "")
+
+
+def _suggest(out: Any) -> Any:
+    parts = [(k, v) for k, v in _tensor_parts(out) if isinstance(v, torch.Tensor)]
+    for key, _ in parts:
+        if isinstance(key, str) and "logit" in key.lower():
+            return key
+    matrices = [k for k, v in parts if v.ndim == 2]
+    return matrices[0] if matrices else (parts[0][0] if parts else 0)
