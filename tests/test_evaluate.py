@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -79,6 +80,45 @@ def test_threads_and_local_cluster_agree_and_netcdf_round_trip(dataset, tmp_path
         xr.testing.assert_identical(back.load(), local)
     local.to_zarr(tmp_path / "result.zarr")
     xr.testing.assert_identical(xr.open_zarr(tmp_path / "result.zarr").load(), local)
+
+
+def test_every_scheduler_gives_bit_identical_numbers_for_every_method(dataset):
+    """Threads, dask's configured synchronous scheduler and a LocalCluster, with every
+    registered method mixed in one call (quick parameters, tiny model)."""
+    distributed = pytest.importorskip("distributed")
+    import dask
+
+    model = make_tiny_cnn()
+    names = xw.methods()
+    params = {n: dict(xw.get_method(n).quick_params) for n in names
+              if xw.get_method(n).quick_params}
+    small = dataset.isel(image=slice(0, 4))
+    threads_seen: set[int] = set()
+
+    def recording_preprocess(images: torch.Tensor) -> torch.Tensor:
+        threads_seen.add(threading.get_ident())
+        return preprocess(images)
+
+    kwargs = {"metrics": ("pcc", "nss"), "preprocess": recording_preprocess,
+              "params": params, "batch_size": 2, "progress": False}
+    threaded = evaluate(model, small, names, **kwargs)
+    assert threaded.attrs["scheduler"] == "threads"
+    threads_seen.clear()
+    with dask.config.set(scheduler="synchronous"):
+        serial = evaluate(model, small, names, **kwargs)
+    assert serial.attrs["scheduler"] == "synchronous"
+    assert threads_seen == {threading.get_ident()}  # the configured scheduler ran them
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        remote = evaluate(model, small, names, client=client, **kwargs)
+        # a default client (no client=) is used too
+        default = evaluate(model, small, names, **kwargs)
+    assert remote.attrs["scheduler"] == default.attrs["scheduler"] == "distributed"
+    for other in (serial, remote, default):
+        for m in ("pcc", "nss"):
+            np.testing.assert_array_equal(other[m].values, threaded[m].values)
+    assert np.isfinite(threaded.pcc).all()
 
 
 def test_parameter_sweeps_become_method_variants(dataset):
