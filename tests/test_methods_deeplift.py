@@ -1,4 +1,4 @@
-"""DeepLIFT (rescale): the worked example (docs/methods.md), summation to delta, Captum (test-only)."""
+"""DeepLIFT (rescale): worked example (docs/methods.md), summation to delta, Captum."""
 
 from __future__ import annotations
 
