@@ -393,7 +393,7 @@ class DatasetExplorer(W.VBox):
         chunks), then show the page. Errors are shown inline."""
         try:
             start = time.perf_counter()
-            if missing:
+            if missing and self.background:
                 with self.worker.publishing(token):
                     self._draw(self._page_of(self._sorted(candidates)))  # thumbnails first
                     set_visible(self.progress, True)
@@ -557,6 +557,18 @@ class DatasetExplorer(W.VBox):
         return self.explainer
 
 
+def thumbnail_png(rgb: np.ndarray) -> bytes:
+    """PNG bytes of an (H, W, 3) uint8 picture, fast (PIL, light compression): a page
+    of thumbnails is encoded at every page turn."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="png", compress_level=1)
+    return buffer.getvalue()
+
+
 class _Tile:
     """One thumbnail of the gallery: the picture and its map, a caption, an open button."""
 
@@ -575,7 +587,7 @@ class _Tile:
     def show(self, index: int, image: Any) -> None:
         ex = self.explorer
         self.index = index
-        self.image.value = rendering.png_bytes(ex.thumbnail(index, image))
+        self.image.value = thumbnail_png(ex.thumbnail(index, image))
         wrong = ex.labels is not None and ex.labels[index] != ex.predicted[index]
         color = "#b00020" if wrong else "#222"
         self.caption.value = (f"<span style='font-size:11px;color:{color}'>"
