@@ -389,6 +389,12 @@ class ExplorerBase(W.VBox):
         """Redraw from the stored results (restyles)."""
         self._draw()
 
+    def _view_values(self, changed: set[str]) -> tuple[str | None, float | None]:
+        """(colormap, opacity) for ``MapGrid.restyle``: ``None`` for what did not change
+        (an opacity drag then leaves the colours alone: milliseconds)."""
+        return (self.controls["colormap"].value if "colormap" in changed else None,
+                self.controls["opacity"].value if "opacity" in changed else None)
+
     def _compute(self, changed: set[str]) -> Publish:  # pragma: no cover - abstract
         """Compute what ``changed`` affects (no displayed state touched) and return a
         ``publish()`` that stores and draws it and returns a short description of what

@@ -184,7 +184,7 @@ class CompareWidget(ExplorerBase):
         return f"{name}<br><span style='font-size:11px'>{note}</span>"
 
     def _redraw(self, changed: set[str]) -> None:
-        self.grid.restyle(self.controls["colormap"].value, self.controls["opacity"].value)
+        self.grid.restyle(*self._view_values(changed))
 
     def _draw(self) -> None:
         index = int(self.result.image.values[0])

@@ -156,7 +156,7 @@ class ExplainerWidget(ExplorerBase):
             self._show(self.result)
 
     def _redraw(self, changed: set[str]) -> None:
-        self.grid.restyle(self.controls["colormap"].value, self.controls["opacity"].value)
+        self.grid.restyle(*self._view_values(changed))
 
     def _show(self, da: xr.DataArray, estimate: bool = False) -> None:
         """Draw ``da`` (of the current image) beside the image; ``estimate``: a first one."""

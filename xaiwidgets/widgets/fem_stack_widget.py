@@ -119,9 +119,8 @@ class FEMStackWidget(ExplorerBase):
     def _redraw(self, changed: set[str]) -> None:
         """Restyles touch no map; a layer change redraws only the layer panel."""
         if changed & VIEW:
-            colormap, opacity = self.controls["colormap"].value, self.controls["opacity"].value
-            self.grid.restyle(colormap, opacity)
-            self.layers_grid.restyle(colormap, opacity)
+            self.grid.restyle(*self._view_values(changed))
+            self.layers_grid.restyle(*self._view_values(changed))
         if "layer" in changed:
             self._show_layer()
 
