@@ -208,6 +208,14 @@ def test_every_way_to_call_an_activation_sums_to_delta_without_warnings(act):
     assert max(r.attrs["delta_error"]) < 1e-4
 
 
+def test_an_activation_applied_to_the_input_itself_gets_the_rule():
+    model = nn.Sequential(nn.Tanh(), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(2))
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(5))
+    model(x)  # materialise the lazy layer
+    assert_sums_to_delta(model, x, 0.0, strongest_target(model, x))
+
+
 def test_delta_error_attr_is_the_relative_summation_error(tiny_cnn, images):
     reference = images.flip(0) * 0.5
     r = xw.explain(tiny_cnn, images, "deeplift", target=[1, 2], baseline=reference,

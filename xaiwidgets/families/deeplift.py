@@ -97,8 +97,9 @@ _BILINEAR = {
 
 
 def _depends(value: Any) -> bool:
-    """A tensor computed from the (differentiated) input, not a parameter or constant."""
-    return isinstance(value, torch.Tensor) and value.grad_fn is not None
+    """The (differentiated) input or a tensor computed from it; not a parameter or constant."""
+    return (isinstance(value, torch.Tensor) and value.requires_grad
+            and not isinstance(value, torch.nn.Parameter))
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
