@@ -8,6 +8,7 @@ tensor([[[0., 1.]]])
 from __future__ import annotations
 
 import difflib
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -235,3 +236,41 @@ def _suggest(out: Any) -> Any:
             return key
     matrices = [k for k, v in parts if v.ndim == 2]
     return matrices[0] if matrices else (parts[0][0] if parts else 0)
+
+
+def image_seeds(images: torch.Tensor, seed: int) -> list[int]:
+    """One seed per image, derived from ``seed`` and the image's content (a hash).
+
+    Seeded methods (SmoothGrad, LIME, meaningful perturbation) draw each image's
+    randomness from its own generator seeded this way, so an image gets the same map
+    alone (the widget) or in any batch and chunking (``explain``, ``evaluate``).
+    The hash covers the float32 values of the image (model-input space).
+
+    >>> x = torch.rand(3, 3, 4, 4)
+    >>> image_seeds(x, 0)[1] == image_seeds(x[1:2], 0)[0] != image_seeds(x[1:2], 1)[0]
+    True
+    """
+    values = images.detach().to("cpu", torch.float32).contiguous().numpy()
+    seeds = []
+    for image in values:
+        digest = hashlib.blake2b(image.tobytes(), digest_size=8).digest()
+        sequence = np.random.SeedSequence([int(seed), int.from_bytes(digest, "little")])
+        seeds.append(int(sequence.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+    return seeds
+
+
+def image_generators(images: torch.Tensor, seed: int) -> list[torch.Generator]:
+    """Torch generators on the images' device, seeded by :func:`image_seeds`."""
+    return [torch.Generator(device=images.device).manual_seed(s)
+            for s in image_seeds(images, seed)]
+
+
+def per_image_randn(generators: Sequence[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise shaped like ``like`` (N, ...), row i from ``generators[i]``.
+
+    >>> g = image_generators(torch.zeros(2, 1, 2, 2), 0)
+    >>> per_image_randn(g, torch.zeros(2, 1, 2, 2)).shape
+    torch.Size([2, 1, 2, 2])
+    """
+    return torch.stack([torch.randn(like.shape[1:], generator=g, device=like.device,
+                                    dtype=like.dtype) for g in generators])

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
 from .ops import did_you_mean
@@ -74,14 +75,42 @@ class Param:
                 value = int(value)
             else:
                 value = float(value)
-            if math.isnan(value):
-                raise ValueError(f"{self.name} is NaN; pass a finite number")
+            if not math.isfinite(value):
+                raise ValueError(f"{self.name}={value} is not finite; pass a finite number")
             if self.low is not None and value < self.low:
                 raise ValueError(f"{self.name}={value} is too small: it must be >= {self.low}")
             if self.high is not None and value > self.high:
                 raise ValueError(f"{self.name}={value} is too large: it must be <= {self.high}")
             return value
-        return value
+        return check_finite(self.name, value)
+
+
+def check_finite(name: str, value: Any) -> Any:
+    """``value`` itself, or a ``ValueError`` when it is or holds NaN or ±inf.
+
+    Numbers, tensors, arrays and sequences of them are checked (a baseline of NaNs
+    would give a NaN map); other values pass unchanged.
+
+    >>> check_finite("baseline", 0.5)
+    0.5
+    """
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, (int, float)) for v in value):
+        bad = not all(math.isfinite(v) for v in value)
+    elif isinstance(value, float):
+        bad = not math.isfinite(value)
+    elif isinstance(value, torch.Tensor) and value.is_floating_point():
+        bad = not bool(torch.isfinite(value).all())
+    elif isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
+        bad = not bool(np.isfinite(value).all())
+    else:
+        bad = False
+    if bad:
+        raise ValueError(
+            f"{name} contains NaN or inf; pass finite values (e.g. a baseline of zeros "
+            "or the images' mean)"
+        )
+    return value
 
 
 class Method:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..core.ops import image_generators, per_image_randn
 from ..core.registry import Method, Param, register
 from ..core.scoped import (
     OTHER_ACTIVATIONS,
@@ -200,13 +201,14 @@ class SmoothGrad(Method):
     def attribute(self, ctx, target, layer, n, sigma, seed, batch_size) -> torch.Tensor:
         x = ctx.inputs
         span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).reshape(-1, 1, 1, 1)
-        generator = torch.Generator(device=x.device).manual_seed(seed)
+        # one generator per image, seeded by (seed, the image's content): the same
+        # image gets the same noise alone or in any batch (docs/methods.md)
+        generators = image_generators(x, seed)
 
         def noisy(_k: int) -> torch.Tensor:
             # one noise draw per sample, in sample order: seeded, independent of
             # batch_size, and never more than a chunk of noise in memory
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            return x + noise * (sigma * span)
+            return x + per_image_randn(generators, x) * (sigma * span)
 
         return ctx.summed_input_gradient(noisy, n, target, batch_size=batch_size,
                                          estimate=lambda part, count: part / count) / n

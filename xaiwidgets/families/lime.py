@@ -1,7 +1,9 @@
 """LIME for images (Ribeiro et al. 2016): a weighted linear surrogate over superpixels.
 
 1. SLIC superpixels of the display image (scikit-image);
-2. ``n_samples`` random on/off masks over the superpixels (the first one all on);
+2. ``n_samples`` random on/off masks over the superpixels (the first one all on),
+   drawn per image from a generator seeded by ``seed`` and the image's content (an
+   image gets the same masks alone or in any batch);
    "off" superpixels take the image's mean colour (in model-input space);
 3. the target logit of every masked image (batched model calls);
 4. weights exp(−d²/kernel_width²), d = cosine distance of a mask to the all-on mask;
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from skimage.segmentation import slic
 
+from ..core.ops import image_seeds
 from ..core.registry import Method, Param, register
 
 #: ridge penalty (LIME's default Ridge(alpha=1))
@@ -96,7 +99,8 @@ class Lime(Method):
               doc="SLIC superpixels asked for (SLIC may return a few more or less)"),
         Param("kernel_width", 0.25, low=0.01, high=10.0, step=0.01,
               doc="width of the exp(-d²/width²) proximity kernel"),
-        Param("seed", 0, kind="int", low=0, doc="random seed of the masks"),
+        Param("seed", 0, kind="int", low=0,
+              doc="random seed of the masks (combined with each image's content)"),
         Param("batch_size", 64, kind="int", low=1, doc="masked images per model call"),
     )
 
@@ -104,9 +108,10 @@ class Lime(Method):
                   batch_size) -> torch.Tensor:
         x = ctx.inputs
         display = ctx.images if ctx.preprocess is not None else ctx.inputs
-        rng = np.random.default_rng(seed)
+        seeds = image_seeds(x, seed)
         segments, masks = [], []
         for i in range(ctx.n_images):
+            rng = np.random.default_rng(seeds[i])
             labels = superpixels(display[i], n_segments)
             labels = torch.as_tensor(labels, device=x.device)[None, None].float()
             # preprocessing may resize: carry the superpixels to the model's input size

@@ -8,11 +8,14 @@ Adam (lr 0.1) minimises, per image,
     l1·mean|1 − m| + tv·(mean|∂_y m|³ + mean|∂_x m|³) + softmax_c(perturbed + noise)
 
 starting from m = 1 and projecting m back to [0, 1] after each step. As in the paper
-the class score is the softmax probability (not the logit: an unbounded logit would
-drown both regularisers), and a little Gaussian noise (5 % of each image's value
-range, seeded) is added to the perturbed input at every step against adversarial
-masks. All images are optimised together (their losses are independent). The map is
-1 − m: 1 where deleting the pixels removes the evidence.
+the class score is the class probability (not the logit: an unbounded logit would
+drown both regularisers): the softmax, or for a single-logit binary model the
+sigmoid of its logit (the softmax of one logit is constant). A little Gaussian noise
+(5 % of each image's value range) is added to the perturbed input at every step
+against adversarial masks, drawn per image from a generator seeded by ``seed`` and
+the image's content, so an image gets the same map alone or in any batch. All
+images are optimised together (their losses are independent). The map is 1 − m: 1
+where deleting the pixels removes the evidence.
 
 >>> import torch, xaiwidgets as xw
 >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
@@ -29,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..core.ops import upsample
+from ..core.ops import image_generators, per_image_randn, upsample
 from ..core.registry import Method, Param, register
 
 LEARNING_RATE = 0.1
@@ -87,7 +90,8 @@ class MeaningfulPerturbation(Method):
               doc="weight of the total variation of the mask (smoother masks)"),
         Param("blur_sigma", 10.0, low=0.0, high=100.0, step=0.5,
               doc="std in pixels of the blur that replaces deleted pixels"),
-        Param("seed", 0, kind="int", low=0, doc="random seed of the input noise"),
+        Param("seed", 0, kind="int", low=0,
+              doc="random seed of the input noise (combined with each image's content)"),
     )
 
     def attribute(self, ctx, target, layer, steps, l1, tv, blur_sigma, seed) -> torch.Tensor:
@@ -97,14 +101,14 @@ class MeaningfulPerturbation(Method):
         side = (max(1, round(h / MASK_DIVISOR)), max(1, round(w / MASK_DIVISOR)))
         mask = torch.ones((n, 1, *side), device=x.device, dtype=x.dtype, requires_grad=True)
         optimizer = torch.optim.Adam([mask], lr=LEARNING_RATE)
-        generator = torch.Generator(device=x.device).manual_seed(seed)
+        generators = image_generators(x, seed)
         span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).reshape(-1, 1, 1, 1)
         for step in ctx.progress_bar(range(steps), steps, "meaningful perturbation"):
             keep = upsample(mask, (h, w))
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = per_image_randn(generators, x)
             perturbed = x * keep + blurred * (1 - keep) + NOISE * span * noise
             logits, _ = ctx.forward(perturbed, grad=True)
-            score = torch.softmax(logits, dim=1).gather(1, target[:, None])[:, 0]
+            score = ctx.probabilities(logits).gather(1, target[:, None])[:, 0]
             loss = l1 * (1 - mask).abs().flatten(1).mean(1) + tv * total_variation(mask) + score
             # gradient of the mask only: the model's parameters never collect .grad
             (mask.grad,) = torch.autograd.grad(loss.sum(), mask)
