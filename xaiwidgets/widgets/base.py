@@ -97,7 +97,7 @@ class ExplorerBase(W.VBox):
         self.busy_box = W.HBox([self.progress, self.cancel_button])
         set_visible(self.busy_box, False)
         set_visible(self.progress, False)
-        self.top5 = W.HTML(layout=W.Layout(width="230px"))
+        self.top5 = W.HTML(layout=W.Layout(width="300px", margin="0 0 0 8px"))
         self.thumbnails = W.HBox(layout=W.Layout(overflow="auto", max_width="100%"))
         self.download_link = W.HTML()
         self._javascript = W.Output(layout=W.Layout(height="0px", overflow="hidden"))
@@ -573,7 +573,7 @@ def top5_html(options: Sequence[tuple[str, int]], top: int = 5) -> str:
         value = float(pct.rstrip("%)") or 0.0)
         rows.append(
             "<div style='display:flex;align-items:center;font-size:12px;line-height:18px'>"
-            f"<span style='width:120px;overflow:hidden;text-overflow:ellipsis;"
+            f"<span style='width:130px;overflow:hidden;text-overflow:ellipsis;"
             f"white-space:nowrap' title='{html.escape(name)}'>{html.escape(name)}</span>"
             "<span style='flex:1;background:#eee;height:12px;margin:0 4px'>"
             f"<span style='display:block;height:12px;background:#4c78a8;"

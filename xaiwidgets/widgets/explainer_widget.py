@@ -78,7 +78,8 @@ class ExplainerWidget(ExplorerBase):
         side = self._side([self._box(["method", "layer"]), self._params_box,
                            self._box(sorted(VIEW)), self._upload_control(),
                            self._export_controls(), self.busy_box])
-        picks = self._row([self._image_picker(), self._box(["target"]), self.top5])
+        # the top-5 chart stays beside the class picker (both wrap below on narrow screens)
+        picks = self._row([self._image_picker(), self._row([self.controls["target"], self.top5])])
         self.children = [picks, self._row([side, self.figure]), self.status]
         self.refresh()
 

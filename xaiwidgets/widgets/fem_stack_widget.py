@@ -10,7 +10,7 @@ import torch
 
 from ..core.registry import get_method
 from .base import VIEW, ExplorerBase, Publish
-from .controls import LAYOUT, STYLE, ParamControls, set_visible
+from .controls import STYLE, ParamControls, set_visible
 from .figures import MapGrid
 
 #: MLFEM parameters this widget exposes (read from the registry's mlfem declaration)
@@ -53,7 +53,8 @@ class FEMStackWidget(ExplorerBase):
             # the layer's name is shown below the slider: a readout would be clipped
             "layer": W.SelectionSlider(options=self.layers, value=self.layers[-1],
                                        description="layer", continuous_update=True,
-                                       readout=False, style=STYLE, layout=W.Layout(**LAYOUT)),
+                                       readout=False, style=STYLE,
+                                       layout=W.Layout(width="370px")),  # handle unclipped
             **self.params.controls,
             **self._view_controls(),
         })
