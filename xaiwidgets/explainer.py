@@ -22,7 +22,7 @@ from torch import nn
 
 from .core import layers as _layers
 from .core.context import Context, OutputSelector, ProgressCallback
-from .core.inputs import as_image_batch
+from .core.inputs import as_image_batch, channel_mismatch
 from .core.ops import attr_value, informative, minmax, reduce_channels, upsample
 from .core.registry import Method, get_method
 from .core.scoped import model_guard
@@ -109,7 +109,13 @@ class Explainer:
         self.context = Context(self.model, images, self.preprocess, self.progress,
                                self.output)
         # one pass on one image: the output is usable, the classes fit, the layers' shapes
-        self.context.shapes()
+        try:
+            self.context.shapes()
+        except RuntimeError as error:  # e.g. grayscale images for an RGB model
+            mismatch = channel_mismatch(self.model, self.context.inputs)
+            if mismatch is None:
+                raise
+            raise mismatch from error
         if self.classes is not None:
             classes = self.context.probe_classes
             if len(self.classes) != classes:

@@ -94,25 +94,56 @@ def colorize(values: Any, colormap: str | None = None, signed: bool = False,
     return rgba
 
 
-def display_image(image: Any) -> np.ndarray:
+#: channels shown as red, green, blue for images with other than 1 or 3 channels
+#: (multispectral); set per call with ``display_image(image, channels=(3, 2, 1))``
+DEFAULT_CHANNELS = (0, 1, 2)
+
+
+def display_image(image: Any, channels: tuple[int, int, int] | None = None) -> np.ndarray:
     """An image as (H, W, 3) floats in [0, 1] for display.
 
-    Takes (3, H, W) or (H, W, 3) arrays, tensors or DataArrays. Values outside
-    [0, 1] (a model input that was already normalised) are min-max scaled.
+    Takes (C, H, W) arrays, tensors or DataArrays (or (H, W, 3), (H, W)): RGB when
+    C = 3, gray for one channel, else the ``channels`` triplet (default
+    :data:`DEFAULT_CHANNELS`; a 2-channel image shows its first channel in gray).
+    Values outside [0, 1] (a model input that was already normalised) are min-max scaled.
+
+    >>> display_image(np.zeros((1, 4, 5))).shape
+    (4, 5, 3)
+    >>> display_image(np.random.rand(13, 4, 4), channels=(3, 2, 1)).shape
+    (4, 4, 3)
     """
     if hasattr(image, "detach"):
         image = image.detach().cpu().numpy()
     img = np.asarray(image, dtype=np.float64)
     if img.ndim == 4 and img.shape[0] == 1:
         img = img[0]
-    if img.ndim == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
-        img = img.transpose(1, 2, 0)
+    if img.ndim == 2:
+        img = img[None]
+    if img.ndim == 3 and not (img.shape[-1] == 3 and img.shape[0] != 3):
+        img = pick_channels(img, channels).transpose(1, 2, 0)
     if img.ndim != 3 or img.shape[-1] != 3:
-        raise ValueError(f"expected an RGB image (3,H,W) or (H,W,3), got shape {img.shape}")
+        raise ValueError(f"expected an image (C,H,W), (H,W,3) or (H,W), got shape {img.shape}")
     low, high = float(img.min()), float(img.max())
     if low < -1e-3 or high > 1 + 1e-3:
         img = (img - low) / (high - low) if high > low else np.zeros_like(img)
     return np.clip(img, 0.0, 1.0)
+
+
+def pick_channels(img: np.ndarray, channels: tuple[int, int, int] | None = None) -> np.ndarray:
+    """(C, H, W) → (3, H, W): RGB as is, one channel repeated as gray, else a triplet."""
+    count = img.shape[0]
+    if channels is None:
+        if count == 3:
+            return img
+        if count < 3:
+            return np.repeat(img[:1], 3, axis=0)
+        channels = DEFAULT_CHANNELS
+    if len(channels) != 3 or not all(0 <= int(c) < count for c in channels):
+        raise ValueError(
+            f"channels={tuple(channels)} must be three indices in 0..{count - 1} "
+            "(shown as red, green, blue)"
+        )
+    return img[list(channels)]
 
 
 def overlay(values: Any, image: Any = None, colormap: str | None = None, opacity: float = 0.6,
