@@ -362,3 +362,71 @@ def test_compare_widget_accepts_added_images_without_reference(tiny):
     w.controls["image"].value = 0                      # the original images keep theirs
     assert np.isfinite(w.scores.values).all() and "reference (GFDM)" in \
         [a.text for a in w.figure.layout.annotations]
+
+
+# ------------------------------------------------------------- inside a kernel
+KERNEL_CODE = r"""
+import sys, threading, torch, xaiwidgets as xw
+sys.path.insert(0, {root!r})
+from tests.conftest import make_tiny_resnet
+w = xw.ExplainerWidget(make_tiny_resnet(), torch.rand(2, 3, 32, 32), method="gradient")
+display(w)
+assert w.background and w.wait(120)
+with w.hold():
+    w.controls["method"].value = "smoothgrad"
+    w.controls["n"].value = 64
+busy = w.busy
+assert w.wait(120) and w.result.attrs["method"] == "smoothgrad" and w.error is None
+print("OK", w.background, busy, w.worker._thread.name)
+"""
+
+
+def test_in_a_kernel_the_widget_computes_in_the_background_and_updates_reach_the_front():
+    from pathlib import Path
+    from queue import Empty
+
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        msg_id = kc.execute(KERNEL_CODE.format(root=str(Path(__file__).parents[1])))
+        text, updates, deadline = [], 0, time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                msg = kc.get_iopub_msg(timeout=5)
+            except Empty:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "comm_msg" and content["data"].get("method") == "update":
+                updates += 1
+            elif kind == "stream":
+                text.append(content["text"])
+            elif kind == "error":
+                text.append("\n".join(content["traceback"]))
+            elif (kind == "status" and content["execution_state"] == "idle"
+                  and msg["parent_header"].get("msg_id") == msg_id):
+                break
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    output = "".join(text)
+    assert "OK True True xaiwidgets-ExplainerWidget" in output, output[-3000:]
+    assert updates > 0  # trait changes made in the worker thread were sent to the browser
+
+
+# ------------------------------------------------------------------ benchmark
+def test_widget_latency_benchmark_rows(tiny):
+    from benchmarks.slider import time_widget_changes, widget_markdown
+
+    w = xw.ExplainerWidget(tiny, IMAGES, method="gradcam", background=True)
+    assert w.wait(60)
+    second = w.controls["target"].options[1][1]  # "target" 1: the second most probable
+    rows = time_widget_changes(w, (("opacity", 0.4), ("target", 1),
+                                   ("method", "integrated_gradients")))
+    w.close()
+    assert [r["control"] for r in rows] == ["opacity", "target", "method"]
+    assert all(0 < r["return_ms"] <= r["drawn_ms"] and r["error"] is None for r in rows)
+    assert rows[1]["value"] == str(second) and w.result.attrs["method"] != "gradcam"
+    assert rows[2]["first_estimate_ms"] is not None  # IG: 32 steps, chunks of 8
+    assert rows[2]["first_estimate_ms"] <= rows[2]["drawn_ms"]
+    assert "| ExplainerWidget | opacity → 0.4 |" in widget_markdown(rows)
