@@ -3,11 +3,13 @@ own composites (reference used only here) and clean-up of the model."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
-from torchvision.models import resnet18, vgg11
+from torchvision.models import densenet121, resnet18, vgg11
 from torchvision.models.resnet import BasicBlock, ResNet
 from zennit.attribution import Gradient
 from zennit.composites import (
@@ -22,7 +24,15 @@ from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit.types import Convolution
 
 import xaiwidgets as xw
-from xaiwidgets.families.lrp import make_composite, relevance, rule
+from xaiwidgets.families.lrp import (
+    CONSERVATION_TOLERANCE,
+    LRPWarning,
+    make_composite,
+    relevance,
+    rule,
+)
+
+from .test_zoo import assert_model_unchanged, model_snapshot, randomise_batchnorms
 
 # ---------------------------------------------------------------- SPEC worked example
 # x = (1, 2); hidden z = (x1 + 2 x2, -x1 + x2) = (5, 1); y = a1 - 2 a2 = 3 (no biases)
@@ -368,3 +378,153 @@ def test_shipped_models_lrp0_is_gradient_times_input_and_model_unchanged(name):
     for composite in ("epsilon_plus_flat", "epsilon_gamma_box", "alpha_beta"):
         assert np.isfinite(ex.explain("lrp", composite=composite).values).all()
     assert_same(before, model_state(model))
+
+
+# ------------------------------------------------- canonizers that check themselves
+def lrp0_equals_gradient_times_input(model, x, target=1):
+    """LRP-0 of a piecewise-linear float64 net is gradient × input (an independent check)."""
+    ex = xw.Explainer(model, x.double())
+    ours = ex.explain("lrp", composite="zero", target=target, reduce=None)
+    grad_x_input = (ex.input_gradient(ex.inputs, torch.tensor([target])) * ex.inputs).numpy()
+    np.testing.assert_allclose(ours.values, grad_x_input, rtol=1e-6,
+                               atol=1e-9 * np.abs(grad_x_input).max())
+    return ours
+
+
+def test_batchnorms_merge_by_the_forward_pass_not_the_declaration_order():
+    from .test_zoo import OutOfOrder
+
+    torch.manual_seed(0)
+    model = randomise_batchnorms(OutOfOrder().eval()).double()
+    before = model_snapshot(model)
+    r = lrp0_equals_gradient_times_input(model, torch.rand(1, 3, 12, 12))
+    # norm_a and norm_b merged (traced pairs); pre (BatchNorm -> ReLU -> conv) is a layer
+    assert r.attrs["lrp_rules"].startswith("AdaptiveAvgPool2d: norm; BatchNorm2d: merged, zero;")
+    assert_model_unchanged(model, before)
+
+
+def test_densenet121_gets_lrp_maps_with_batchnorm_before_the_conv():
+    torch.manual_seed(0)
+    model = randomise_batchnorms(densenet121(num_classes=5).eval())
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    before = model_snapshot(model)
+    with pytest.warns(LRPWarning, match="functional average pooling"):
+        r = xw.explain(model, x, "lrp", target=2)
+    assert np.isfinite(r.values).all() and np.abs(r.values).max() > 0
+    assert "BatchNorm2d: epsilon, merged" in r.attrs["lrp_rules"]
+    assert_model_unchanged(model, before)
+
+
+class BranchReadsConv(nn.Module):
+    """The conv's output is read by its BatchNorm and, functionally, by a concatenation:
+    merging the BatchNorm into the conv would change the second reader."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        c2 = self.conv2(torch.relu(self.conv(x)))
+        y = torch.relu(self.bn(c2))
+        both = torch.cat([y, c2 * 1.0], 1)  # a functional reader: only the logits see it
+        return self.fc(nn.functional.adaptive_max_pool2d(both, 1).flatten(1))
+
+
+def test_a_merge_that_changes_the_logits_is_undone_and_named():
+    torch.manual_seed(0)
+    model = randomise_batchnorms(BranchReadsConv().eval()).double()
+    before = model_snapshot(model)
+    with pytest.warns(LRPWarning, match=r"merging the BatchNorms \['bn'\].*changed"):
+        r = lrp0_equals_gradient_times_input(model, torch.rand(1, 3, 8, 8))
+    assert "BatchNorm2d: zero" in r.attrs["lrp_rules"]
+    assert_model_unchanged(model, before)
+
+
+class ShiftedBlock(BasicBlock):
+    """A torchvision BasicBlock subclass whose forward is not torchvision's."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def test_a_residual_canonizer_that_changes_the_logits_raises_naming_the_blocks():
+    model = ResNet(ShiftedBlock, [1, 1, 1, 1], num_classes=3).eval()
+    before = model_snapshot(model)
+    with pytest.raises(RuntimeError, match=r"canonizer changes this model's output.*layer1\.0"):
+        xw.explain(model, torch.rand(1, 3, 32, 32), "lrp", target=0)
+    assert_model_unchanged(model, before)
+
+
+# -------------------------------------------------- what the rules cannot see
+def test_hand_written_residual_add_and_functional_pooling_are_reported():
+    from .test_zoo import HandResidual
+
+    torch.manual_seed(0)
+    model = HandResidual().eval()
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.bias = None
+    with pytest.warns(LRPWarning) as caught:
+        r = xw.explain(model, torch.rand(1, 3, 8, 8), "lrp", composite="zero", target=1)
+    text = " ".join(str(w.message) for w in caught)
+    assert "residual add" in text and "(the model's forward)" in text
+    assert "functional average pooling or mean" in text
+    # bias-free LRP-0 must conserve: the unseen operations break it, and that is reported
+    assert r.attrs["conservation_error"][0] > CONSERVATION_TOLERANCE
+    assert "misses the target logit" in text
+
+
+def test_conservation_error_is_recorded_and_silent_where_relevance_is_conserved(images):
+    model = bias_free_cnn()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LRPWarning)
+        r = xw.explain(model, images, "lrp", composite="zero", target=[1, 2])
+    logits = target_logits(model, images, [1, 2])
+    expected = np.abs(r.values.sum(axis=(1, 2)) - logits) / np.abs(logits)
+    np.testing.assert_allclose(r.attrs["conservation_error"], expected, rtol=1e-2, atol=1e-6)
+    assert (r.attrs["conservation_error"] < 1e-4).all()
+    assert r.attrs["lrp_unseen"] == ""
+
+
+def test_functional_relu_is_seen_as_harmless_and_lrp0_still_exact():
+    from .test_zoo import FunctionalNet
+
+    torch.manual_seed(0)
+    model = FunctionalNet().eval()
+    with pytest.warns(LRPWarning, match="functional average pooling") as caught:
+        model_out = xw.explain(model, torch.rand(1, 3, 8, 8), "lrp", composite="zero", target=0)
+    assert "residual add" not in " ".join(str(w.message) for w in caught)
+    assert "relu" not in model_out.attrs["lrp_unseen"]
+
+
+# --------------------------------------------------------------- side effects
+def test_two_composites_in_a_row_leave_torchvision_resnet_exactly_as_before():
+    # under zennit 1.0 this used to zero every BatchNorm eps, add conv biases and,
+    # on the second call, change the conv weights for good (.ci/run runs both versions)
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(1, 3, 32, 32)
+    before = model_snapshot(model)
+    first = xw.explain(model, x, "lrp", composite="epsilon_plus", target=1).values
+    for composite in ("epsilon_gamma_box", "zero", "alpha_beta", "epsilon_plus"):
+        last = xw.explain(model, x, "lrp", composite=composite, target=1).values
+        assert_model_unchanged(model, before, composite)
+    np.testing.assert_array_equal(first, last)
+
+
+def test_concurrent_lrp_in_threads_equals_serial():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = small_resnet()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    jobs = ["epsilon_plus_flat", "zero", "alpha_beta", "epsilon_gamma_box"] * 2
+    serial = [xw.explain(model, x, "lrp", composite=c, target=[0, 1]).values for c in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(
+            lambda c: xw.explain(model, x, "lrp", composite=c, target=[0, 1]).values, jobs))
+    for a, b in zip(serial, threaded, strict=True):
+        np.testing.assert_array_equal(a, b)

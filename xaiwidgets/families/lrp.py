@@ -559,7 +559,7 @@ def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite: str,
         if logits_close(logits, plain.logits):
             break
         shadow = None  # start again from a fresh copy: nothing to undo
-        if not merges:
+        if not merges or _merges_keep_logits(model, x, merges, plain):
             blocks = [name for name, m in model.named_modules()
                       if isinstance(m, (BasicBlock, Bottleneck))]
             raise RuntimeError(
@@ -567,7 +567,7 @@ def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite: str,
                 f"|Δlogit| {float((logits - plain.logits).abs().max()):.3g}) in the blocks "
                 f"{blocks[:5]}; their forward differs from torchvision's: use a "
                 "gradient method for this model, or rewrite the sum as a zennit Sum module")
-        bad = [pair for pair in merges if not _merge_keeps_logits(model, x, pair, plain)]
+        bad = [pair for pair in merges if not _merges_keep_logits(model, x, [pair], plain)]
         bad = bad or merges  # each merge alone is fine, all together are not
         unmerged += [norm for _, norm in bad]
         merges = [pair for pair in merges if pair not in bad]
@@ -580,12 +580,13 @@ def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite: str,
     return result
 
 
-def _merge_keeps_logits(model: nn.Module, x: torch.Tensor, pair: tuple[str, str],
+def _merges_keep_logits(model: nn.Module, x: torch.Tensor, pairs: list[tuple[str, str]],
                         plain: Trace) -> bool:
-    """Whether merging this one (layer, BatchNorm) pair alone keeps the logits."""
+    """Whether these (layer, BatchNorm) merges alone (no other canonizer) keep the logits."""
     shadow = shadow_copy(model)
     modules = dict(shadow.named_modules())
-    merge_batchnorm(modules[pair[0]], modules[pair[1]])
+    for layer, norm in pairs:
+        merge_batchnorm(modules[layer], modules[norm])
     with torch.no_grad():
         return logits_close(shadow(x), plain.logits)
 
@@ -604,10 +605,21 @@ def _conserving(shadow: nn.Module, composite: str, rules: dict[str, Any],
     return composite == "zero" or rules.get("epsilon", 1e-6) <= 1e-3
 
 
-def describe_unseen(unseen: dict[str, set[str]]) -> str:
-    """``"'block1': residual add (...); ..."`` ("" when nothing was found)."""
-    return "; ".join(f"{name or '(the model)'!r}: {', '.join(sorted(kinds))}"
-                     for name, kinds in sorted(unseen.items()))
+def describe_unseen(unseen: dict[str, set[str]], most: int = 4) -> str:
+    """``"residual add (...) in 'block1', 'block2'; ..."`` ("" when nothing was found).
+
+    >>> describe_unseen({"b1": {"residual add"}, "": {"residual add", "mean"}})
+    "mean in (the model's forward); residual add in (the model's forward), 'b1'"
+    """
+    where: dict[str, list[str]] = {}
+    for name, kinds in sorted(unseen.items()):
+        for kind in kinds:
+            where.setdefault(kind, []).append(repr(name) if name else "(the model's forward)")
+    parts = []
+    for kind, names in sorted(where.items()):
+        more = f" and {len(names) - most} more" if len(names) > most else ""
+        parts.append(f"{kind} in {', '.join(names[:most])}{more}")
+    return "; ".join(parts)
 
 
 def _warn(result: Explanation) -> None:
