@@ -332,6 +332,7 @@ def widget_state(w) -> tuple:
     (np.zeros((3, 16, 16), dtype=np.float32), "resize"),
     (np.zeros((3, 32, 32), dtype=np.uint8), "dtype"),
     (np.zeros((32, 32), dtype=np.float32), "shape"),
+    (np.zeros((1, 32, 32), dtype=np.float32), "channels"),
     ("not an image", "dtype"),
 ])
 def test_add_image_refuses_bad_images_and_changes_nothing(tiny, bad, match):

@@ -141,6 +141,9 @@ class ExplorerBase(W.VBox):
         batch = as_image_batch(torch.as_tensor(array, dtype=torch.float32), name="the image")
         if len(batch) != 1:
             raise ValueError(f"add one image (3,H,W) at a time; got {len(batch)}")
+        if batch.shape[1] != self.images.shape[1]:
+            raise ValueError(f"the image has {batch.shape[1]} channels, the others "
+                             f"{self.images.shape[1]}: convert it first")
         if batch.shape[-2:] != self.images.shape[-2:]:
             raise ValueError(f"the image is {tuple(batch.shape[-2:])}, the others "
                              f"{tuple(self.images.shape[-2:])}: resize it first "
