@@ -19,6 +19,7 @@ Rules (documented for users, used by :meth:`Explainer.layers`):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from .ops import close_matches
+from .scoped import Scope
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.PReLU)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
@@ -82,20 +84,20 @@ def output_shapes(model: nn.Module, run: Callable[[], Any]) -> dict[str, tuple[i
     {'0': (1, 2, 3, 3), '1': (1, 2, 3, 3)}
     """
     shapes: dict[str, tuple[int, ...]] = {}
+    owner = threading.get_ident()
 
     def make_hook(name: str) -> Callable:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor):
+            # another thread's pass on the same model must not reorder or add shapes
+            if isinstance(output, torch.Tensor) and threading.get_ident() == owner:
                 shapes.pop(name, None)
                 shapes[name] = tuple(output.shape)
         return hook
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in _ordered_named_modules(model)]
-    try:
+    with Scope() as scope:
+        for n, m in _ordered_named_modules(model):
+            scope.handle(m.register_forward_hook(make_hook(n)))
         run()
-    finally:
-        for handle in handles:
-            handle.remove()
     return shapes
 
 
