@@ -246,3 +246,27 @@ def test_threads_sharing_a_model_do_not_mix_rules_or_captures():
         np.testing.assert_allclose(values, serial[method], rtol=1e-5, atol=1e-6)
     assert_unchanged(model, before)
     assert torch.nn.functional.relu.__module__ == "torch.nn.functional"
+
+
+@pytest.mark.parametrize("method", xw.methods())
+def test_failure_inside_a_method_leaves_torch_and_the_thread_clean(method):
+    """After a failure deep in a call no rule stays active: the thread's function mode
+    stack is empty, torch's functions are the same objects, and plain gradients of an
+    even-sized batch (what the old process-wide DeepLIFT patch zeroed) are right."""
+    import torch.nn.functional as F
+
+    functions = {name: id(obj) for name, obj in vars(F).items()}
+    model = make_model()
+    ex = xw.Explainer(model, torch.rand(2, 3, 16, 16))
+    ex.logits()
+    model[9].armed = True
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            ex.explain(method, target=1, **quick(method))
+    finally:
+        model[9].armed = False
+    assert torch._C._len_torch_function_stack() == 0
+    assert {name: id(obj) for name, obj in vars(F).items()} == functions
+    x = torch.tensor([[1.0, -1.0], [2.0, -2.0]], requires_grad=True)
+    (grad,) = torch.autograd.grad(torch.relu(x).sum(), x)
+    assert grad.tolist() == [[1.0, 0.0], [1.0, 0.0]]

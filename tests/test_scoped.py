@@ -177,3 +177,14 @@ def test_census_names_every_kind_of_non_linearity():
         "F.leaky_relu": 1,
     }
     assert relu_like_call(torch.clamp, (torch.ones(1),), {"min": 0.5}) is None
+
+
+def test_a_rule_that_fails_leaves_no_mode_behind():
+    def broken(func, args, kwargs):
+        raise RuntimeError("rule failed")
+
+    x = torch.tensor([-1.0, 2.0])
+    with pytest.raises(RuntimeError, match="rule failed"), FunctionRules({F.relu: broken}):
+        F.relu(x)
+    assert torch._C._len_torch_function_stack() == 0
+    assert F.relu(x).tolist() == [0.0, 2.0]
