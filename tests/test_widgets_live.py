@@ -431,3 +431,28 @@ def test_widget_latency_benchmark_rows(tiny):
     assert rows[2]["first_estimate_ms"] is not None  # IG: 32 steps, chunks of 8
     assert rows[2]["first_estimate_ms"] <= rows[2]["drawn_ms"]
     assert "| ExplainerWidget | opacity → 0.4 |" in widget_markdown(rows)
+
+
+@pytest.mark.parametrize("method, params, unit", [
+    ("lime", {"n_samples": 3 * BACKGROUND_BATCH, "n_segments": 8}, "samples"),
+    ("occlusion", {"window": 8, "stride": 4}, "windows"),
+    ("meaningful_perturbation", {"steps": 6}, "steps"),
+])
+def test_perturbation_methods_draw_first_estimates(tiny, method, params, unit):
+    w = xw.ExplainerWidget(tiny, IMAGES, method="gradient", background=True)
+    assert w.wait(60)
+    drawn = record_draws(w)
+    statuses: list[str] = []
+    w.status.observe(lambda change: statuses.append(change["new"]), "value")
+    with w.hold():
+        w.controls["method"].value = method
+        for name, value in params.items():
+            w.controls[w.params.keys[method][name]].value = value
+    assert w.wait(120) and w.error is None
+    assert [first for m, first, _ in drawn if m == method][0] is True  # an estimate first
+    assert drawn[-1][:2] == (method, False)                            # the result last
+    assert any(re.search(rf"\d+/\d+ {unit}", s) for s in statuses)
+    expected = xw.Explainer(tiny, IMAGES[:1]).explain(
+        method, target=w.controls["target"].value, **params)
+    np.testing.assert_allclose(w.result.values, expected.values, rtol=1e-4, atol=1e-5)
+    w.close()

@@ -124,6 +124,17 @@ class Lime(Method):
         jobs = [(i, start) for i in range(ctx.n_images)
                 for start in range(0, n_samples, batch_size)]
         scores = [np.empty(n_samples) for _ in range(ctx.n_images)]
+
+        def fit(m: int) -> torch.Tensor:
+            """The maps of a ridge fit on the first ``m`` samples of every image."""
+            maps = []
+            for i in range(ctx.n_images):
+                z = masks[i][:m].astype(np.float64)
+                coef = weighted_ridge(z, scores[i][:m], kernel_weights(z, kernel_width))
+                coef = torch.as_tensor(coef, device=x.device, dtype=x.dtype)
+                maps.append(coef[segments[i]])
+            return torch.stack(maps)
+
         for i, start in ctx.progress_bar(jobs, len(jobs), "lime"):
             z = torch.as_tensor(masks[i][start:start + batch_size], device=x.device,
                                 dtype=x.dtype)
@@ -132,10 +143,7 @@ class Lime(Method):
             batch = x[i] * keep + fill * (1 - keep)
             scores[i][start:start + len(z)] = ctx.scores(batch, target[i], batch_size=len(z)) \
                 .double().cpu().numpy()
-        maps = []
-        for i in range(ctx.n_images):
-            z = masks[i].astype(np.float64)
-            coef = weighted_ridge(z, scores[i], kernel_weights(z, kernel_width))
-            coef = torch.as_tensor(coef, device=x.device, dtype=x.dtype)
-            maps.append(coef[segments[i]])
-        return torch.stack(maps)
+            done = start + len(z)
+            if ctx.n_images == 1 and done < n_samples:  # a fit of the samples so far
+                ctx.report_partial(done, n_samples, lambda m=done: fit(m))
+        return fit(n_samples)

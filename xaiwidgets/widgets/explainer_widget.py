@@ -21,7 +21,7 @@ DEFAULT_METHOD = "gradcam"
 MAP_PX = 360
 #: what a progress count counts, per method (first estimates' status line)
 UNITS = {"integrated_gradients": "steps", "smoothgrad": "samples", "occlusion": "windows",
-         "meaningful_perturbation": "steps", "lime": "chunks"}
+         "meaningful_perturbation": "steps", "lime": "samples"}
 
 
 class ExplainerWidget(ExplorerBase):
