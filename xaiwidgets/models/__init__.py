@@ -28,7 +28,7 @@ from .architectures import ARCHITECTURES, build
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 #: models whose weights ship with the package (see models/README.md)
-SHIPPED = ("shapes-vgg", "shapes-resnet", "shapes-vgg-shuffled", "shapes-video")
+SHIPPED = ("shapes-vgg", "shapes-resnet", "shapes-vgg-shuffled", "shapes-video", "digits")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -152,7 +152,8 @@ def load(name: str, weights: Any = "default", device: str | torch.device = "cpu"
     name
         A shipped model (``available()``: ``"shapes-vgg"``, ``"shapes-resnet"``,
         ``"shapes-vgg-shuffled"``, trained on :func:`xaiwidgets.datasets.shapes` at
-        128 px) or any ``torchvision.models`` classifier (``"resnet50"``, ``"vgg16"``, ...).
+        128 px; ``"digits"``, grayscale 32×32 handwritten digits) or any
+        ``torchvision.models`` classifier (``"resnet50"``, ``"vgg16"``, ...).
     weights
         ``"default"``: the shipped weights, or torchvision's default pretrained weights
         (downloaded once into the torch hub cache; without network and cache a
@@ -169,7 +170,11 @@ def load(name: str, weights: Any = "default", device: str | torch.device = "cpu"
         ``(model, preprocess, classes)``; ``preprocess`` is ImageNet normalisation for
         torchvision models and the training normalisation for shipped ones.
     """
-    if name in SHIPPED or name.removesuffix("-shuffled") in ARCHITECTURES:
+    if name == "digits":  # grayscale 1×32×32 (models/digits.py)
+        from . import digits
+
+        loaded = digits.load(weights)
+    elif name in SHIPPED or name.removesuffix("-shuffled") in ARCHITECTURES:
         loaded = _load_shapes(name, weights)
     elif name in torchvision.models.list_models(module=torchvision.models):
         loaded = _load_torchvision(name, weights)
@@ -217,7 +222,8 @@ def load_or_fallback(name: str = "resnet50", fallback: str | None = None,
         note = f"Offline: the pretrained weights of {name!r} could not be downloaded; using {what}."
         return ModelChoice(loaded, target, note, offline=True)
     if name in SHIPPED:
-        note = f"{name}: shipped with xaiwidgets, trained on xw.datasets.shapes."
+        data = "scikit-learn's digits" if name == "digits" else "xw.datasets.shapes"
+        note = f"{name}: shipped with xaiwidgets, trained on {data}."
     else:
         note = f"{name} with pretrained weights ({len(loaded.classes)} ImageNet classes)."
     return ModelChoice(loaded, name, note, offline=False)
