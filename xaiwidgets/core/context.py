@@ -192,7 +192,7 @@ class Context:
         """Class probabilities of ``logits``: softmax, or the sigmoid of a binary model's logit.
 
         >>> ctx = Context(torch.nn.Flatten(), torch.rand(1, 3, 1, 1))
-        >>> ctx.probabilities(torch.tensor([[0.0, 2.0, 0.0]])).sum().item()
+        >>> round(ctx.probabilities(torch.tensor([[0.0, 2.0, 0.0]])).sum().item(), 6)
         1.0
         """
         return torch.sigmoid(logits) if self.binary else torch.softmax(logits, dim=1)
