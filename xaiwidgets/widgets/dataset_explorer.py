@@ -45,6 +45,7 @@ from ..evaluation import perturbation
 from ..evaluation.evaluate import REFERENCE
 from ..explainer import Explainer
 from .controls import LAYOUT, STYLE, set_visible
+from .figures import LiveFigureWidget
 from .worker import Superseded, Token, Worker, in_kernel
 
 #: perturbation metrics the explorer offers (AUC of the curve; no gaze data needed)
@@ -251,23 +252,23 @@ class DatasetExplorer(W.VBox):
         self.empty = W.HTML()
         self._tiles = [_Tile(self) for _ in range(self.page_size)]
         self.gallery = W.GridBox([t.box for t in self._tiles], layout=W.Layout(
-            grid_template_columns="repeat(4, 250px)", grid_gap="6px"))
+            grid_template_columns="repeat(auto-fill, 236px)", grid_gap="6px", width="100%"))
         self.confusion_figure = self._confusion_widget()
         self._detail = W.VBox()
         side = [*(self.controls[n] for n in ("method", "outcome", "class", "sort", "page")),
-                self._pair_box, self.progress]
-        if self.confusion_figure is not None:
-            side.append(self.confusion_figure)
-        self.children = [W.HBox([W.VBox(side), W.VBox([self.empty, self.gallery])]),
-                         self.status, self._detail]
+                self._pair_box, self.progress, self.status]
+        top = [W.VBox(side)] + ([self.confusion_figure] if self.confusion_figure else [])
+        self.children = [W.HBox(top), self.empty, self.gallery, self._detail]
 
-    def _confusion_widget(self) -> go.FigureWidget | None:
+    def _confusion_widget(self) -> LiveFigureWidget | None:
         if self.confusion is None:
             return None
-        counts = self.confusion.values
-        fig = go.FigureWidget(go.Heatmap(
+        # plain lists: plotly.js has no int64 typed arrays (a numpy int64 z draws nothing)
+        counts = self.confusion.values.tolist()
+        fig = LiveFigureWidget(go.Heatmap(
             z=counts, x=self.classes, y=self.classes, colorscale="Blues", showscale=False,
-            text=counts, texttemplate="%{text}", hovertemplate=(
+            text=[[str(c) for c in row] for row in counts], texttemplate="%{text}",
+            hovertemplate=(
                 "true %{y}<br>predicted %{x}<br>%{z} images<extra>click to show</extra>")))
         fig.update_layout(width=380, height=380, margin={"l": 70, "r": 10, "t": 40, "b": 60},
                           title={"text": "confusion (click a cell)", "font": {"size": 13}},
@@ -575,8 +576,8 @@ class _Tile:
     def __init__(self, explorer: DatasetExplorer) -> None:
         self.explorer = explorer
         self.index: int | None = None
-        self.image = W.Image(format="png", layout=W.Layout(width="240px"))
-        self.caption = W.HTML(layout=W.Layout(width="240px"))
+        self.image = W.Image(format="png", layout=W.Layout(width="228px"))
+        self.caption = W.HTML(layout=W.Layout(width="228px"))
         self.button = W.Button(description="open", icon="search",
                                layout=W.Layout(width="80px"))
         self.button.on_click(lambda _: self.explorer._guarded(

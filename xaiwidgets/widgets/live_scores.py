@@ -28,6 +28,7 @@ import xarray as xr
 
 from ..evaluation import metrics, perturbation
 from ..explainer import Explainer
+from .figures import LiveFigureWidget
 
 #: fraction of the pixels removed / inserted per step of the curves
 STEP = 0.05
@@ -91,7 +92,7 @@ class LiveScores(W.VBox):
         self.scores: dict[str, float] = {}
         self.curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.table = W.HTML(layout=W.Layout(min_height="1.6em"))
-        self.figure = go.FigureWidget(
+        self.figure = LiveFigureWidget(
             [go.Scatter(x=[], y=[], name=name, mode="lines", line={"color": color})
              for name, color in (("deletion", "#b00020"), ("insertion", "#1f77b4"))])
         self.figure.update_layout(
