@@ -556,6 +556,11 @@ class ExplorerBase(W.VBox):
                 "const a = document.createElement('a');"
                 f"a.href = {url!r}; a.download = {name!r};"
                 "document.body.appendChild(a); a.click(); a.remove();"))
+            # once run, the script goes: a notebook reopened with saved widget state
+            # must not download again
+            clear = threading.Timer(3.0, lambda: setattr(self._javascript, "outputs", ()))
+            clear.daemon = True
+            clear.start()
         self.status.value = f"download: {html.escape(name)}"
         return name
 
