@@ -348,4 +348,5 @@ plt.show()
 w = xw.CompareWidget(vgg, images[:4], ["gradient", "gradcam", "lrp", "fem"],
                      reference=ds.isel(image=slice(0, 4)), preprocess=vgg_pre, classes=classes)
 display(w)
+w.wait()  # maps are computed in the background: wait for them before reading the scores
 w.scores.to_pandas().round(3)
