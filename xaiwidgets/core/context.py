@@ -207,8 +207,6 @@ class Context:
             def probe() -> None:
                 logits, _ = self.forward(self.inputs[:1])
                 self.probe_classes = int(logits.shape[1])
-                if self.n_images == 1:  # the probe was the prediction pass (widgets)
-                    self.valid_cache().setdefault("logits", logits)
                 if self.n_images == 1:  # the probe was the whole batch (widgets): keep it
                     self.valid_cache().setdefault("logits", logits)
 
