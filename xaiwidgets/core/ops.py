@@ -43,10 +43,12 @@ def minmax(maps: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.Tensor
     >>> minmax(torch.tensor([[[5.0, 5.0 + 4e-7]]])).sum().item()
     0.0
     """
-    if tuple(dims) == (-2, -1) and maps.ndim >= 2:
+    trailing = len(dims)
+    if tuple(dims) == tuple(range(-trailing, 0)) and maps.ndim >= trailing:
         # one pass for both extremes (a slider re-normalises whole FEM stacks)
-        low, high = torch.aminmax(maps.flatten(-2), dim=-1, keepdim=True)
-        low, high = low.unsqueeze(-1), high.unsqueeze(-1)
+        low, high = torch.aminmax(maps.flatten(-trailing), dim=-1, keepdim=True)
+        low, high = (low.reshape(*low.shape[:-1], *[1] * trailing),
+                     high.reshape(*high.shape[:-1], *[1] * trailing))
     else:
         low = maps.amin(dim=dims, keepdim=True)
         high = maps.amax(dim=dims, keepdim=True)
@@ -66,30 +68,49 @@ def value_span(maps: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.Te
     return maps.amax(dim=dims) - maps.amin(dim=dims)
 
 
-def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear (align_corners=False) resize of (N, H, W) or (N, C, H, W) maps to ``size``.
+def map_dims(size: Sequence[int]) -> tuple[int, ...]:
+    """The trailing dims of one map for an input of spatial ``size``: (-2, -1) for
+    images (H, W), (-3, -2, -1) for clips (T, H, W).
 
-    The result stays within each map's [min, max] (bilinear weights are convex; the
-    clamp removes rounding), so upsampling never invents contrast: a constant map
-    stays exactly constant.
+    >>> map_dims((8, 32, 32))
+    (-3, -2, -1)
+    """
+    return tuple(range(-len(size), 0))
+
+
+def upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resize maps to ``size``: bilinear for images, trilinear for clips (align_corners=False).
+
+    ``size`` (H, W): maps (N, H, W) or (N, C, H, W); ``size`` (T, H, W): maps
+    (N, T, H, W) or (N, C, T, H, W). The result stays within each map's [min, max]
+    (the interpolation weights are convex; the clamp removes rounding), so upsampling
+    never invents contrast: a constant map stays exactly constant.
 
     >>> upsample(torch.zeros(1, 2, 2), (4, 4)).shape
     torch.Size([1, 4, 4])
     >>> upsample(torch.full((1, 1, 1), 0.1), (16, 16)).unique().numel()
     1
+    >>> upsample(torch.rand(1, 2, 4, 4), (8, 16, 16)).shape
+    torch.Size([1, 8, 16, 16])
     """
-    if tuple(maps.shape[-2:]) == tuple(size):
+    size = tuple(int(s) for s in size)
+    k = len(size)
+    if k not in (2, 3):
+        raise ValueError(f"size must be (H, W) or (T, H, W); got {size}")
+    if tuple(maps.shape[-k:]) == size:
         return maps
-    squeeze = maps.ndim == 3
+    squeeze = maps.ndim == k + 1
     x = maps.unsqueeze(1) if squeeze else maps
-    low, high = torch.aminmax(x.flatten(-2), dim=-1)
-    x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    x = torch.maximum(torch.minimum(x, high[..., None, None]), low[..., None, None])
+    low, high = torch.aminmax(x.flatten(-k), dim=-1)
+    mode = "bilinear" if k == 2 else "trilinear"
+    x = torch.nn.functional.interpolate(x, size=size, mode=mode, align_corners=False)
+    expand = (...,) + (None,) * k
+    x = torch.maximum(torch.minimum(x, high[expand]), low[expand])
     return x.squeeze(1) if squeeze else x
 
 
 def reduce_channels(attribution: torch.Tensor, how: str) -> torch.Tensor:
-    """(N, C, H, W) → (N, H, W): ``max_abs`` (survey's RGB rule), ``sum``, ``sum_abs``.
+    """(N, C, ...) → (N, ...) over dim 1: ``max_abs`` (survey's RGB rule), ``sum``, ``sum_abs``.
 
     >>> reduce_channels(torch.tensor([[[[1.0]], [[-2.0]]]]), "max_abs").item()
     2.0
