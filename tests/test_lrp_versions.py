@@ -1,0 +1,84 @@
+"""LRP gives the same maps under zennit 0.5.1 and 1.0.0.
+
+``.ci/run`` installs the other zennit version (pure-Python wheel) into
+``.venv/zennit1`` (or ``$XAIWIDGETS_OTHER_ZENNIT``) and runs the LRP and safety tests
+a second time with it first on ``PYTHONPATH``. This test computes maps for every
+composite in this process and in a subprocess that imports the other version, and
+compares them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OTHER = Path(os.environ.get("XAIWIDGETS_OTHER_ZENNIT", ROOT / ".venv" / "zennit1"))
+
+SCRIPT = """
+import json, sys, torch, zennit
+from importlib.metadata import version
+from torchvision.models import densenet121, resnet18
+import xaiwidgets as xw
+from tests.test_zoo import OutOfOrder, randomise_batchnorms
+
+torch.manual_seed(0)
+models = {"resnet18": resnet18(num_classes=10), "densenet121": densenet121(num_classes=10),
+          "out_of_order": OutOfOrder()}
+x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+maps = {"zennit": version("zennit"), "file": zennit.__file__}
+for name, model in models.items():
+    model = randomise_batchnorms(model.eval())
+    for composite in ("epsilon_plus_flat", "epsilon_plus", "epsilon_gamma_box", "alpha_beta",
+                      "epsilon", "zero"):
+        r = xw.explain(model, x, "lrp", composite=composite, target=[1, 2], reduce=None)
+        maps[f"{name}/{composite}"] = r.values.tolist()
+json.dump(maps, sys.stdout)
+"""
+
+
+def maps_with(pythonpath: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", SCRIPT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_the_expected_zennit_version_is_imported():
+    # the second run of .ci/run sets XAIWIDGETS_EXPECT_ZENNIT=1.0.0
+    expected = os.environ.get("XAIWIDGETS_EXPECT_ZENNIT")
+    assert version("zennit") == (expected or version("zennit"))
+    assert version("zennit") in ("0.5.1", "1.0.0")
+
+
+@pytest.mark.slow
+def test_maps_agree_between_zennit_versions():
+    assert (OTHER / "zennit").is_dir(), (
+        f"the other zennit version is not installed at {OTHER}: run .ci/run, or "
+        "pip download --no-deps --only-binary=:all: --python-version 3.12 zennit==1.0.0 -d D "
+        f"&& pip install --no-deps --ignore-requires-python --target {OTHER} D/zennit-*.whl")
+    here = os.environ.get("PYTHONPATH")
+    ours = maps_with(here)
+    # run with the other version: if this process already has it first, the site one
+    other_path = None if here and str(OTHER) in here else str(OTHER)
+    theirs = maps_with(other_path)
+    assert {ours.pop("zennit"), theirs.pop("zennit")} == {"0.5.1", "1.0.0"}
+    ours.pop("file"), theirs.pop("file")
+    assert ours.keys() == theirs.keys()
+    worst = {}
+    for key in ours:
+        a, b = np.asarray(ours[key]), np.asarray(theirs[key])
+        assert np.abs(a).max() > 0, key
+        worst[key] = float(np.abs(a - b).max() / np.abs(a).max())
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max(), err_msg=key)
+    print("relative max difference between zennit versions:", max(worst.values()))
