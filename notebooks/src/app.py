@@ -16,6 +16,9 @@
 # that ship with `xaiwidgets`, on its synthetic shapes.
 
 # %%
+import contextlib
+import io
+
 import ipywidgets as W
 from IPython.display import display
 
@@ -25,6 +28,13 @@ import xaiwidgets as xw
 IMAGENET_MODELS = ["resnet50", "resnet18", "mobilenet_v3_large"]
 #: the shipped model used when nothing can be downloaded
 OFFLINE_MODEL = "shapes-vgg"
+
+
+def load(name: str) -> xw.models.ModelChoice:
+    """``name`` with pretrained weights, or the shipped model offline (the note says which);
+    torch's download message stays out of the app."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return xw.models.load_or_fallback(name, fallback=OFFLINE_MODEL)
 
 
 def images_for(model_name: str):
@@ -80,7 +90,7 @@ class ClassApp(W.VBox):
         self.picker.disabled = True
         self.note.value = f"loading {change['new']}…"
         try:
-            self.show(xw.models.load_or_fallback(change["new"], fallback=OFFLINE_MODEL))
+            self.show(load(change["new"]))
         finally:
             self.picker.disabled = False
 
@@ -94,7 +104,7 @@ class ClassApp(W.VBox):
                 self.note.value = f"could not read {name}: {error}"
 
 
-app = ClassApp(xw.models.load_or_fallback("resnet50", fallback=OFFLINE_MODEL))
+app = ClassApp(load("resnet50"))
 display(app)
 
 # %% [markdown]
