@@ -1,9 +1,19 @@
 """Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2019) through zennit.
 
-zennit (LGPL, imported, never copied) provides the rules, the composite machinery and
-the canonizers; this module decides which rule goes on which layer, merges BatchNorms,
-makes residual sums explicit, starts the backward pass from the target logit and
-guarantees that nothing stays on the user's model.
+zennit (LGPL, imported, never copied) provides the rules and the composite machinery;
+this module decides which rule goes on which layer, merges BatchNorms, makes
+torchvision's residual sums explicit, starts the backward pass from the target logit
+and checks the result (:func:`lrp`):
+
+* everything happens on a :func:`shadow_copy` of the module tree (shared tensors, own
+  dictionaries), so the user's model, its parameter objects, hooks and flags are
+  never written, under zennit 0.5.1 and 1.0.0 alike, in any thread, also on failure;
+* BatchNorms are merged only into the layer whose output they normalise in the
+  forward pass (:func:`trace`), and only if the canonized logits equal the plain ones;
+  otherwise they stay layers of their own (LRP-ε) and a warning names them;
+* operations the rules cannot see (functional residual adds, pooling, gates...) are
+  reported by module name (:func:`unseen_operations`), and the relative conservation
+  error is recorded in the result's attrs.
 
 >>> import torch, xaiwidgets as xw
 >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
@@ -12,10 +22,9 @@ guarantees that nothing stays on the user's model.
 >>> xw.explain(model, torch.rand(1, 3, 16, 16), "lrp", composite="epsilon").dims
 ('image', 'y', 'x')
 
-Slider cost: changing ``epsilon`` (or any LRP parameter) re-runs one forward and one
-modified backward pass; the canonizers (BatchNorm merge, explicit residual sums) are
-re-applied and reverted around every call. That costs microseconds to milliseconds and
-is deliberately not cached: a cached canonization would have to stay on the model.
+Slider cost: changing ``epsilon`` (or any LRP parameter) re-runs one traced forward,
+one modified forward and one modified backward pass on a fresh shadow copy (no tensor
+memory). Nothing is cached: the trace is cheap next to zennit's modified backward.
 """
 
 from __future__ import annotations
@@ -665,6 +674,16 @@ class LRP(Method):
     dense), ``epsilon_plus``, ``epsilon_gamma_box`` (z^B first, γ conv, ε dense),
     ``alpha_beta`` (α/β on conv, ε on dense), ``epsilon``, ``zero`` (LRP-0).
     α and β default to 2 and 1; give one and the other follows α = β + 1.
+    Activations pass relevance, sums and average pools split it in proportion,
+    BatchNorms are merged into their layer (or, where that would change the logits,
+    are layers with LRP-ε).
+
+    Result attrs: ``conservation_error`` (per image, |Σ R − f_t(x)| / |f_t(x)|; biases
+    and ε absorb some, so it is a warning only where the configuration must conserve:
+    no bias, no BatchNorm as a layer, ε ≤ 1e-3, no α/β rule; threshold
+    :data:`CONSERVATION_TOLERANCE`), ``lrp_rules`` (rule per layer type) and
+    ``lrp_unseen`` (operations outside the rules' view, also raised as an
+    :class:`LRPWarning`).
     """
 
     name = "lrp"
