@@ -23,7 +23,7 @@ from torch import nn
 from .core import layers as _layers
 from .core.context import Context, OutputSelector, ProgressCallback
 from .core.inputs import as_image_batch, channel_mismatch
-from .core.ops import attr_value, informative, minmax, reduce_channels, upsample
+from .core.ops import attr_value, informative, map_dims, minmax, reduce_channels, upsample
 from .core.registry import Method, get_method
 from .core.scoped import model_guard
 
@@ -184,7 +184,9 @@ class Explainer:
         """Explain the images with ``method``; a float32 ``xr.DataArray`` at input size.
 
         Dims ``("image", "y", "x")``, or ``("image", "channel", "y", "x")`` with
-        ``reduce=None`` for pixel-space methods. ``attrs`` record the method,
+        ``reduce=None`` for pixel-space methods; for video clips (N, C, T, H, W),
+        ``("image", "t", "y", "x")`` (maps normalised over the whole clip) or
+        ``("image", "channel", "t", "y", "x")``. ``attrs`` record the method,
         target, layer, reduction and every parameter used (defaults included).
 
         >>> ex.explain("integrated_gradients", target=3, steps=64)  # doctest: +SKIP
@@ -203,6 +205,12 @@ class Explainer:
             layer = layer if layer is not None else m.default_layer(ctx)
             if layer is not None:
                 _layers.resolve_layer(self.model, layer)
+        if ctx.is_clip and m.clip_refusal:
+            raise ValueError(
+                f"method {m.name!r} does not support video clips (N,C,T,H,W): "
+                f"{m.clip_refusal}; on clips use gradient, guided_backprop, "
+                "integrated_gradients, smoothgrad, gradcam, guided_gradcam, fem or mlfem"
+            )
         with model_guard(self.model, exclusive=m.changes_model), ctx.recording() as extra:
             m.check(ctx, layer, resolved)
             if m.class_agnostic:
@@ -237,22 +245,27 @@ class Explainer:
         """
         raw = raw.detach()
         how = method.default_reduce if reduce == "default" else reduce
-        if raw.ndim == 4 and how is not None and how != "map":
+        # one map per image is (N, H, W), or (N, T, H, W) for clips; one more dim = channels
+        volume = ("t", "y", "x")[-len(self.size):]
+        per_channel = raw.ndim == 2 + len(volume)
+        if per_channel and how is not None and how != "map":
             raw = reduce_channels(raw, how)
+            per_channel = False
         # a constant map carries no information: it stays constant (all zeros once
         # normalised) and the result says so
-        useful = informative(raw.float().flatten(1)[:, None] if raw.ndim == 4 else raw.float())
+        flat = raw.float().flatten(1)[:, None] if per_channel else raw.float().flatten(1)
+        useful = informative(flat, dims=(-1,))
         raw = upsample(raw.float(), self.size)
-        if raw.ndim == 3 and method.normalize_output:
-            raw = minmax(raw)
-        dims = ("image", "y", "x") if raw.ndim == 3 else ("image", "channel", "y", "x")
+        if not per_channel and method.normalize_output:
+            # clips: normalised over the whole (t, y, x) volume, like the FEM statistics
+            raw = minmax(raw, dims=map_dims(self.size))
+        dims = ("image", *volume) if not per_channel else ("image", "channel", *volume)
         coords: dict[str, Any] = {
             "image": np.arange(self.n_images),
-            "y": np.arange(raw.shape[-2]),
-            "x": np.arange(raw.shape[-1]),
+            **{dim: np.arange(n) for dim, n in zip(volume, raw.shape[-len(volume):], strict=True)},
             "target": ("image", target.cpu().numpy()),
         }
-        if raw.ndim == 4:
+        if per_channel:
             coords["channel"] = np.arange(raw.shape[1])
         if self.classes is not None:
             coords["class_name"] = ("image", [self.classes[t] for t in target.tolist()])

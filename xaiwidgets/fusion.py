@@ -97,10 +97,28 @@ def fuse_maps(maps: torch.Tensor, operator: str = "max", alpha: float = 0.5,
               normalize: str = "end", net: nn.Module | None = None) -> torch.Tensor:
     """Fuse a (N, L, H, W) stack into (N, H, W) maps in [0, 1]; the tensor form of :func:`fuse`.
 
-    ``net`` is required for ``operator="net"`` (a FusionNet taking L channels).
+    ``net`` is required for ``operator="net"`` (a FusionNet taking L channels). A clip
+    stack (N, L, T, H, W) fuses into (N, T, H, W): every operator is elementwise, and
+    ``top``'s mean and the normalisations run over the whole (t, y, x) volume.
+
+    >>> fuse_maps(torch.rand(1, 3, 4, 8, 8), "top").shape
+    torch.Size([1, 4, 8, 8])
     """
+    if maps.ndim == 5:
+        if operator == "net":
+            raise ValueError(
+                "operator='net' does not support video clips: the fusion network is "
+                "trained on 2-D image stacks and no video gaze data exists to train one; "
+                "use max, add, top or fem"
+            )
+        # (T, H, W) seen as one (T·H, W) map: per-volume mean and min-max for free
+        n, n_layers, *volume = maps.shape
+        flat = maps.reshape(n, n_layers, volume[0] * volume[1], volume[2])
+        return fuse_maps(flat, operator, alpha, normalize).reshape(n, *volume)
     if maps.ndim != 4:
-        raise ValueError(f"maps must have shape (N, L, H, W); got {tuple(maps.shape)}")
+        raise ValueError(
+            f"maps must have shape (N, L, H, W) or (N, L, T, H, W); got {tuple(maps.shape)}"
+        )
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={normalize!r} is not valid; choose one of {NORMALIZATIONS}")
     if not 0.0 <= float(alpha) <= 1.0:
@@ -128,24 +146,30 @@ def fuse(stack: Any, operator: str = "max", alpha: float = 0.5, normalize: str =
     if operator not in OPERATOR_NAMES:
         raise ValueError(f"unknown operator {operator!r}; choose one of {list(OPERATOR_NAMES)}")
     attrs = dict(stack.attrs) if isinstance(stack, xr.DataArray) else {}
+    volume: tuple[str, ...] = ("y", "x")
     if isinstance(stack, xr.DataArray):
-        if set(stack.dims) != {"image", "layer", "y", "x"}:
-            raise ValueError(f"stack must have dims (image, layer, y, x); got {stack.dims}")
-        stack = stack.transpose("image", "layer", "y", "x")
+        volume = ("t", "y", "x") if "t" in stack.dims else ("y", "x")
+        if set(stack.dims) != {"image", "layer", *volume}:
+            raise ValueError(
+                f"stack must have dims (image, layer, y, x) or (image, layer, t, y, x); "
+                f"got {stack.dims}"
+            )
+        stack = stack.transpose("image", "layer", *volume)
         maps = torch.as_tensor(np.asarray(stack.values), dtype=torch.float32)
         layers = [str(name) for name in stack["layer"].values] if "layer" in stack.coords \
             else None
     else:
         maps = torch.as_tensor(stack).float()
         layers = None
-    if operator == "net" and net is None:
+        volume = ("t", "y", "x") if maps.ndim == 5 else ("y", "x")
+    if operator == "net" and net is None and len(volume) == 2:
         net = resolve_net(None, str(attrs.get("model", "")), layers)
     fused = fuse_maps(maps, operator, alpha, normalize, net).detach().cpu().numpy()
     attrs.update(method="mlfem", operator=operator, alpha=float(alpha), normalize=normalize)
     return xr.DataArray(
-        fused.astype(np.float32), dims=("image", "y", "x"),
-        coords={"image": np.arange(fused.shape[0]), "y": np.arange(fused.shape[1]),
-                "x": np.arange(fused.shape[2])},
+        fused.astype(np.float32), dims=("image", *volume),
+        coords={"image": np.arange(fused.shape[0]),
+                **{dim: np.arange(n) for dim, n in zip(volume, fused.shape[1:], strict=True)}},
         attrs=attrs, name="mlfem",
     )
 
@@ -187,7 +211,7 @@ class MLFEM(Method):
     def attribute(self, ctx, target, layer, layers, K, operator, alpha, normalize,
                   net) -> torch.Tensor:
         maps = fem_maps(ctx, layers, K)
-        if operator == "net":
+        if operator == "net" and not ctx.is_clip:
             shipped_for = identify_model(ctx.model) if net is None else ""
             net = resolve_net(net, shipped_for, layers, ctx.device)
         return fuse_maps(maps, operator, alpha, normalize, net)

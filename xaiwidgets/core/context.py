@@ -138,8 +138,14 @@ class Context:
         return int(self.images.shape[0])
 
     @property
-    def size(self) -> tuple[int, int]:
-        return int(self.inputs.shape[-2]), int(self.inputs.shape[-1])
+    def size(self) -> tuple[int, ...]:
+        """The inputs' spatial size (H, W), or (T, H, W) for video clips."""
+        return tuple(int(s) for s in self.inputs.shape[2:])
+
+    @property
+    def is_clip(self) -> bool:
+        """True for video clips (N, C, T, H, W)."""
+        return self.inputs.ndim == 5
 
     def forward(
         self,

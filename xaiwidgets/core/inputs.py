@@ -15,14 +15,17 @@ import xarray as xr
 
 
 def as_image_batch(images: Any, name: str = "images") -> torch.Tensor:
-    """Validate and return ``images`` as a float tensor of shape (N, C, H, W).
+    """Validate and return ``images`` as a float tensor (N, C, H, W), or (N, C, T, H, W) clips.
 
     Accepts a tensor or numpy array of shape (C, H, W) or (N, C, H, W) with any
-    number of channels C ≥ 1 (grayscale, RGB, multispectral); rejects other shapes,
+    number of channels C ≥ 1 (grayscale, RGB, multispectral), or a batch of video
+    clips (N, C, T, H, W) for 3D CNNs; rejects other shapes,
     channels-last layouts, integer dtypes and NaN/inf with a message saying how to fix it.
 
     >>> as_image_batch(torch.rand(2, 1, 28, 28)).shape
     torch.Size([2, 1, 28, 28])
+    >>> as_image_batch(torch.rand(2, 3, 8, 32, 32)).shape
+    torch.Size([2, 3, 8, 32, 32])
     """
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
@@ -32,15 +35,18 @@ def as_image_batch(images: Any, name: str = "images") -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor (N,C,H,W), got {type(images).__name__}")
     if images.ndim == 3:
         images = images.unsqueeze(0)
-    if images.ndim != 4:
+    if images.ndim not in (4, 5):
         raise ValueError(
-            f"{name} must have shape (N,C,H,W) or (C,H,W); got shape {tuple(images.shape)}"
+            f"{name} must have shape (N,C,H,W) or (C,H,W), or (N,C,T,H,W) for video clips; "
+            f"got shape {tuple(images.shape)}"
         )
     if images.shape[-1] in (1, 3) and images.shape[1] > 4 and images.shape[-2] > 4:
         # (N, H, W, 1 or 3): a width of 1 or 3 pixels is far less likely than channels-last
+        layout, order = ("(N,C,H,W)", "0, 3, 1, 2") if images.ndim == 4 else \
+            ("(N,C,T,H,W)", "0, 4, 1, 2, 3")
         raise ValueError(
             f"{name} look channels-last (shape {tuple(images.shape)}); "
-            "use images.permute(0, 3, 1, 2) to get (N,C,H,W)"
+            f"use images.permute({order}) to get {layout}"
         )
     if min(images.shape) == 0:
         raise ValueError(f"{name} are empty (shape {tuple(images.shape)})")

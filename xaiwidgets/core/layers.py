@@ -8,9 +8,10 @@ Rules (documented for users, used by :meth:`Explainer.layers`):
   Inception modules, dense-net transitions, SqueezeNet ``Fire`` modules and, for
   plain conv stacks, the activation (ReLU-like) module that follows each convolution;
 * layers are chosen by the *shapes* of one forward pass (:func:`output_shapes`):
-  the default layer for CAM/FEM is the last convolution, activation or block whose
-  output still has spatial extent (at least 2×2 for the given input), i.e. the
-  last convolutional feature map before global pooling, whatever the modules are
+  the default layer for CAM/FEM is the last convolution, activation or block (layers
+  inside a block count through the block's output) whose output still has spatial
+  extent (at least 2×2 for the given input), i.e. the last convolutional feature map
+  before global pooling, whatever the modules are
   called (a 1×1 conv after the pooling, as in timm's MobileNetV3, is never chosen);
 * the FEM stack of MLFEM uses the outermost block outputs that run in the forward
   pass (an Inception auxiliary head does not), else every conv block's output (the
@@ -102,7 +103,8 @@ def output_shapes(model: nn.Module, run: Callable[[], Any]) -> dict[str, tuple[i
 
 
 def _spatial(shape: tuple[int, ...], least: int = 2) -> bool:
-    return len(shape) == 4 and shape[-2] >= least and shape[-1] >= least
+    # (N, C, h, w), or (N, C, t, h, w) for a 3D CNN on video clips
+    return len(shape) in (4, 5) and shape[-2] >= least and shape[-1] >= least
 
 
 def block_outputs(model: nn.Module, shapes: dict[str, tuple[int, ...]] | None = None) -> list[str]:
@@ -115,7 +117,7 @@ def block_outputs(model: nn.Module, shapes: dict[str, tuple[int, ...]] | None = 
     """
     named = _ordered_named_modules(model)
     if shapes is not None:
-        named = [(n, m) for n, m in named if len(shapes.get(n, ())) == 4]
+        named = [(n, m) for n, m in named if len(shapes.get(n, ())) in (4, 5)]
     blocks: list[str] = []
     for name, module in named:
         if is_residual_block(module) and not any(name.startswith(b + ".") for b in blocks):
@@ -124,7 +126,7 @@ def block_outputs(model: nn.Module, shapes: dict[str, tuple[int, ...]] | None = 
         return blocks
     activations = conv_activations(model)
     if shapes is not None:
-        activations = [n for n in activations if len(shapes.get(n, ())) == 4]
+        activations = [n for n in activations if len(shapes.get(n, ())) in (4, 5)]
     return activations
 
 
@@ -134,7 +136,7 @@ def conv_activations(model: nn.Module) -> list[str]:
     out: list[str] = []
     pending = False
     for name, module in named:
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
             pending = True
         elif pending and isinstance(module, _ACTIVATIONS):
             out.append(name)
@@ -197,8 +199,11 @@ def default_layer(model: nn.Module, shapes: dict[str, tuple[int, ...]] | None = 
 def _default_by_shape(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> str:
     modules = dict(_ordered_named_modules(model))
     blocks = set(block_outputs(model, shapes))
+    # layers inside a block are represented by the block's output (a conv half-way
+    # through an Inception module is no feature map of the network)
     chosen = [name for name, shape in shapes.items() if _spatial(shape) and (
-        name in blocks or isinstance(modules.get(name), (nn.Conv2d, *_ACTIVATIONS)))]
+        name in blocks or isinstance(modules.get(name), (nn.Conv2d, nn.Conv3d, *_ACTIVATIONS))
+        and not any(name.startswith(b + ".") for b in blocks))]
     if chosen:
         return chosen[-1]
     if not any(isinstance(m, nn.Conv2d) for m in modules.values()):

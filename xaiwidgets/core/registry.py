@@ -147,6 +147,8 @@ class Method:
     normalize_output: ClassVar[bool] = False
     #: parameter overrides for a quick run (tests, previews): few samples/steps
     quick_params: ClassVar[dict[str, Any]] = {}
+    #: why the method cannot explain video clips (N, C, T, H, W); empty when it can
+    clip_refusal: ClassVar[str] = ""
 
     def attribute(
         self, ctx: Context, target: torch.Tensor, layer: str | None, **params: Any

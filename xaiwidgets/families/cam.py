@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import torch
 
-from ..core.ops import minmax, upsample
+from ..core.ops import map_dims, minmax, upsample
 from ..core.registry import Method, register
 from ..core.scoped import relu_backward
 from .gradient import require_relus
 
 
 def gradcam_map(ctx, target: torch.Tensor, layer: str) -> torch.Tensor:
-    """ReLU(Σ_k α_k A_k) with α_k the spatial mean of ∂f_c/∂A_k; (N, h, w), unnormalised."""
+    """ReLU(Σ_k α_k A_k) with α_k the spatial mean of ∂f_c/∂A_k; (N, h, w), unnormalised.
+
+    On clips (3D CNNs) α_k is the mean over the whole (t, y, x) volume: (N, t, h, w).
+    """
     return cam_map(*ctx.layer_gradient(layer, target), layer)
 
 
 def cam_map(activation: torch.Tensor, grad: torch.Tensor, layer: str) -> torch.Tensor:
-    """Grad-CAM of a layer's activation and the target's gradient there, both (N,C,h,w)."""
-    if activation.ndim != 4:
+    """Grad-CAM of a layer's activation and the target's gradient there, both (N,C,h,w)
+    (or (N,C,t,h,w) for a 3D CNN: the weights then average over (t, h, w))."""
+    if activation.ndim not in (4, 5):
         raise ValueError(
             f"layer {layer!r} outputs shape {tuple(activation.shape)}; Grad-CAM needs a "
-            "convolutional feature map (N,C,h,w): pick a layer from Explainer.layers()"
+            "convolutional feature map (N,C,h,w) or (N,C,t,h,w): pick a layer from "
+            "Explainer.layers()"
         )
-    weights = grad.mean(dim=(2, 3), keepdim=True)
+    weights = grad.mean(dim=tuple(range(2, grad.ndim)), keepdim=True)
     return torch.relu((weights * activation).sum(dim=1))
 
 
@@ -67,5 +72,6 @@ class GuidedGradCAM(Method):
             (layer_grad,) = torch.autograd.grad(score, acts[layer], retain_graph=True)
             guided.active = True
             (input_grad,) = torch.autograd.grad(score, x)
-        cam = minmax(upsample(cam_map(acts[layer].detach(), layer_grad, layer), ctx.size))
+        cam = upsample(cam_map(acts[layer].detach(), layer_grad, layer), ctx.size)
+        cam = minmax(cam, dims=map_dims(ctx.size))
         return input_grad.abs().amax(dim=1) * cam

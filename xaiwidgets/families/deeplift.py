@@ -289,6 +289,10 @@ class DeepLift(Method):
     """DeepLIFT (rescale rule): (x − x')·multipliers, summing to f_c(x) − f_c(x')."""
 
     name = "deeplift"
+    clip_refusal = (
+        "its rescale rules and completeness checks are validated on 2-D "
+        "layers only (Conv3d and 3-D pooling untested)"
+    )
     family = "deeplift"
     default_reduce = "sum"
     signed = True

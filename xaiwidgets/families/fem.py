@@ -31,7 +31,7 @@ import torch
 import xarray as xr
 
 from ..core import layers as _layers
-from ..core.ops import minmax, model_tag, upsample
+from ..core.ops import map_dims, minmax, model_tag, upsample
 from ..core.registry import Method, Param, register
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,16 +46,18 @@ def fem_map(activation: torch.Tensor, K: float = 1.0) -> torch.Tensor:
 
     R(u,v) = Σ_k μ_k·[F_k(u,v) ≥ μ_k + K·σ_k], σ the population std (ddof = 0). A
     channel with zero variance fires everywhere (F = μ), an all-zero channel adds 0.
+    A 3D CNN's activation (N, D, t, h, w) gives (N, t, h, w): μ_k and σ_k are then
+    taken over the whole (t, h, w) feature volume.
 
     >>> fem_map(torch.zeros(1, 3, 4, 4)).abs().sum().item()
     0.0
     """
-    if activation.ndim != 4:
+    if activation.ndim not in (4, 5):
         raise ValueError(
-            f"FEM needs a convolutional feature map (N,C,h,w); got shape "
+            f"FEM needs a convolutional feature map (N,C,h,w) or (N,C,t,h,w); got shape "
             f"{tuple(activation.shape)}: pick a layer from Explainer.layers()"
         )
-    n, _, h, w = activation.shape
+    n, volume = activation.shape[0], activation.shape[2:]
     dtype = torch.promote_types(activation.dtype, torch.float32)
     flat = activation.flatten(2).to(dtype)
     # mean accumulated in float64: a constant channel then gets μ exactly equal to its
@@ -69,7 +71,7 @@ def fem_map(activation: torch.Tensor, K: float = 1.0) -> torch.Tensor:
     # hot loop of a K change; a bool mask plus a float copy is several times slower)
     below = torch.nextafter(threshold, threshold.new_tensor(-float("inf")))
     fired = (flat - below).relu_().sign_()
-    return torch.bmm(mean.transpose(1, 2), fired).reshape(n, h, w)
+    return torch.bmm(mean.transpose(1, 2), fired).reshape(n, *volume)
 
 
 def resolve_layers(ctx: Context, layers: str | Sequence[str] | None) -> list[str]:
@@ -93,7 +95,8 @@ def resolve_layers(ctx: Context, layers: str | Sequence[str] | None) -> list[str
 
 
 def fem_maps(ctx: Context, layers: Sequence[str], K: float = 1.0) -> torch.Tensor:
-    """Per-layer FEM maps upsampled to the input size and normalised: (N, L, H, W).
+    """Per-layer FEM maps upsampled to the input size and normalised: (N, L, H, W)
+    ((N, L, T, H, W) for clips, each map normalised over its whole volume).
 
     Uses ``ctx.activations`` (cached), so only the first call runs the model, and the
     maps themselves are cached per (layers, K) on the context.
@@ -109,7 +112,7 @@ def fem_maps(ctx: Context, layers: Sequence[str], K: float = 1.0) -> torch.Tenso
 
 
 def stack_maps(acts: dict[str, torch.Tensor], layers: Sequence[str], K: float,
-               size: tuple[int, int]) -> torch.Tensor:
+               size: Sequence[int]) -> torch.Tensor:
     """FEM maps of the activations ``acts[layer]``, upsampled to ``size``, normalised."""
     raw = [fem_map(acts[name], K) for name in layers]
     first = raw[0]
@@ -117,18 +120,20 @@ def stack_maps(acts: dict[str, torch.Tensor], layers: Sequence[str], K: float,
     # layers of one resolution are upsampled in one call (ResNet50: 4 calls, not 16)
     by_size: dict[tuple[int, ...], list[int]] = {}
     for index, r in enumerate(raw):
-        by_size.setdefault(tuple(r.shape[-2:]), []).append(index)
+        by_size.setdefault(tuple(r.shape[1:]), []).append(index)
     for indices in by_size.values():
         maps[:, indices] = upsample(torch.stack([raw[i] for i in indices], dim=1), size)
-    return minmax(maps)
+    return minmax(maps, dims=map_dims(size))
 
 
 def fem_stack(ctx: Context, layers: str | Sequence[str] | None = None,
               K: float = 1.0) -> xr.DataArray:
     """Every layer's FEM map at input size, min-max normalised, as a DataArray.
 
-    Dims ``("image", "layer", "y", "x")``, shallowest layer first; coords ``layer``
-    (names), ``layer_height``/``layer_width`` (each feature map's resolution);
+    Dims ``("image", "layer", "y", "x")``, shallowest layer first (clips:
+    ``("image", "layer", "t", "y", "x")``); coords ``layer`` (names),
+    ``layer_height``/``layer_width`` (each feature map's resolution; clips also
+    ``layer_frames``);
     attrs ``method``, ``K``, ``layers`` (comma-joined) and ``model``.
 
     >>> stack = ex.fem_stack(K=1.5)            # doctest: +SKIP
@@ -140,17 +145,20 @@ def fem_stack(ctx: Context, layers: str | Sequence[str] | None = None,
     # the one FEM-stack cache (shared with mlfem): a repeated K costs no recomputation;
     # the DataArray gets its own copy so that editing it cannot corrupt the cache
     maps = fem_maps(ctx, names, K)
+    volume = ("t", "y", "x")[-len(ctx.size):]
+    coords = {
+        "image": np.arange(ctx.n_images),
+        "layer": names,
+        **{dim: np.arange(n) for dim, n in zip(volume, maps.shape[2:], strict=True)},
+        "layer_height": ("layer", [int(acts[n].shape[-2]) for n in names]),
+        "layer_width": ("layer", [int(acts[n].shape[-1]) for n in names]),
+    }
+    if len(volume) == 3:
+        coords["layer_frames"] = ("layer", [int(acts[n].shape[-3]) for n in names])
     return xr.DataArray(
         maps.to(torch.float32).cpu().numpy().copy(),
-        dims=("image", "layer", "y", "x"),
-        coords={
-            "image": np.arange(ctx.n_images),
-            "layer": names,
-            "y": np.arange(maps.shape[-2]),
-            "x": np.arange(maps.shape[-1]),
-            "layer_height": ("layer", [int(acts[n].shape[-2]) for n in names]),
-            "layer_width": ("layer", [int(acts[n].shape[-1]) for n in names]),
-        },
+        dims=("image", "layer", *volume),
+        coords=coords,
         attrs={"method": "fem_stack", "K": K, "layers": ",".join(names),
                "model": model_tag(ctx.model)},
         name="fem_stack",

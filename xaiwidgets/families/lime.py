@@ -89,6 +89,10 @@ class Lime(Method):
     """LIME: ridge coefficients of superpixels switched on and off (docs/methods.md)."""
 
     name = "lime"
+    clip_refusal = (
+        "its SLIC superpixels segment 2-D images; "
+        "there is no supervoxel segmentation of clips"
+    )
     family = "perturbation"
     default_reduce = "map"
     signed = True

@@ -687,6 +687,10 @@ class LRP(Method):
     """
 
     name = "lrp"
+    clip_refusal = (
+        "its rules, canonizers and conservation checks are validated on 2-D "
+        "layers only (Conv3d and 3-D pooling untested)"
+    )
     family = "lrp"
     default_reduce = "sum"
     signed = True

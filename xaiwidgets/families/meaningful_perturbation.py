@@ -79,6 +79,7 @@ class MeaningfulPerturbation(Method):
     """Deletion mask learnt by gradient descent; map = 1 − mask (docs/methods.md)."""
 
     name = "meaningful_perturbation"
+    clip_refusal = "its blur and mask are optimised on 2-D images only"
     family = "perturbation"
     default_reduce = "map"
     quick_params = {"steps": 3}

@@ -23,6 +23,7 @@ class Occlusion(Method):
     score drop f_c(x) − f_c(x_occluded) of the windows covering it. Batched."""
 
     name = "occlusion"
+    clip_refusal = "its sliding window is a 2-D (H, W) patch; no 3-D (t, y, x) window yet"
     family = "perturbation"
     default_reduce = "map"
     signed = True
