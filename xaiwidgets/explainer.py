@@ -66,6 +66,13 @@ class Explainer:
 
     The forward pass (logits and activations of the layers asked for) is cached,
     so predictions, FEM and MLFEM parameter changes never run the model again.
+
+    >>> import xaiwidgets as xw
+    >>> model, preprocess, classes = xw.models.load("shapes-vgg")
+    >>> images = xw.datasets.shapes(n=2, seed=1).image.values
+    >>> ex = xw.Explainer(model, images, preprocess=preprocess, classes=classes)
+    >>> ex.explain("gradcam").dims
+    ('image', 'y', 'x')
     """
 
     def __init__(

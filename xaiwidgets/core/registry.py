@@ -122,6 +122,13 @@ class Method:
     (or ``None``) and the validated parameters, and returns a tensor of shape
     ``(N, C, H, W)``
     (pixel-space attribution, reduced later) or ``(N, H, W)`` (a map).
+
+    >>> class AbsGradient(Method):      # decorate with @register to use it
+    ...     name = "abs_gradient"
+    ...     def attribute(self, ctx, target, layer):
+    ...         return ctx.input_gradient(ctx.inputs, target).abs()
+    >>> AbsGradient().name, AbsGradient().default_reduce
+    ('abs_gradient', 'max_abs')
     """
 
     name: ClassVar[str] = ""
@@ -153,6 +160,7 @@ class Method:
     def attribute(
         self, ctx: Context, target: torch.Tensor, layer: str | None, **params: Any
     ) -> torch.Tensor:  # pragma: no cover - abstract
+        """The raw attribution: ``(N, C, H, W)`` in pixel space or ``(N, h, w)`` a map."""
         raise NotImplementedError
 
     def check(self, ctx: Context, layer: str | None, params: dict[str, Any]) -> None:
@@ -168,6 +176,7 @@ class Method:
         return ctx.default_layer() if self.uses_layer else None
 
     def param(self, name: str) -> Param:
+        """The declared :class:`Param` called ``name`` (``KeyError`` when there is none)."""
         for p in self.params:
             if p.name == name:
                 return p
@@ -198,7 +207,17 @@ class Method:
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: register a :class:`Method` subclass under its ``name``."""
+    """Class decorator: register a :class:`Method` subclass under its ``name``.
+
+    Then ``xw.explain(..., "abs_gradient")``, ``xw.methods()`` and the widgets know it::
+
+        @register
+        class AbsGradient(Method):
+            name = "abs_gradient"
+
+            def attribute(self, ctx, target, layer):
+                return ctx.input_gradient(ctx.inputs, target).abs()
+    """
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     _REGISTRY[cls.name] = cls()
@@ -206,12 +225,20 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def methods() -> list[str]:
-    """Names of every registered method, e.g. ``['gradient', 'guided_backprop', ...]``."""
+    """Names of every registered method, in registration order.
+
+    >>> methods()[:3]
+    ['gradient', 'guided_backprop', 'deconvnet']
+    """
     return list(_REGISTRY)
 
 
 def get_method(name: str) -> Method:
-    """The registered method called ``name``; a clear error lists the known ones."""
+    """The registered method called ``name``; a clear error lists the known ones.
+
+    >>> [p.name for p in get_method("fem").params]
+    ['K']
+    """
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(did_you_mean("method", name, list(_REGISTRY)))
     return _REGISTRY[name]

@@ -65,6 +65,10 @@ def photos(size: int = 224, names: list[str] | None = None) -> tuple[torch.Tenso
         Side of the square output (224 suits ImageNet models).
     names
         A subset of ``PHOTOS`` (default: all, in its order).
+
+    >>> images, names = photos(size=64)
+    >>> tuple(images.shape[1:]), images.dtype
+    ((3, 64, 64), torch.float32)
     """
     names = list(PHOTOS) if names is None else list(names)
     unknown = [n for n in names if n not in PHOTOS]

@@ -74,7 +74,11 @@ def available(needs: str | None = None) -> list[str]:
 
 
 def get(name: str) -> Metric:
-    """The metric called ``name``; a clear error lists the known ones."""
+    """The metric called ``name``; a clear error lists the known ones.
+
+    >>> get("kld").higher_is_better, get("nss").needs
+    (False, 'fixations')
+    """
     if name not in METRICS:
         raise ValueError(did_you_mean("metric", name, list(METRICS)))
     return METRICS[name]

@@ -58,7 +58,12 @@ class Normalize:
 
 
 class LoadedModel(NamedTuple):
-    """What :func:`load` returns: unpack as ``model, preprocess, classes = load(...)``."""
+    """What :func:`load` returns: unpack as ``model, preprocess, classes = load(...)``.
+
+    >>> model, preprocess, classes = load("shapes-vgg")
+    >>> classes
+    ['circle', 'square', 'triangle', 'star']
+    """
 
     model: nn.Module
     preprocess: Normalize
@@ -66,11 +71,23 @@ class LoadedModel(NamedTuple):
 
 
 class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be downloaded (no network) and are not cached."""
+    """Pretrained weights could not be downloaded (no network) and are not cached.
+
+    Catch it to go on offline::
+
+        try:
+            model, preprocess, classes = xw.models.load("resnet50")
+        except xw.models.WeightsUnavailableError:
+            model, preprocess, classes = xw.models.load("resnet50", weights=None)
+    """
 
 
 def available() -> list[str]:
-    """Names of the shipped models whose weights are in the package (they load offline)."""
+    """Names of the shipped models whose weights are in the package (they load offline).
+
+    >>> "shapes-vgg" in available()
+    True
+    """
     return [name for name in SHIPPED if (WEIGHTS_DIR / f"{name}.pt").exists()]
 
 
@@ -169,6 +186,10 @@ def load(name: str, weights: Any = "default", device: str | torch.device = "cpu"
     LoadedModel
         ``(model, preprocess, classes)``; ``preprocess`` is ImageNet normalisation for
         torchvision models and the training normalisation for shipped ones.
+
+    >>> model, preprocess, classes = load("shapes-resnet")
+    >>> type(model).__name__, model.training
+    ('ShapesResNet', False)
     """
     if name == "digits":  # grayscale 1×32×32 (models/digits.py)
         from . import digits
@@ -189,7 +210,14 @@ def load(name: str, weights: Any = "default", device: str | torch.device = "cpu"
 
 
 class ModelChoice(NamedTuple):
-    """What :func:`load_or_fallback` returns: the model loaded, its name, and a note to show."""
+    """What :func:`load_or_fallback` returns: the model loaded, its name, and a note to show.
+
+    A notebook shows the note and goes on with whatever could be loaded::
+
+        choice = xw.models.load_or_fallback("resnet50")
+        print(choice.note)
+        model, preprocess, classes = choice.loaded
+    """
 
     loaded: LoadedModel
     #: the model actually loaded: the one asked for, or the fallback

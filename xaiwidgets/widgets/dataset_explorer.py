@@ -122,7 +122,11 @@ class DatasetExplorer(W.VBox):
 
     Attributes: ``controls`` (``method``, ``outcome``, ``class``, ``sort``, ``page``),
     ``shown``, ``results``, ``confusion``, ``explainer`` (after :meth:`select`),
-    ``busy``, ``error``, ``message``; :meth:`wait`, :meth:`filter_pair`.
+    ``busy``, ``error``, ``message``; :meth:`wait`, :meth:`filter_pair`::
+
+        x = xw.DatasetExplorer(model, xw.datasets.shapes(n=32), preprocess=preprocess)
+        x.controls["outcome"].value = "wrong"     # the mistakes first
+        x.select(x.shown[0])                       # open one in x.explainer
     """
 
     def __init__(self, model: torch.nn.Module, dataset: Any,
@@ -333,6 +337,7 @@ class DatasetExplorer(W.VBox):
 
     @property
     def method(self) -> str:
+        """The method shown (the ``method`` control's value)."""
         return self.controls["method"].value
 
     # ------------------------------------------------------------ update loop

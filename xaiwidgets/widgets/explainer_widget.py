@@ -85,6 +85,7 @@ class ExplainerWidget(ExplorerBase):
 
     @property
     def method(self) -> str:
+        """The method shown (the ``method`` control's value)."""
         return self.controls["method"].value
 
     def _relevant(self) -> set[str]:
