@@ -1,0 +1,145 @@
+"""The engine on video clips (N, C, T, H, W) for 3D CNNs: dims, FEM over the (t, y, x)
+volume, Grad-CAM with gradients averaged over (t, y, x), untouched model, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import video
+
+import xaiwidgets as xw
+from xaiwidgets.core.ops import upsample
+from xaiwidgets.families.fem import fem_map
+from xaiwidgets.fusion import fuse_maps
+
+CLIP = (1, 3, 4, 32, 32)
+
+
+def tiny_3d_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv3d(3, 4, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 2),
+    ).eval()
+
+
+@pytest.mark.parametrize("arch", ["r3d_18", "mc3_18", "r2plus1d_18"])
+def test_torchvision_video_models_give_volume_dims(arch: str) -> None:
+    torch.manual_seed(0)
+    model = getattr(video, arch)(num_classes=5).eval()
+    clip = torch.rand(*CLIP)
+    ex = xw.Explainer(model, clip)
+    assert ex.size == (4, 32, 32)
+    for method, params in [("gradient", {}), ("gradcam", {}), ("fem", {}),
+                           ("integrated_gradients", {"steps": 2})]:
+        result = ex.explain(method, **params)
+        assert result.dims == ("image", "t", "y", "x"), method
+        assert result.shape == (1, 4, 32, 32), method
+        assert torch.isfinite(torch.from_numpy(result.values)).all()
+    raw = ex.explain("gradient", reduce=None)
+    assert raw.dims == ("image", "channel", "t", "y", "x") and raw.shape == (1, 3, 4, 32, 32)
+    stack = ex.fem_stack()
+    assert stack.dims == ("image", "layer", "t", "y", "x")
+    assert stack.shape[0] == 1 and stack.shape[2:] == (4, 32, 32)
+    assert list(stack["layer"].values)[-1] == "layer4.1"
+    # every normalised map spans [0, 1] over its whole volume, not per frame
+    vmax = stack.max(dim=("t", "y", "x")).values
+    assert set(vmax.round(6).ravel().tolist()) <= {0.0, 1.0}
+    fused = xw.fuse(stack, "top", alpha=0.7)
+    assert fused.dims == ("image", "t", "y", "x")
+    assert ex.explain("mlfem").dims == ("image", "t", "y", "x")
+
+
+def test_fem_on_a_2x2x2_volume_by_hand() -> None:
+    # channel 0: zero except one voxel of 4 → μ = 0.5, σ = √(16/8 − 0.25) = √1.75,
+    # threshold 0.5 + √1.75 ≈ 1.82: only that voxel fires, adding μ = 0.5 there;
+    # channel 1: constant 2 → σ = 0, fires everywhere, adding 2 everywhere
+    F_ = torch.zeros(1, 2, 2, 2, 2)
+    F_[0, 0, 1, 0, 1] = 4.0
+    F_[0, 1] = 2.0
+    expected = torch.full((1, 2, 2, 2), 2.0)
+    expected[0, 1, 0, 1] = 2.5
+    torch.testing.assert_close(fem_map(F_, K=1.0), expected)
+    # K = 3: 0.5 + 3·1.32 = 4.47 > 4, channel 0 no longer fires
+    torch.testing.assert_close(fem_map(F_, K=3.0), torch.full((1, 2, 2, 2), 2.0))
+
+
+def test_fem_statistics_span_the_whole_volume_not_each_frame() -> None:
+    # frame 0 all 1, frame 1 all 3: per volume μ = 2, σ = 1 → only frame 1 fires (K=1);
+    # per frame, σ = 0 and both frames would fire everywhere
+    F_ = torch.ones(1, 1, 2, 2, 2)
+    F_[0, 0, 1] = 3.0
+    out = fem_map(F_, K=1.0)
+    assert out[0, 0].abs().sum() == 0 and torch.all(out[0, 1] == 2.0)
+
+
+def test_gradcam_matches_a_hand_computation() -> None:
+    model = tiny_3d_net()
+    clip = torch.rand(2, 3, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    result = xw.Explainer(model, clip).explain("gradcam", layer="1", target=1)
+    x = clip.clone()
+    act = torch.relu(model[0](x)).detach().requires_grad_(True)
+    score = model[4](model[3](model[2](act)))[:, 1].sum()
+    (grad,) = torch.autograd.grad(score, act)
+    weights = grad.mean(dim=(2, 3, 4), keepdim=True)
+    cam = torch.relu((weights * act.detach()).sum(dim=1))
+    low = cam.flatten(1).amin(1)[:, None, None, None]
+    high = cam.flatten(1).amax(1)[:, None, None, None]
+    expected = (cam - low) / (high - low)
+    assert result.dims == ("image", "t", "y", "x")
+    torch.testing.assert_close(torch.from_numpy(result.values), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_trilinear_upsample_matches_interpolate() -> None:
+    maps = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    out = upsample(maps, (6, 8, 8))
+    ref = F.interpolate(maps[:, None], size=(6, 8, 8), mode="trilinear",
+                        align_corners=False)[:, 0]
+    assert out.shape == (2, 6, 8, 8)
+    torch.testing.assert_close(out, ref)
+
+
+def test_fusion_of_a_clip_stack_uses_volume_means() -> None:
+    maps = torch.rand(1, 2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    a, b = maps[:, 0], maps[:, 1]
+    b_top = torch.where(b > b.mean(), b, torch.zeros_like(b))
+    fused = 0.5 * a + 0.5 * b_top
+    expected = (fused - fused.min()) / (fused.max() - fused.min())
+    torch.testing.assert_close(fuse_maps(maps, "top", alpha=0.5), expected)
+    with pytest.raises(ValueError, match="video clips"):
+        fuse_maps(maps, "net", net=nn.Identity())
+
+
+def test_model_left_untouched() -> None:
+    model = tiny_3d_net().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ex = xw.Explainer(model, torch.rand(1, 3, 4, 8, 8))
+    for method in ("gradient", "guided_backprop", "gradcam", "fem", "smoothgrad"):
+        ex.explain(method, **({"n": 2} if method == "smoothgrad" else {}))
+    ex.fem_stack(layers=["1"])
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+        assert all(p.grad is None for p in m.parameters(recurse=False))
+
+
+@pytest.mark.parametrize("method", ["occlusion", "lime", "meaningful_perturbation",
+                                    "lrp", "deeplift"])
+def test_unsupported_methods_refuse_clips_with_a_reason(method: str) -> None:
+    ex = xw.Explainer(tiny_3d_net(), torch.rand(1, 3, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"does not support video clips \(N,C,T,H,W\): \w+"):
+        ex.explain(method)
+
+
+def test_clip_inputs_are_validated() -> None:
+    net = tiny_3d_net()
+    with pytest.raises(ValueError, match="channels-last"):
+        xw.Explainer(net, torch.rand(1, 8, 16, 16, 3))
+    with pytest.raises(ValueError, match=r"\(N,C,T,H,W\)"):
+        xw.Explainer(net, torch.rand(1, 1, 3, 4, 8, 8))
+    with pytest.raises(ValueError, match="channels"):
+        xw.Explainer(net, torch.rand(1, 1, 4, 8, 8))
