@@ -95,3 +95,42 @@ def test_randomized_copy_leaves_the_model_and_matches_the_cascade():
         atol=1e-7)
     with pytest.raises(ValueError, match="not a randomisable layer"):
         sanity.randomized_copy(model, images[:1], down_to="4")
+
+
+def test_explainer_widget_live_scores_and_randomize_toggle():
+    from xaiwidgets.widgets import ExplainerWidget
+
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(4))
+    gaze = np.random.default_rng(5).random((2, 12, 12))
+    w = ExplainerWidget(model, images, method="gradient", background=False, gaze=gaze)
+    assert w.error is None and set(w.live.scores) == {"pcc", "sim", "deletion", "insertion"}
+    expected, _ = score_map(w.explainer(0), w.result, gaze[0])
+    assert w.live.scores == pytest.approx(expected)
+    original = w.result.values.copy()
+    # the sanity toggle: a randomised copy from the logits down to the first conv
+    assert [v for _, v in w.controls["randomize"].options] == ["none", "6", "2", "0"]
+    w.controls["randomize"].value = "0"
+    assert w.error is None and not np.allclose(w.result.values, original)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])  # the user's model is untouched
+    copy = sanity.randomized_copy(model, images[:1], down_to="0")
+    ref = xw.Explainer(copy, images[:1], progress=False).explain(
+        "gradient", target=int(w.result.target.values[0]))
+    np.testing.assert_allclose(w.result.values, ref.values, rtol=1e-5, atol=1e-7)
+    w.controls["randomize"].value = "none"
+    np.testing.assert_allclose(w.result.values, original, rtol=1e-6)
+
+
+def test_compare_widget_scores_every_method():
+    from xaiwidgets.widgets import CompareWidget
+
+    model = tiny_model()
+    images = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(6))
+    w = CompareWidget(model, images, ["gradient", "gradcam"], background=False)
+    assert w.error is None and set(w.live.scores) == {"gradient", "gradcam"}
+    for name in ("gradient", "gradcam"):
+        expected, _ = score_map(w.explainer(0), w.results[name])
+        assert w.live.scores[name] == pytest.approx(expected)
+    assert len(w.live.figure.data) == 4 and "gradcam" in w.live.table.value

@@ -556,7 +556,9 @@ class DatasetExplorer(W.VBox):
         self.explainer = ExplainerWidget(
             self.model, self.source.images([index]), preprocess=self.preprocess,
             classes=self.classes, method=self.method, methods=self.methods,
-            background=self.background)
+            background=self.background,
+            gaze=self.source.data["gfdm"].values[[index]] if "gfdm" in self.source.gaze
+            else None)
         head = W.HTML(f"<b>image {index}</b>: {html.escape(self.caption(index))}")
         self._detail.children = [head, self.explainer]
         self.selected = index

@@ -24,14 +24,18 @@ from typing import Any
 import ipywidgets as W
 import numpy as np
 import plotly.graph_objects as go
+import torch
 import xarray as xr
 
-from ..evaluation import metrics, perturbation
+from ..evaluation import metrics, perturbation, sanity
 from ..explainer import Explainer
+from .controls import LAYOUT, STYLE
 from .figures import LiveFigureWidget
 
 #: fraction of the pixels removed / inserted per step of the curves
 STEP = 0.05
+#: one colour per scored map (deletion solid, insertion dotted)
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 #: score name -> (higher is better, what it says)
 SCORES = {
     "deletion": (False, "AUC of the probability while the most relevant pixels are removed"),
@@ -79,27 +83,27 @@ def score_map(explainer: Explainer, saliency: xr.DataArray, gaze: Any = None, *,
 
 
 class LiveScores(W.VBox):
-    """The panel: a line of scores and a small plot of the deletion/insertion curves.
+    """The panel: a line of scores per map and a small plot of the deletion/insertion curves.
 
-    ``update(explainer, saliency, gaze=None)`` computes and shows them (call it after
-    the map is drawn); ``scores`` and ``curves`` hold the last values; ``clear()``
-    marks them stale while a new map is computed.
+    ``update(explainer, saliency, gaze=None)`` computes and shows them; widgets call
+    :meth:`run` from their background job once the map is drawn. ``scores`` and
+    ``curves`` hold the last values (per label when several maps are scored);
+    ``clear()`` marks them stale while a new map is computed.
     """
 
     def __init__(self, step: float = STEP) -> None:
         super().__init__()
         self.step = step
-        self.scores: dict[str, float] = {}
-        self.curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.scores: dict[str, Any] = {}
+        self.curves: dict[str, Any] = {}
         self.table = W.HTML(layout=W.Layout(min_height="1.6em"))
-        self.figure = LiveFigureWidget(
-            [go.Scatter(x=[], y=[], name=name, mode="lines", line={"color": color})
-             for name, color in (("deletion", "#b00020"), ("insertion", "#1f77b4"))])
+        self.figure = LiveFigureWidget()
         self.figure.update_layout(
             width=300, height=200, margin={"l": 40, "r": 10, "t": 10, "b": 35},
             xaxis={"title": "fraction of pixels", "range": [0, 1]},
             yaxis={"title": "probability", "range": [0, 1.02]},
-            legend={"orientation": "h", "y": 1.15, "x": 0}, showlegend=True)
+            legend={"orientation": "h", "y": -0.35, "x": 0, "font": {"size": 9}},
+            showlegend=True)
         self.children = [self.table, self.figure]
         self.clear()
 
@@ -116,22 +120,101 @@ class LiveScores(W.VBox):
         self.show(scores, curves)
         return scores
 
+    def run(self, worker: Any, token: Any, explainer: Explainer,
+            maps: xr.DataArray | dict[str, xr.DataArray], gaze: Any = None) -> None:
+        """In a widget's job, after its map is drawn: score ``maps`` (one, or one per
+        label) and show them. A newer request stops it between curves; an error is
+        shown in the panel, never as the widget's error."""
+        from .worker import Superseded
+
+        many = isinstance(maps, dict)
+        maps = dict(maps) if many else {"": maps}
+        with worker.publishing(token):
+            self.clear()
+        try:
+            results = {label: score_map(explainer, da, gaze, step=self.step,
+                                        check=token.check) for label, da in maps.items()}
+        except Superseded:
+            raise
+        except Exception as err:
+            with worker.publishing(token):
+                self.show_error(err)
+            return
+        with worker.publishing(token):
+            if many:
+                self.show_many(results)
+            else:
+                self.show(*results[""])
+
     def show(self, scores: dict[str, float], curves: dict[str, tuple[np.ndarray, np.ndarray]],
              ) -> None:
-        """Draw given scores and curves."""
+        """Draw the scores and curves of one map."""
+        self.show_many({"": (scores, curves)})
         self.scores, self.curves = dict(scores), dict(curves)
-        cells = []
-        for name, value in scores.items():
-            higher, doc = SCORES[name]
-            arrow = "↑" if higher else "↓"
-            cells.append(f"<span title='{html.escape(doc)} ({arrow} better)'>"
-                         f"<b>{name}</b> {value:.3f} {arrow}</span>")
-        self.table.value = " · ".join(cells)
+
+    def show_many(self, results: dict[str, tuple[dict[str, float], dict[str, Any]]]) -> None:
+        """Draw ``{label: (scores, curves)}``: a line per label, two curves per label."""
+        self.scores = {label: dict(r[0]) for label, r in results.items()}
+        self.curves = {label: dict(r[1]) for label, r in results.items()}
+        lines, traces = [], []
+        for k, (label, (scores, curves)) in enumerate(results.items()):
+            cells = []
+            for name, value in scores.items():
+                higher, doc = SCORES[name]
+                arrow = "↑" if higher else "↓"
+                cells.append(f"<span title='{html.escape(doc)} ({arrow} better)'>"
+                             f"<b>{name}</b> {value:.3f} {arrow}</span>")
+            prefix = f"<i>{html.escape(label)}</i>: " if label else ""
+            lines.append(prefix + " · ".join(cells))
+            color = COLORS[k % len(COLORS)]
+            for name, dash in (("deletion", "solid"), ("insertion", "dot")):
+                x, y = curves.get(name, ([], []))
+                traces.append(go.Scatter(
+                    x=[float(v) for v in x], y=[float(v) for v in y], mode="lines",
+                    name=f"{label} {name}".strip(), line={"color": color, "dash": dash}))
+        self.table.value = "<br>".join(lines)
         with self.figure.batch_update():
-            for trace in self.figure.data:
-                x, y = curves.get(trace.name, ([], []))
-                trace.x, trace.y = list(map(float, x)), list(map(float, y))
+            self.figure.data = []
+            self.figure.add_traces(traces)
 
     def show_error(self, err: BaseException) -> None:
         self.clear(f"scores unavailable: {type(err).__name__}: {err}")
 
+
+NONE = "none"
+
+
+class Randomizer:
+    """The sanity toggle: a ``randomize`` dropdown and the randomised model copies.
+
+    Options: ``"none"`` (the user's model) or a layer: cascading randomisation
+    (Adebayo et al.) of a copy of the model from the logits down to that layer
+    (:func:`xaiwidgets.evaluation.sanity.randomized_copy`). Copies are made once per
+    layer; the user's model is never modified.
+
+    >>> r = Randomizer(model, example)                                  # doctest: +SKIP
+    >>> r.control.value = r.layers[1]; r.model() is not model           # doctest: +SKIP
+    True
+    """
+
+    def __init__(self, model: torch.nn.Module, example: torch.Tensor, seed: int = 0) -> None:
+        self.original, self.example, self.seed = model, example, seed
+        #: the randomisable layers, top (logits) first
+        self.layers = sanity.weight_layers(model, example)[::-1]
+        options = [(NONE, NONE)] + [(f"logits → {name}", name) for name in self.layers]
+        self.control = W.Dropdown(
+            options=options, value=NONE, description="randomize", style=STYLE,
+            layout=W.Layout(**LAYOUT),
+            tooltip="sanity check: re-initialise a copy of the model from the logits down "
+                    "to this layer; a map that explains the model must change")
+        self._copies: dict[str, torch.nn.Module] = {}
+
+    def model(self, value: str | None = None) -> torch.nn.Module:
+        """The model for ``value`` (default: the control's): the original or a random copy."""
+        value = self.control.value if value is None else value
+        if value == NONE:
+            return self.original
+        if value not in self._copies:
+            self._copies[value] = sanity.randomized_copy(self.original, self.example, value,
+                                                         seed=self.seed)
+        return self._copies[value]
