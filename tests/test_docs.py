@@ -239,3 +239,10 @@ def test_every_registered_method_is_in_the_guide_and_the_definitions():
     for name in xw.methods():
         assert titles.get(name, name.replace("_", " ")) in definitions, (
             f"docs/methods.md does not define {name}")
+
+
+def test_every_notebook_is_in_the_gallery():
+    gallery = (DOCS / "notebooks.md").read_text()
+    for notebook in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        assert f"(notebooks/{notebook.name})" in gallery, (
+            f"docs/notebooks.md: add a row for {notebook.name}")
