@@ -123,12 +123,14 @@ def _run_chunk(model_bytes: bytes, images: np.ndarray, refs: dict[str, np.ndarra
         start = time.perf_counter()
         maps = ex.explain(spec.method, target=chosen.tolist(), **spec.params)
         seconds[j] = time.perf_counter() - start
-        if maps.ndim != 3:
+        if maps.dims not in (("image", "y", "x"), ("image", "t", "y", "x")):
             raise ValueError(f"{spec.label} gave maps of dims {maps.dims}; metrics need "
                              "one map per image (do not pass reduce=None)")
         for m in metric_names:
             metric = _metrics.METRICS[m]
-            scores[m][:, j] = metric(maps.values, refs[REFERENCE[metric.needs]])
+            # clips: scored per frame, then averaged over t (see evaluation/metrics.py)
+            ref = xr.DataArray(np.asarray(refs[REFERENCE[metric.needs]]), dims=maps.dims)
+            scores[m][:, j] = metric(maps.drop_vars(list(maps.coords)), ref).values
         used.append(json.dumps({"layer": maps.attrs["layer"],
                                 **json.loads(maps.attrs["params"])}))
     return {
@@ -163,7 +165,9 @@ def evaluate(
     model
         The classifier (``torch.nn.Module``); it is copied in each task, never modified.
     dataset
-        ``xr.Dataset`` with ``image`` (image, channel, y, x) in [0, 1] (or model input
+        ``xr.Dataset`` with ``image`` (image, channel, y, x), or video clips (image,
+        channel, t, y, x) with (image, t, y, x) references scored per frame and
+        averaged over t (``xw.datasets.moving_shapes``), in [0, 1] (or model input
         when ``preprocess`` is None), ``gfdm`` (image, y, x) for the map metrics,
         ``fixations`` (image, y, x) for NSS/AUC; optional ``label`` (image). Other
         per-image variables become coordinates of the result. ``xw.datasets.shapes``

@@ -10,6 +10,12 @@ gives an array of results (a DataArray over the leading dims for DataArray input
 * ``"fixations"`` metrics take a fixation map (counts or a mask; a pixel counts as
   fixated when > 0): :func:`nss`, :func:`auc_judd`, :func:`auc_borji`.
 
+Video: a DataArray with a ``t`` dim (a clip's (t, y, x) volume, e.g. a result on
+``xw.datasets.moving_shapes``) is scored **per frame, then averaged over t**
+(frames whose score is NaN, e.g. NSS/AUC on a frame without fixations, are left
+out of the average). Plain arrays are never averaged: a (T, H, W) array gives one
+score per frame.
+
 Degenerate inputs give defined values, never NaN or a crash: a constant map has
 PCC/Spearman/NSS 0 and AUC 0.5, a map with no mass is the uniform density for SIM
 and KLD. Only a fixation map without fixations gives NaN (NSS, AUC), as the
@@ -146,6 +152,8 @@ def _metric(higher_is_better: bool, needs: str = "map") -> Callable[[Callable], 
                     _stacked, s, r, kwargs={"core": core, "needs": needs, "kwargs": kwargs},
                     input_core_dims=core_dims, dask="parallelized", output_dtypes=[np.float64],
                 )
+                if "t" in out.dims:  # a clip volume: per frame, then the mean over frames
+                    out = _frame_mean(out)
                 return out.rename(core.__name__)
             return _stacked(saliency, reference, core, needs, kwargs)
 
@@ -154,6 +162,15 @@ def _metric(higher_is_better: bool, needs: str = "map") -> Callable[[Callable], 
         return metric
 
     return decorate
+
+
+def _frame_mean(scores: xr.DataArray) -> xr.DataArray:
+    """Mean of per-frame scores over ``t``, NaN frames left out (NaN if all are)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)  # all-NaN: NaN
+        return scores.mean("t", skipna=True)
 
 
 def _flat(a: np.ndarray) -> np.ndarray:
