@@ -151,6 +151,7 @@ class MapGrid:
             base.add_trace(go.Image(hoverinfo="skip", name="image"), row=row + 1, col=col + 1)
             base.add_trace(
                 go.Heatmap(showscale=colorbar and i == 0, name="map", hoverongaps=False,
+                           colorbar=dict(thickness=14, xpad=4),  # room for the maps
                            hovertemplate="x=%{x} y=%{y}<br>%{z:.4g}<extra></extra>"),
                 row=row + 1, col=col + 1,
             )
