@@ -127,7 +127,26 @@ def test_model_left_untouched() -> None:
         assert all(p.grad is None for p in m.parameters(recurse=False))
 
 
-@pytest.mark.parametrize("method", ["occlusion", "lime", "meaningful_perturbation",
+def test_occlusion_with_a_3d_window_matches_a_loop() -> None:
+    model = tiny_3d_net()
+    clip = torch.rand(1, 3, 4, 6, 6, generator=torch.Generator().manual_seed(4))
+    result = xw.Explainer(model, clip).explain("occlusion", target=0, window=2, stride=2)
+    assert result.dims == ("image", "t", "y", "x")
+    base = model(clip)[0, 0]
+    expected = torch.zeros(4, 6, 6)
+    with torch.no_grad():
+        for t in range(0, 4, 2):
+            for y in range(0, 6, 2):
+                for x in range(0, 6, 2):
+                    occluded = clip.clone()
+                    occluded[:, :, t:t + 2, y:y + 2, x:x + 2] = 0.0
+                    drop = base - model(occluded)[0, 0]
+                    expected[t:t + 2, y:y + 2, x:x + 2] = drop
+    torch.testing.assert_close(torch.from_numpy(result.values[0]), expected.detach(),
+                               atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lime", "meaningful_perturbation",
                                     "lrp", "deeplift"])
 def test_unsupported_methods_refuse_clips_with_a_reason(method: str) -> None:
     ex = xw.Explainer(tiny_3d_net(), torch.rand(1, 3, 4, 8, 8))

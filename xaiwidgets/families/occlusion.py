@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ..core.registry import Method, Param, register
@@ -20,10 +22,13 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
 @register
 class Occlusion(Method):
     """Slide a ``window``² patch of ``value`` with ``stride``; each pixel gets the mean
-    score drop f_c(x) − f_c(x_occluded) of the windows covering it. Batched."""
+    score drop f_c(x) − f_c(x_occluded) of the windows covering it. Batched.
+
+    On video clips (N, C, T, H, W) the window is a ``window``³ cube (its time side
+    clipped to the clip's length) sliding with ``stride`` along t, y and x.
+    """
 
     name = "occlusion"
-    clip_refusal = "its sliding window is a 2-D (H, W) patch; no 3-D (t, y, x) window yet"
     family = "perturbation"
     default_reduce = "map"
     signed = True
@@ -36,24 +41,26 @@ class Occlusion(Method):
 
     def attribute(self, ctx, target, layer, window, stride, value, batch_size) -> torch.Tensor:
         x = ctx.inputs
-        n, _, h, w = x.shape
-        boxes = [(y, x0) for y in window_starts(h, window, stride)
-                 for x0 in window_starts(w, window, stride)]
+        n, volume = x.shape[0], tuple(x.shape[2:])  # (H, W), or (T, H, W) for clips
+        # each box: one slice per spatial(-temporal) dim
+        boxes = [tuple(slice(a, a + window) for a in starts) for starts in itertools.product(
+            *(window_starts(side, window, stride) for side in volume))]
         base = ctx.scores(x, target)
-        total = torch.zeros((n, h, w), device=x.device, dtype=x.dtype)
-        count = torch.zeros((h, w), device=x.device, dtype=x.dtype)
+        total = torch.zeros((n, *volume), device=x.device, dtype=x.dtype)
+        count = torch.zeros(volume, device=x.device, dtype=x.dtype)
+        expand = (slice(None),) + (None,) * len(volume)
         per_call = max(1, batch_size // n)
         chunks = range(0, len(boxes), per_call)
         for start in ctx.progress_bar(chunks, len(chunks), "occlusion"):
             chunk = boxes[start:start + per_call]
-            batch = x.repeat(len(chunk), 1, 1, 1)
-            for i, (y, x0) in enumerate(chunk):
-                batch[i * n:(i + 1) * n, :, y:y + window, x0:x0 + window] = value
+            batch = x.repeat(len(chunk), *[1] * (x.ndim - 1))
+            for i, box in enumerate(chunk):
+                batch[(slice(i * n, (i + 1) * n), slice(None), *box)] = value
             drops = base.repeat(len(chunk)) - ctx.scores(batch, target.repeat(len(chunk)),
                                                         batch_size=len(batch))
-            for i, (y, x0) in enumerate(chunk):
-                total[:, y:y + window, x0:x0 + window] += drops[i * n:(i + 1) * n, None, None]
-                count[y:y + window, x0:x0 + window] += 1
+            for i, box in enumerate(chunk):
+                total[(slice(None), *box)] += drops[i * n:(i + 1) * n][expand]
+                count[box] += 1
             if start + per_call < len(boxes):  # windows so far: a first estimate
                 ctx.report_partial(start + len(chunk), len(boxes),
                                    lambda: total / count.clamp(min=1))
