@@ -105,6 +105,9 @@ def test_explainer_widget_live_scores_and_randomize_toggle():
     images = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(4))
     gaze = np.random.default_rng(5).random((2, 12, 12))
     w = ExplainerWidget(model, images, method="gradient", background=False, gaze=gaze)
+    assert not w.live.enabled and w.live.scores == {}  # synchronous: off by default
+    w.live.enabled = True
+    w.refresh()
     assert w.error is None and set(w.live.scores) == {"pcc", "sim", "deletion", "insertion"}
     expected, _ = score_map(w.explainer(0), w.result, gaze[0])
     assert w.live.scores == pytest.approx(expected)
@@ -129,8 +132,24 @@ def test_compare_widget_scores_every_method():
     model = tiny_model()
     images = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(6))
     w = CompareWidget(model, images, ["gradient", "gradcam"], background=False)
+    w.live.enabled = True
+    w.refresh()
     assert w.error is None and set(w.live.scores) == {"gradient", "gradcam"}
     for name in ("gradient", "gradcam"):
         expected, _ = score_map(w.explainer(0), w.results[name])
         assert w.live.scores[name] == pytest.approx(expected)
     assert len(w.live.figure.data) == 4 and "gradcam" in w.live.table.value
+
+
+def test_live_scores_in_the_background_follow_the_map():
+    from xaiwidgets.widgets import ExplainerWidget
+
+    model = tiny_model()
+    images = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(7))
+    w = ExplainerWidget(model, images, method="gradient", background=True)
+    assert w.wait(timeout=60) and w.live.enabled and w.error is None
+    assert set(w.live.scores) == {"deletion", "insertion"}
+    w.controls["method"].value = "gradcam"
+    assert w.wait(timeout=60)
+    expected, _ = score_map(w.explainer(0), w.result)
+    assert w.result.attrs["method"] == "gradcam" and w.live.scores == pytest.approx(expected)

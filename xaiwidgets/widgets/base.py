@@ -356,6 +356,7 @@ class ExplorerBase(W.VBox):
                 recomputed = publish()
                 self._todo -= changed
                 self._succeeded(recomputed, time.perf_counter() - start)
+            self._after_draw(token)
         except Superseded:
             raise
         except Exception as err:
@@ -374,6 +375,9 @@ class ExplorerBase(W.VBox):
             self.last_compute_s = seconds
             self.status.value = (f"<span style='color:#555'>{html.escape(recomputed)} in "
                                  f"{seconds:.2f} s</span>")
+
+    def _after_draw(self, token: Token) -> None:
+        """Slow extras computed once the result is drawn (live scores); default none."""
 
     def refresh(self) -> None:
         """Recompute everything from the controls' current values (as for a new image)."""

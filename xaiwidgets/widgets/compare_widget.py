@@ -15,6 +15,7 @@ from ..evaluation import metrics as _metrics
 from .base import VIEW, ExplorerBase, Publish, top5_html
 from .controls import LAYOUT, STYLE, set_visible
 from .figures import MapGrid
+from .live_scores import LiveScores
 
 DEFAULT_METHODS = ("gradient", "gradcam", "fem")
 DEFAULT_METRICS = ("pcc", "sim")
@@ -98,9 +99,10 @@ class CompareWidget(ExplorerBase):
         self.figure.layout.width = cols * MAP_PX + 60
         self._shown_image: int | None = None
         self.top5.value = top5_html(self.controls["target"].options)
+        self.live = LiveScores(enabled=self.background)  # every map: deletion/insertion
         side = self._side([self._box(["target"]), self.top5,
-                           self._box(["layer", *sorted(VIEW)]), self._upload_control(),
-                           self._export_controls(), self.busy_box])
+                           self._box(["layer", *sorted(VIEW)]), self.live,
+                           self._upload_control(), self._export_controls(), self.busy_box])
         self.children = [self._image_picker(), self._row([side, self.figure]), self.status]
         self.refresh()
 
@@ -156,6 +158,10 @@ class CompareWidget(ExplorerBase):
             self._draw()
             return ", ".join(stale) or None
         return publish
+
+    def _after_draw(self, token) -> None:
+        index = int(self.result.image.values[0])
+        self.live.run(self.worker, token, self.explainer(index), dict(self.results))
 
     def _score(self, results: dict[str, xr.DataArray], index: int) -> xr.DataArray | None:
         """Each metric of each method's map against the reference (NaN when it lacks data)."""

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ipywidgets as W
+import numpy as np
 import torch
 import xarray as xr
 
@@ -14,6 +15,7 @@ from ..core.registry import get_method
 from .base import VIEW, ExplorerBase, Publish, top5_html
 from .controls import LAYOUT, STYLE, ParamControls, set_visible
 from .figures import MapGrid, image_uri
+from .live_scores import LiveScores, Randomizer
 
 #: the method shown first when the caller names none (fast, and a readable map)
 DEFAULT_METHOD = "gradcam"
@@ -50,11 +52,16 @@ class ExplainerWidget(ExplorerBase):
     def __init__(self, model: torch.nn.Module, images: Any,
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  classes: Sequence[str] | None = None, method: str | None = None,
-                 methods: Sequence[str] | None = None, background: bool | None = None) -> None:
+                 methods: Sequence[str] | None = None, background: bool | None = None,
+                 gaze: Any = None) -> None:
         super().__init__(model, images, preprocess, classes, background)
+        #: optional gaze maps (N, H, W) scored against the map (PCC, SIM) in ``w.live``
+        self.gaze = None if gaze is None else np.asarray(gaze, dtype=np.float64)
         names = list(methods) if methods is not None else registry.methods()
         method = method or (DEFAULT_METHOD if DEFAULT_METHOD in names else names[0])
         ex = self.explainer()
+        self.randomizer = Randomizer(model, ex.inputs[:1])  # the sanity toggle
+        self.live = LiveScores(enabled=self.background)  # the drawn map: faithfulness, gaze
         self.params = ParamControls(names)
         self._add_controls({
             "image": self._image_control(),
@@ -64,6 +71,7 @@ class ExplainerWidget(ExplorerBase):
             "layer": W.Dropdown(options=ex.layers(), value=ex.default_layer(),
                                 description="layer", style=STYLE, layout=W.Layout(**LAYOUT)),
             **self.params.controls,
+            "randomize": self.randomizer.control,
             **self._view_controls(),
         })
         #: panel 0: the image; panel ``map_panel``: the map over it
@@ -76,6 +84,7 @@ class ExplainerWidget(ExplorerBase):
         self.top5.value = top5_html(self.controls["target"].options)
         self._params_box = W.VBox(list(self.params.controls.values()))
         side = self._side([self._box(["method", "layer"]), self._params_box,
+                           self._box(["randomize"]), self.live,
                            self._box(sorted(VIEW)), self._upload_control(),
                            self._export_controls(), self.busy_box])
         # the top-5 chart stays beside the class picker (both wrap below on narrow screens)
@@ -91,7 +100,7 @@ class ExplainerWidget(ExplorerBase):
     def _relevant(self) -> set[str]:
         """Controls the current map depends on (hidden ones and view controls do not count)."""
         m = get_method(self.method)
-        names = {"image", "method", *self.params.keys[m.name].values()}
+        names = {"image", "method", "randomize", *self.params.keys[m.name].values()}
         if m.uses_layer:
             names.add("layer")
         if not m.class_agnostic:
@@ -100,6 +109,10 @@ class ExplainerWidget(ExplorerBase):
 
     def _prepare(self, changed: set[str]) -> None:
         super()._prepare(changed)
+        if "randomize" in changed:  # explainers of the randomised copy (or the original)
+            self.model = self.randomizer.model()
+            with self._explainers_lock:
+                self._explainers.clear()
         if "method" in changed:
             self._select_method(keep=changed)
         self.params.forget(changed - self._relevant())
@@ -152,6 +165,11 @@ class ExplainerWidget(ExplorerBase):
             self._draw()
             return m.name
         return publish
+
+    def _after_draw(self, token) -> None:
+        index = int(self.result.image.values[0])
+        gaze = self.gaze[index] if self.gaze is not None and index < len(self.gaze) else None
+        self.live.run(self.worker, token, self.explainer(index), self.result, gaze)
 
     def _draw(self) -> None:
         if self.result is not None:

@@ -91,9 +91,12 @@ class LiveScores(W.VBox):
     ``clear()`` marks them stale while a new map is computed.
     """
 
-    def __init__(self, step: float = STEP) -> None:
+    def __init__(self, step: float = STEP, enabled: bool = True) -> None:
         super().__init__()
         self.step = step
+        #: :meth:`run` scores only when enabled (widgets: in the background, where the
+        #: scores never delay the map; set it to True to score synchronously too)
+        self.enabled = enabled
         self.scores: dict[str, Any] = {}
         self.curves: dict[str, Any] = {}
         self.table = W.HTML(layout=W.Layout(min_height="1.6em"))
@@ -127,6 +130,14 @@ class LiveScores(W.VBox):
         shown in the panel, never as the widget's error."""
         from .worker import Superseded
 
+        if not self.enabled:
+            with worker.publishing(token):
+                self.clear("live scores are computed in the background (in a kernel); "
+                           "set w.live.enabled = True to score here too")
+            return
+        # its own explainer: the scores' model calls must not drive the widget's progress bar
+        explainer = Explainer(explainer.model, explainer.images,
+                              preprocess=explainer.preprocess, progress=False)
         many = isinstance(maps, dict)
         maps = dict(maps) if many else {"": maps}
         with worker.publishing(token):
