@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch import nn
 
 from . import layers as _layers
 from .ops import pick_logits
-from .scoped import RecordOverwritten, capture, model_guard
+from .scoped import RecordOverwritten, capture, counting_nonlinearities, model_guard
 
 ProgressCallback = Callable[[int, int], None]
 #: which part of a model's output holds the logits: an index, a key or a callable
@@ -81,6 +82,7 @@ class Context:
         #: True when the model returns a single logit (a binary classifier)
         self.binary = False
         self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._nonlinearities: Counter[str] = Counter()
         #: number of classes seen by the :meth:`shapes` pass (0 before it)
         self.probe_classes = 0
         #: set by callers that show first estimates (the widgets), see :meth:`report_partial`
@@ -211,13 +213,22 @@ class Context:
         """
         if self._shapes is None:
             def probe() -> None:
-                logits, _ = self.forward(self.inputs[:1])
+                # the same pass also counts the non-linearities (methods' preconditions)
+                with counting_nonlinearities() as found:
+                    logits, _ = self.forward(self.inputs[:1])
+                self._nonlinearities = found
                 self.probe_classes = int(logits.shape[1])
                 if self.n_images == 1:  # the probe was the whole batch (widgets): keep it
                     self.valid_cache().setdefault("logits", logits)
 
             self._shapes = _layers.output_shapes(self.model, probe)
         return self._shapes
+
+    def nonlinearities(self) -> Counter[str]:
+        """The non-linearities the model calls, by name and count (from :meth:`shapes`'s
+        one-image pass: no pass of its own)."""
+        self.shapes()
+        return self._nonlinearities
 
     def is_inputs(self, x: torch.Tensor) -> bool:
         """Whether ``x`` holds the model inputs themselves (a view of the same storage)."""

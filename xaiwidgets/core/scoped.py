@@ -374,13 +374,18 @@ def relu_like_call(func: Callable, args: tuple, kwargs: dict) -> str | None:
     return f"{name}(x, 0, 0)" if _is_zero(threshold) and _is_zero(value) else None
 
 
-def census(model: nn.Module, x: torch.Tensor) -> Counter[str]:
-    """The non-linearities one forward pass of ``model`` on ``x`` calls, by name and count.
+@contextlib.contextmanager
+def counting_nonlinearities() -> Iterator[Counter[str]]:
+    """Count, by name, the non-linearities called inside the block (this thread only).
 
     Names are ``"F.relu"``, ``"Tensor.relu"``, ``"F.silu"``, ... and for ReLUs written
     another way ``"torch.clamp(min=0)"`` etc. Nothing is changed in the model or torch.
+    The Context runs its construction pass inside it, so preconditions cost no pass.
 
-    >>> census(nn.Sequential(nn.Linear(2, 2), nn.SiLU(), nn.ReLU()), torch.ones(1, 2))
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.SiLU(), nn.ReLU())
+    >>> with counting_nonlinearities() as found:
+    ...     _ = net(torch.ones(1, 2))
+    >>> found
     Counter({'F.silu': 1, 'F.relu': 1})
     """
     found: Counter[str] = Counter()
@@ -391,7 +396,17 @@ def census(model: nn.Module, x: torch.Tensor) -> Counter[str]:
         if name is not None:
             found[name] += 1
 
-    with model_guard(model), torch.no_grad(), FunctionRules({}, observe=observe):
+    with FunctionRules({}, observe=observe):
+        yield found
+
+
+def census(model: nn.Module, x: torch.Tensor) -> Counter[str]:
+    """The non-linearities one forward pass of ``model`` on ``x`` calls, by name and count.
+
+    >>> census(nn.Sequential(nn.Linear(2, 2), nn.SiLU(), nn.ReLU()), torch.ones(1, 2))
+    Counter({'F.silu': 1, 'F.relu': 1})
+    """
+    with model_guard(model), torch.no_grad(), counting_nonlinearities() as found:
         model(x)
     return found
 
