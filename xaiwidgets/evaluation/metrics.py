@@ -333,7 +333,7 @@ def nss(saliency: Any, fixations: Any) -> Any:
     Standardised with the sample std (ddof = 1, as the MIT code). A constant map
     gives 0; a map without fixations gives NaN.
 
-    >>> nss(np.array([[0.9, 0.1], [0.4, 0.0]]), np.array([[1, 0], [1, 0]])).round(6)
+    >>> round(nss(np.array([[0.9, 0.1], [0.4, 0.0]]), np.array([[1, 0], [1, 0]])), 6)
     0.742307
     """
     s, f = _flat(saliency), _flat(fixations)
