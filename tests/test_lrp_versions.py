@@ -29,8 +29,10 @@ import xaiwidgets as xw
 from tests.test_zoo import ZOO, randomise_batchnorms
 
 maps = {"zennit": version("zennit")}
-for name in ("resnet18", "densenet (121's blocks, narrow)", "hand/batchnorm_out_of_order",
-             "hand/residual_add"):
+from torchvision.models.resnet import BasicBlock, ResNet
+ZOO["resnet (one block per stage)"] = (lambda: ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5), 32)
+for name in ("resnet (one block per stage)", "densenet (121's blocks, narrow)",
+             "hand/batchnorm_out_of_order", "hand/residual_add"):
     build, size = ZOO[name]
     torch.manual_seed(0)
     model = randomise_batchnorms(build().eval())
@@ -48,7 +50,7 @@ def maps_with(pythonpath: str | None) -> dict:
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", SCRIPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
