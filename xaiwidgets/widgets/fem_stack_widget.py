@@ -11,7 +11,7 @@ import torch
 from ..core.registry import get_method
 from .base import VIEW, ExplorerBase, Publish
 from .controls import STYLE, ParamControls, set_visible
-from .figures import MapGrid
+from .figures import FIT_PX, MapGrid
 
 #: MLFEM parameters this widget exposes (read from the registry's mlfem declaration)
 FUSION_PARAMS = ("K", "operator", "alpha", "normalize")
@@ -62,11 +62,11 @@ class FEMStackWidget(ExplorerBase):
         self.stack = None
         self.grid = MapGrid(2, titles=["layer", "fused"], panel_px=MAP_PX)
         self.figure = self.grid.figure
-        self.figure.layout.width = 2 * MAP_PX + 20  # fits a notebook at a 900 px window
+        self.figure.layout.width = FIT_PX  # fits a notebook at a 900 px window
         self.layers_grid = MapGrid(len(self.layers), cols=min(len(self.layers), 4),
                                    titles=self.layers, panel_px=170, resolution=64)
         self.grid_figure = self.layers_grid.figure
-        self.grid_figure.layout.width = min(len(self.layers), 4) * 180 + 20
+        self.grid_figure.layout.width = min(len(self.layers), 4) * 170 + 20
         self._shown_image: int | None = None
         side = self._side([self.controls["layer"], self.layer_label,
                            self._box(list(self.params.controls)), self._box(sorted(VIEW)),

@@ -28,6 +28,10 @@ from plotly.subplots import make_subplots
 
 from .. import rendering
 
+#: widest figure (px) that fits a notebook's output area at a 900 px window (720 px in
+#: JupyterLab 4 with the side bar closed; Notebook 7 is wider)
+FIT_PX = 700
+
 #: significant digits (relative to the map's largest |value|) sent to the browser:
 #: the JSON shrinks ~3x and no colour changes
 DIGITS = 5
