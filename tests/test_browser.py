@@ -240,6 +240,7 @@ def control(page, kind: str, label: str):
 
 def drag_to_left(page, slider) -> None:
     """Drag a slider's handle past the left end of its track with the mouse."""
+    slider.scroll_into_view_if_needed()  # below the window once the live-scores panel shows
     handle = slider.locator(".noUi-handle").first
     track = slider.locator(".noUi-target, .slider-container").first.bounding_box()
     box = handle.bounding_box()
@@ -267,7 +268,8 @@ def check_widths(page, prefix: str) -> None:
 def exercise_explainer(page, prefix: str, method: bool = True) -> None:
     """Figure drawn; (optionally) the method dropdown and the opacity slider change it."""
     first = page.wait_for_function(HEATMAP, timeout=120_000).json_value()
-    plot = page.locator(".js-plotly-plot:visible").first
+    # the map figure (the live-scores panel has a plotly figure of its own)
+    plot = page.locator(".js-plotly-plot:visible", has=page.locator(".heatmaplayer")).first
     plot.scroll_into_view_if_needed()
     page.wait_for_timeout(500)  # let plotly finish drawing
     before = plot.screenshot(path=ARTIFACTS / f"{prefix}_1_first.png")
@@ -336,7 +338,7 @@ def test_class_app_in_voila(voila, chromium):
             page.locator(".lm-TabBar-tab", has_text=title).click()
             page.wait_for_function(HEATMAP, timeout=60_000)
             page.wait_for_timeout(800)
-            plot = page.locator(".js-plotly-plot:visible").first
+            plot = page.locator(".js-plotly-plot:visible", has=page.locator(".heatmaplayer")).first
             slug = title.split()[0].lower()
             assert_drawn(plot.screenshot(path=ARTIFACTS / f"voila_{slug}_figure.png"))
             check_widths(page, f"voila_{slug}")
