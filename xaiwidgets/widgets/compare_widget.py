@@ -14,7 +14,7 @@ from ..core.registry import get_method, methods
 from ..evaluation import metrics as _metrics
 from .base import VIEW, ExplorerBase, Publish, top5_html
 from .controls import LAYOUT, STYLE, set_visible
-from .figures import MapGrid
+from .figures import FIT_PX, MapGrid
 from .live_scores import LiveScores
 
 DEFAULT_METHODS = ("gradient", "gradcam", "fem")
@@ -96,7 +96,7 @@ class CompareWidget(ExplorerBase):
         cols = len(titles) if len(titles) <= 2 else 2
         self.grid = MapGrid(len(titles), cols=cols, titles=titles, panel_px=MAP_PX)
         self.figure = self.grid.figure
-        self.figure.layout.width = cols * MAP_PX + 60
+        self.figure.layout.width = cols * (FIT_PX // 2)  # fits a notebook at a 900 px window
         self._shown_image: int | None = None
         self.top5.value = top5_html(self.controls["target"].options)
         self.live = LiveScores(enabled=self.background)  # every map: deletion/insertion

@@ -14,7 +14,7 @@ from ..core import registry
 from ..core.registry import get_method
 from .base import VIEW, ExplorerBase, Publish, top5_html
 from .controls import LAYOUT, STYLE, ParamControls, set_visible
-from .figures import MapGrid, image_uri
+from .figures import FIT_PX, MapGrid, image_uri
 from .live_scores import LiveScores, Randomizer
 
 #: the method shown first when the caller names none (fast, and a readable map)
@@ -79,7 +79,8 @@ class ExplainerWidget(ExplorerBase):
         self.grid = MapGrid(2, titles=["image", " "], panel_px=MAP_PX)
         self.grid.heatmap(self.map_panel).showscale = True
         self.figure = self.grid.figure
-        self.figure.layout.width = 2 * MAP_PX + 110
+        # fits a notebook's output area at a 900 px window (720 px in JupyterLab)
+        self.figure.layout.width = FIT_PX
         self._shown_image: int | None = None
         self.top5.value = top5_html(self.controls["target"].options)
         self._params_box = W.VBox(list(self.params.controls.values()))
