@@ -20,13 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..datasets.moving_shapes import MOTIONS, moving_shapes
 from . import WEIGHTS_DIR, Normalize
 from .architectures import build
-from .train import TEST_SEED, TRAIN_SEED, accuracy
+from .train import TEST_SEED, TRAIN_SEED, accuracy, fit, save_checkpoint
 
 NAME = "shapes-video"
 #: label permutations under a horizontal flip, a vertical flip, the y/x transpose and
@@ -91,28 +89,9 @@ def train(
     del train_set, test_set
 
     # channels-last 3D convolutions are about 2.5x faster on CPU (oneDNN)
-    model = build(NAME).to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-    steps = epochs * (n_train // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    bar = tqdm(total=steps, desc=NAME)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(n_train, generator=generator)
-        for start in range(0, n_train - batch_size + 1, batch_size):
-            index = order[start : start + batch_size]
-            batch, target = augment(clips[index].float() / 255, labels[index], generator)
-            batch = batch.contiguous(memory_format=torch.channels_last_3d)
-            logits = model(preprocess(batch))
-            loss = F.cross_entropy(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            hits = float((logits.argmax(1) == target).float().mean())
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{hits:.2f}")
-            bar.update()
-    bar.close()
+    model = fit(build(NAME).to(memory_format=torch.channels_last_3d), clips, labels,
+                preprocess, augment, generator, epochs, batch_size, lr,
+                torch.channels_last_3d, NAME)
     seconds = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started
     model = model.to(memory_format=torch.contiguous_format)
@@ -120,11 +99,8 @@ def train(
     train_accuracy = accuracy(
         model, preprocess, clips[:n_test].float() / 255, labels[:n_test], batch_size=64
     )
-    checkpoint = {
-        "state_dict": {
-            k: (v.half() if v.is_floating_point() else v).contiguous()
-            for k, v in model.state_dict().items()
-        },
+    meta = {
+        "name": NAME,
         "architecture": NAME,
         "classes": list(MOTIONS),
         "mean": [float(m) for m in mean],
@@ -132,24 +108,17 @@ def train(
         "frames": int(frames),
         "size": int(size),
         "n_train": n_train,
+        "n_test": n_test,
         "epochs": epochs,
         "seed": seed,
         "test_accuracy": test_accuracy,
         "train_accuracy": train_accuracy,
         "train_seconds": seconds,
         "train_cpu_seconds": cpu_seconds,
-        "threads": torch.get_num_threads(),
         "command": "python -m xaiwidgets.models.train_video " + " ".join(sys.argv[1:]),
     }
     path = Path(out) if out else WEIGHTS_DIR / f"{NAME}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, path)
-    print(
-        f"{NAME}: held-out accuracy {test_accuracy:.4f} ({n_test} clips), "
-        f"train accuracy {train_accuracy:.4f}, {seconds:.0f} s ({cpu_seconds:.0f} CPU s), "
-        f"{path.stat().st_size / 1e6:.2f} MB -> {path}"
-    )
-    return checkpoint
+    return save_checkpoint(model, meta, path, unit="clips")
 
 
 def main(argv: list[str] | None = None) -> None:
