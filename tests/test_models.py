@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import urllib.error
 
 import numpy as np
@@ -11,7 +13,8 @@ from torch import nn
 
 import xaiwidgets as xw
 from xaiwidgets.core.layers import block_outputs
-from xaiwidgets.models import WeightsUnavailableError
+from xaiwidgets.models import WeightsUnavailableError, train_video
+from xaiwidgets.models import train as train_script
 from xaiwidgets.models.train import TEST_SEED, TRAIN_SEED, train
 
 SHAPES_MODELS = ("shapes-vgg", "shapes-resnet")
@@ -123,3 +126,28 @@ def test_training_script_is_seeded_and_writes_a_loadable_checkpoint(tmp_path) ->
         float(shuffled["state_dict"]["fc.weight"].float().sum()),
         float(first["state_dict"]["fc.weight"].float().sum()),
     )
+
+
+@pytest.mark.parametrize("script", [train_script, train_video])
+def test_training_commands_pass_their_options_to_train(script, monkeypatch) -> None:
+    real, seen = script.train, {}
+    defaults = {k: p.default for k, p in inspect.signature(real).parameters.items()}
+    monkeypatch.setattr(script, "train", functools.wraps(real)(lambda **kw: seen.update(kw)))
+    script.main(["--n-train", "12", "--lr", "0.5", "--out", "w.pt"])
+    assert seen == {**defaults, "n_train": 12, "lr": 0.5, "out": "w.pt"}
+    if script is train_script:
+        script.main(["--model", "shapes-resnet", "--shuffle-labels", "--no-augment"])
+        assert (seen["name"], seen["shuffle_labels"], seen["augment"]) == ("shapes-resnet",
+                                                                          True, False)
+
+
+def test_prepare_draws_disjoint_seeds_and_the_training_statistics() -> None:
+    data = train_script.prepare(xw.datasets.moving_shapes, 3, 2, seed=1, threads=None)
+    clips = xw.datasets.moving_shapes(n=3, seed=TRAIN_SEED + 1).image.values
+    held = xw.datasets.moving_shapes(n=2, seed=TEST_SEED + 1).image.values
+    np.testing.assert_array_equal(data.inputs.numpy(), np.rint(clips * 255).astype(np.uint8))
+    np.testing.assert_array_equal(data.x_test.numpy(), held)
+    per_channel = clips.transpose(1, 0, 2, 3, 4).reshape(3, -1)
+    np.testing.assert_allclose(data.mean, per_channel.mean(1), rtol=1e-5)
+    np.testing.assert_allclose(data.std, per_channel.std(1), rtol=1e-4)
+    assert data.preprocess.mean == pytest.approx(per_channel.mean(1))

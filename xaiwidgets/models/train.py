@@ -10,22 +10,29 @@ below 10_000 are never seen in training. Augmentation: the 8 flips/rotations by 
 degrees (they keep every class). Optimiser: AdamW with a one-cycle learning rate.
 Weights are stored in float16 with their metadata (classes, normalisation, accuracy,
 training time, command) in ``xaiwidgets/models/weights/<name>.pt``.
+
+Every shipped classifier's script (this one, :mod:`xaiwidgets.models.train_video`) is
+:func:`prepare` (seeded data and normalisation), :func:`fit` (the loop), :func:`finish`
+(accuracy, metadata, :func:`save_checkpoint`), with :func:`arguments` for the shared options.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xarray as xr
 from tqdm.auto import tqdm
 
-from ..datasets.shapes import CLASSES, shapes
+from ..datasets.shapes import shapes
 from . import WEIGHTS_DIR, Normalize
 from .architectures import build
 
@@ -139,6 +146,101 @@ def save_checkpoint(model: torch.nn.Module, meta: dict, path: Path, unit: str = 
     return checkpoint
 
 
+@dataclass
+class TrainingData:
+    """What :func:`prepare` draws for a training script: the training set as uint8
+    (×255, compact in memory), the held-out set in float, the normalisation of the
+    training set, the seeded generator of the run and its start times."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    mean: np.ndarray
+    std: np.ndarray
+    preprocess: Normalize
+    attrs: dict
+    generator: torch.Generator
+    started: tuple[float, float]
+
+
+def prepare(make: Callable[..., xr.Dataset], n_train: int, n_test: int, seed: int,
+            threads: int | None) -> TrainingData:
+    """Seed torch and draw a shipped model's data: ``make(n=n_train, seed=TRAIN_SEED + seed)``
+    to train on and ``make(n=n_test, seed=TEST_SEED + seed)`` held out; the mean and
+    standard deviation per channel are the training set's. ``threads``: torch's CPU
+    threads (0 or None: leave them).
+
+    >>> data = prepare(shapes, n_train=4, n_test=2, seed=0, threads=None)
+    >>> data.inputs.dtype, tuple(data.x_test.shape), data.attrs["classes"][0]
+    (torch.uint8, (2, 3, 128, 128), 'circle')
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter(), time.process_time()
+    train_set = make(n=n_train, seed=TRAIN_SEED + seed)
+    test_set = make(n=n_test, seed=TEST_SEED + seed)
+    # statistics over every dim but the channel: (image, y, x) or (image, t, y, x)
+    dims = tuple(d for d in train_set.image.dims if d != "channel")
+    mean = train_set.image.mean(dims).values
+    std = train_set.image.std(dims).values
+    return TrainingData(
+        # uint8 keeps 8,000 images or 4,000 clips at ~400 MB
+        inputs=torch.from_numpy(np.rint(train_set.image.values * 255).astype(np.uint8)),
+        labels=torch.from_numpy(train_set.label.values),
+        x_test=torch.from_numpy(test_set.image.values),
+        y_test=torch.from_numpy(test_set.label.values),
+        mean=mean, std=std, preprocess=Normalize(mean, std), attrs=dict(train_set.attrs),
+        generator=generator, started=started,
+    )
+
+
+def finish(model: torch.nn.Module, data: TrainingData, name: str, architecture: str,
+           meta: dict, script: str, out: str | Path | None, unit: str = "images",
+           batch_size: int = 128) -> dict:
+    """Time the run, score ``model`` on the held-out set and on as many training inputs,
+    and write its checkpoint (:func:`save_checkpoint`) to ``out`` (default: the package's
+    ``weights/<name>.pt``). ``meta``: the script's own fields (sizes, options);
+    ``script``: the module that trained it, for the ``command`` field."""
+    seconds = time.perf_counter() - data.started[0]
+    cpu_seconds = time.process_time() - data.started[1]
+    n_test = len(data.x_test)
+    test_accuracy = accuracy(model, data.preprocess, data.x_test, data.y_test, batch_size)
+    train_accuracy = accuracy(model, data.preprocess, data.inputs[:n_test].float() / 255,
+                              data.labels[:n_test], batch_size)
+    meta = {
+        "name": name,
+        "architecture": architecture,
+        "classes": list(data.attrs["classes"]),
+        "mean": [float(m) for m in data.mean],
+        "std": [float(s) for s in data.std],
+        **meta,
+        "test_accuracy": test_accuracy,
+        "train_accuracy": train_accuracy,
+        "train_seconds": seconds,
+        "train_cpu_seconds": cpu_seconds,
+        "command": f"python -m {script} " + " ".join(sys.argv[1:]),
+    }
+    path = Path(out) if out else WEIGHTS_DIR / f"{name}.pt"
+    return save_checkpoint(model, meta, path, unit)
+
+
+def arguments(train_function: Callable, description: str) -> argparse.ArgumentParser:
+    """The options every training script shares, named and defaulted as
+    ``train_function``'s parameters (``--n-train`` sets ``n_train``)."""
+    defaults = {k: p.default for k, p in inspect.signature(train_function).parameters.items()}
+    parser = argparse.ArgumentParser(description=description)
+    for option, kind in (("n_train", int), ("n_test", int), ("epochs", int),
+                         ("batch_size", int), ("lr", float), ("seed", int)):
+        parser.add_argument("--" + option.replace("_", "-"), type=kind, default=defaults[option])
+    parser.add_argument("--threads", type=int, default=defaults["threads"],
+                        help="torch CPU threads (0: torch's)")
+    parser.add_argument("--out", default=None, help="weights path (default: the package's)")
+    return parser
+
+
 def train(
     name: str = "shapes-vgg",
     n_train: int = 8000,
@@ -153,67 +255,24 @@ def train(
     out: str | Path | None = None,
 ) -> dict:
     """Train ``name`` and save it; returns the checkpoint dict (weights + metadata)."""
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    train_set = shapes(n=n_train, seed=TRAIN_SEED + seed)
-    test_set = shapes(n=n_test, seed=TEST_SEED + seed)
-    # uint8 keeps an 8,000-image training set at ~400 MB
-    images = torch.from_numpy(np.rint(train_set.image.values * 255).astype(np.uint8))
-    labels = torch.from_numpy(train_set.label.values)
+    data = prepare(shapes, n_train, n_test, seed, threads)
     if shuffle_labels:
-        labels = labels[torch.randperm(len(labels), generator=generator)]
-    x_test = torch.from_numpy(test_set.image.values)
-    y_test = torch.from_numpy(test_set.label.values)
-    mean = train_set.image.mean(("image", "y", "x")).values
-    std = train_set.image.std(("image", "y", "x")).values
-    preprocess = Normalize(mean, std)
-    del train_set, test_set
-
+        data.labels = data.labels[torch.randperm(len(data.labels), generator=data.generator)]
     full_name = name + ("-shuffled" if shuffle_labels else "")
     # channels-last convolutions are about 1.5-3x faster on CPU (oneDNN)
-    model = fit(build(name).to(memory_format=torch.channels_last), images, labels, preprocess,
-                _augment if augment else None, generator, epochs, batch_size, lr,
-                torch.channels_last, full_name)
-    seconds = time.perf_counter() - started
-    cpu_seconds = time.process_time() - cpu_started
-    test_accuracy = accuracy(model, preprocess, x_test, y_test)
-    train_accuracy = accuracy(model, preprocess, images[:n_test].float() / 255, labels[:n_test])
-    meta = {
-        "name": full_name,
-        "architecture": name,
-        "classes": list(CLASSES),
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "size": int(images.shape[-1]),
-        "n_train": n_train,
-        "n_test": n_test,
-        "epochs": epochs,
-        "seed": seed,
-        "shuffle_labels": shuffle_labels,
-        "augment": augment,
-        "test_accuracy": test_accuracy,
-        "train_accuracy": train_accuracy,
-        "train_seconds": seconds,
-        "train_cpu_seconds": cpu_seconds,
-        "command": "python -m xaiwidgets.models.train " + " ".join(sys.argv[1:]),
-    }
-    return save_checkpoint(model, meta, Path(out) if out else WEIGHTS_DIR / f"{full_name}.pt")
+    model = fit(build(name).to(memory_format=torch.channels_last), data.inputs, data.labels,
+                data.preprocess, _augment if augment else None, data.generator, epochs,
+                batch_size, lr, torch.channels_last, full_name)
+    meta = {"size": int(data.inputs.shape[-1]), "n_train": n_train, "n_test": n_test,
+            "epochs": epochs, "seed": seed, "shuffle_labels": shuffle_labels,
+            "augment": augment}
+    return finish(model, data, full_name, name, meta, "xaiwidgets.models.train", out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=IMAGE_MODELS, default="shapes-vgg",
+    parser = arguments(train, __doc__.split("\n")[0])
+    parser.add_argument("--model", dest="name", choices=IMAGE_MODELS, default="shapes-vgg",
                         help="shapes-video: python -m xaiwidgets.models.train_video")
-    parser.add_argument("--n-train", type=int, default=8000)
-    parser.add_argument("--n-test", type=int, default=1000)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's)")
     parser.add_argument(
         "--shuffle-labels",
         action="store_true",
@@ -225,21 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         action="store_false",
         help="no flips/rotations (lets a shuffled-label model memorise its training set)",
     )
-    parser.add_argument("--out", default=None, help="weights path (default: the package's)")
-    args = parser.parse_args(argv)
-    train(
-        args.model,
-        n_train=args.n_train,
-        n_test=args.n_test,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        shuffle_labels=args.shuffle_labels,
-        augment=args.augment,
-        threads=args.threads,
-        out=args.out,
-    )
+    train(**vars(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -13,18 +13,13 @@ in float16 with their metadata in ``xaiwidgets/models/weights/shapes-video.pt``.
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..datasets.moving_shapes import MOTIONS, moving_shapes
-from . import WEIGHTS_DIR, Normalize
+from ..datasets.moving_shapes import moving_shapes
 from .architectures import build
-from .train import TEST_SEED, TRAIN_SEED, accuracy, fit, save_checkpoint
+from .train import arguments, finish, fit, prepare
 
 NAME = "shapes-video"
 #: label permutations under a horizontal flip, a vertical flip, the y/x transpose and
@@ -41,6 +36,7 @@ def augment(
     """A random symmetry of the square, and a random time reversal, applied to a batch
     of clips (N, C, T, H, W), with the motion labels they map them to.
 
+    >>> from xaiwidgets.datasets.moving_shapes import MOTIONS
     >>> clips = torch.zeros(1, 1, 2, 4, 4)
     >>> clips[0, 0, 0, 1, 1] = clips[0, 0, 1, 1, 2] = 1   # a pixel moving right
     >>> moved, label = augment(clips, torch.tensor([0]), torch.Generator().manual_seed(0))
@@ -70,78 +66,20 @@ def train(
     out: str | Path | None = None,
 ) -> dict:
     """Train ``shapes-video`` and save it; returns the checkpoint dict (weights + metadata)."""
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    train_set = moving_shapes(n=n_train, seed=TRAIN_SEED + seed)
-    test_set = moving_shapes(n=n_test, seed=TEST_SEED + seed)
-    # uint8 keeps 4,000 clips at ~400 MB
-    clips = torch.from_numpy(np.rint(train_set.image.values * 255).astype(np.uint8))
-    labels = torch.from_numpy(train_set.label.values)
-    x_test = torch.from_numpy(test_set.image.values)
-    y_test = torch.from_numpy(test_set.label.values)
-    mean = train_set.image.mean(("image", "t", "y", "x")).values
-    std = train_set.image.std(("image", "t", "y", "x")).values
-    preprocess = Normalize(mean, std)
-    frames, size = train_set.attrs["frames"], train_set.attrs["size"]
-    del train_set, test_set
-
+    data = prepare(moving_shapes, n_train, n_test, seed, threads)
     # channels-last 3D convolutions are about 2.5x faster on CPU (oneDNN)
-    model = fit(build(NAME).to(memory_format=torch.channels_last_3d), clips, labels,
-                preprocess, augment, generator, epochs, batch_size, lr,
+    model = fit(build(NAME).to(memory_format=torch.channels_last_3d), data.inputs, data.labels,
+                data.preprocess, augment, data.generator, epochs, batch_size, lr,
                 torch.channels_last_3d, NAME)
-    seconds = time.perf_counter() - started
-    cpu_seconds = time.process_time() - cpu_started
     model = model.to(memory_format=torch.contiguous_format)
-    test_accuracy = accuracy(model, preprocess, x_test, y_test, batch_size=64)
-    train_accuracy = accuracy(
-        model, preprocess, clips[:n_test].float() / 255, labels[:n_test], batch_size=64
-    )
-    meta = {
-        "name": NAME,
-        "architecture": NAME,
-        "classes": list(MOTIONS),
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "frames": int(frames),
-        "size": int(size),
-        "n_train": n_train,
-        "n_test": n_test,
-        "epochs": epochs,
-        "seed": seed,
-        "test_accuracy": test_accuracy,
-        "train_accuracy": train_accuracy,
-        "train_seconds": seconds,
-        "train_cpu_seconds": cpu_seconds,
-        "command": "python -m xaiwidgets.models.train_video " + " ".join(sys.argv[1:]),
-    }
-    path = Path(out) if out else WEIGHTS_DIR / f"{NAME}.pt"
-    return save_checkpoint(model, meta, path, unit="clips")
+    meta = {"frames": int(data.attrs["frames"]), "size": int(data.attrs["size"]),
+            "n_train": n_train, "n_test": n_test, "epochs": epochs, "seed": seed}
+    return finish(model, data, NAME, NAME, meta, "xaiwidgets.models.train_video", out,
+                  unit="clips", batch_size=64)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n-train", type=int, default=4000)
-    parser.add_argument("--n-test", type=int, default=500)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's)")
-    parser.add_argument("--out", default=None, help="weights path (default: the package's)")
-    args = parser.parse_args(argv)
-    train(
-        n_train=args.n_train,
-        n_test=args.n_test,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        threads=args.threads,
-        out=args.out,
-    )
+    train(**vars(arguments(train, __doc__.split("\n")[0]).parse_args(argv)))
 
 
 if __name__ == "__main__":
