@@ -9,9 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision
+from captum import attr as captum
 from torch import nn
 
 import xaiwidgets as xw
+from xaiwidgets.core.context import Context
 from xaiwidgets.core.ops import minmax, upsample
 from xaiwidgets.core.scoped import relu_backward
 from xaiwidgets.families.cam import gradcam_map
@@ -137,3 +140,117 @@ def test_explicit_targets_out_of_range_fail_in_the_first_pass(tiny_resnet, image
     ex = xw.Explainer(tiny_resnet, images)
     with pytest.raises(ValueError, match="out of range"):
         ex.explain("gradcam", target=99)
+
+
+# ------------------------------------------- Grad-CAM: autograd only after the layer
+def full_autograd_layer_grad(model: nn.Module, x: torch.Tensor, layer: str,
+                             target: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slow definition: the whole pass with autograd, ∂ logit / ∂ (last call's output)."""
+    outputs: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, output):
+        outputs.append(output)
+        return output.clone()  # later in-place ops must not change the recorded output
+
+    handle = model.get_submodule(layer).register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+    finally:
+        handle.remove()
+    score = logits.gather(1, torch.tensor(target)[:, None]).sum()
+    (grad,) = torch.autograd.grad(score, outputs[-1])
+    return outputs[-1].detach(), grad
+
+
+def grad_enabled_by_module(model: nn.Module) -> tuple[dict[str, bool], list]:
+    """Forward hooks noting, per module, whether it ran with autograd on."""
+    seen: dict[str, bool] = {}
+    handles = [module.register_forward_hook(
+        lambda _m, _i, _o, name=name: seen.__setitem__(name, torch.is_grad_enabled()))
+        for name, module in model.named_modules() if name]
+    return seen, handles
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None, num_classes=10).eval()
+
+
+@pytest.fixture(scope="module")
+def densenet() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2, 2),
+                                       num_init_features=16, num_classes=10).eval()
+
+
+# inside a block (bn2's output gets ``out += identity`` in place), a block's first
+# conv, and block outputs
+@pytest.mark.parametrize("layer", ["layer2.0.bn2", "layer3.1.conv1", "layer3.0", "layer4.1"])
+def test_layer_gradient_without_autograd_before_the_layer_matches_full_autograd(
+        resnet18, layer):
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    target = [3, 7]
+    expected_act, expected_grad = full_autograd_layer_grad(resnet18, x, layer, target)
+    ex = xw.Explainer(resnet18, x)
+    act, grad = ex.layer_gradient(layer, torch.tensor(target))
+    np.testing.assert_allclose(act.numpy(), expected_act.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad.numpy(), expected_grad.numpy(), rtol=1e-4, atol=1e-7)
+    # and Grad-CAM itself against Captum's LayerGradCam (its own full autograd pass)
+    theirs = captum.LayerGradCam(resnet18, resnet18.get_submodule(layer)).attribute(
+        x, target=target, relu_attributions=True)[:, 0]
+    ours = gradcam_map(ex, torch.tensor(target), layer)
+    np.testing.assert_allclose(ours.numpy(), theirs.detach().numpy(), rtol=1e-4,
+                               atol=1e-5 * float(theirs.detach().abs().max()))
+
+
+@pytest.mark.parametrize("layer", ["features.denseblock1.denselayer1.conv2",
+                                   "features.transition1", "features.denseblock3"])
+def test_layer_gradient_on_a_densenet_where_outputs_are_concatenated(densenet, layer):
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    expected = full_autograd_layer_grad(densenet, x, layer, [1, 4])
+    act, grad = xw.Explainer(densenet, x).layer_gradient(layer, torch.tensor([1, 4]))
+    for ours, theirs in zip((act, grad), expected, strict=True):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_layer_run_twice_gives_the_last_calls_gradient(tiny_resnet, images):
+    layer = "2.relu"  # TinyBlock's ReLU module runs twice per pass
+    expected = full_autograd_layer_grad(tiny_resnet, images, layer, [0, 3])
+    act, grad = xw.Explainer(tiny_resnet, images).layer_gradient(layer, torch.tensor([0, 3]))
+    for ours, theirs in zip((act, grad), expected, strict=True):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_gradcam_records_no_autograd_before_its_layer(resnet18):
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    ex = xw.Explainer(resnet18, x)
+    layer = "layer3.1"
+    seen, handles = grad_enabled_by_module(resnet18)
+    try:
+        ex.explain("gradcam", target=2, layer=layer)
+    finally:
+        for handle in handles:
+            handle.remove()
+    order = list(seen)  # modules in the order they finished
+    before = order[:order.index(layer) + 1]  # the layer itself runs without autograd
+    assert not any(seen[name] for name in before)
+    assert all(seen[name] for name in ("layer4.0", "layer4.1", "avgpool", "fc"))
+    assert torch.is_grad_enabled()  # the hook's switch ended with the pass
+    assert all(not m._forward_hooks for m in resnet18.modules())
+
+
+def test_grad_mode_is_restored_when_the_pass_fails_after_the_layer(tiny_resnet, images):
+    class Failing(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom after the layer")
+
+    model = nn.Sequential(*list(tiny_resnet)[:3], Failing()).eval()
+    ex = Context(model, images)
+    for outer in (True, False):
+        with torch.set_grad_enabled(outer):
+            with pytest.raises(RuntimeError, match="boom"):
+                ex.layer_gradient("2", torch.tensor([0, 1]))
+            assert torch.is_grad_enabled() is outer
+    assert all(not m._forward_hooks for m in model.modules())

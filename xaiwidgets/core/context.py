@@ -29,7 +29,7 @@ from torch import nn
 
 from . import layers as _layers
 from .ops import pick_logits
-from .scoped import RecordOverwritten, capture, counting_nonlinearities, model_guard
+from .scoped import RecordOverwritten, Scope, capture, counting_nonlinearities, model_guard
 
 ProgressCallback = Callable[[int, int], None]
 #: which part of a model's output holds the logits: an index, a key or a callable
@@ -405,12 +405,63 @@ class Context:
         """Activation of ``layer`` and ∂ logit[target] / ∂ activation, both (N, C, h, w).
 
         ``target=None`` means the predicted classes (read from this very pass).
+        Autograd records only the part of the network after ``layer`` (see
+        :meth:`forward_from`): the partial derivative is the same, the pass is cheaper.
         """
-        logits, acts = self.forward(layers=[layer], grad=True)
-        activation = acts[layer]
+        logits, activation = self.forward_from(layer)
         score = logits.gather(1, self.pass_target(logits, target)[:, None]).sum()
         (grad,) = torch.autograd.grad(score, activation)
         return activation.detach(), grad
+
+    def forward_from(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the inputs with autograd from ``layer`` on, and that layer's output.
+
+        The pass runs without autograd up to ``layer``; a forward hook there makes its
+        output a leaf that requires grad, hands the rest of the network a copy of it
+        (so later in-place operations such as ResNet's ``out += identity`` are fine)
+        and turns autograd on for the rest of this thread's pass (the ``no_grad`` block
+        restores the mode on exit). ``∂ logits / ∂ output`` is then exactly the
+        gradient a full autograd pass gives: other paths are constants for a partial
+        derivative. A layer called several times in one pass gives its last call's
+        output (autograd is on from its first call). Fills the prediction and
+        activation cache.
+
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.ReLU(),
+        ...                             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        >>> logits, out = Context(model, torch.rand(1, 3, 8, 8)).forward_from("1")
+        >>> out.requires_grad, out.grad_fn is None, logits.requires_grad
+        (True, True, True)
+        """
+        module = _layers.resolve_layer(self.model, layer)
+        owner = threading.get_ident()
+        leaves: list[torch.Tensor] = []
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor | None:
+            if threading.get_ident() != owner:  # another thread's pass on the same model
+                return None
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"layer {layer!r} returns {type(output).__name__}, not a tensor; "
+                    "pick a layer whose output is a single feature map"
+                )
+            leaves.append(output.detach().requires_grad_())
+            torch.set_grad_enabled(True)  # this thread only; undone by no_grad's exit
+            return leaves[-1].clone()
+
+        with model_guard(self.model), Scope() as scope:
+            scope.handle(module.register_forward_hook(hook))
+            with torch.no_grad():
+                out = self.model(self.inputs)
+        if not leaves:
+            raise ValueError(
+                f"layer {layer!r} did not run in the model's forward pass (an auxiliary "
+                "head?); pick a layer from Explainer.layers()"
+            )
+        logits = self.select_output(out)
+        cache = self.valid_cache()
+        cache.setdefault("logits", logits.detach())
+        cache["acts"].setdefault(layer, leaves[-1].detach())
+        return logits, leaves[-1]
 
     def scores(self, x: torch.Tensor, target: torch.Tensor, batch_size: int = 64,
                softmax: bool = False) -> torch.Tensor:
