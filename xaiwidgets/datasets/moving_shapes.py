@@ -59,7 +59,10 @@ from .shapes import (
     DISTRACTOR_SIZE,
     TARGET_SIZE,
     _background,
+    _buffers,
+    _chunks,
     _colours,
+    _dataset,
     _shape_masks,
 )
 from .shapes import (
@@ -296,15 +299,8 @@ def moving_shapes(
     chosen = _label_indices(labels, n)
     sigma = default_sigma(size) if sigma is None else float(sigma)
     rng = np.random.default_rng(seed)
-    data = {
-        "image": np.empty((n, 3, frames, size, size), np.float32),
-        "label": np.empty(n, np.int64),
-        "mask": np.empty((n, frames, size, size), bool),
-        "distractors": np.empty((n, frames, size, size), bool),
-        "fixations": np.empty((n, frames, size, size), np.int32),
-    }
-    for start in range(0, n, _CHUNK):
-        part = slice(start, min(start + _CHUNK, n))
+    data = _buffers(n, (frames, size, size))
+    for part in _chunks(n, _CHUNK):
         scene = _scene(rng, part.stop - part.start, size, clutter, speed)
         if chosen is not None:
             scene["label"] = chosen[part]
@@ -326,23 +322,11 @@ def moving_shapes(
             p_centre,
             centre_sigma,
         )
-    volume = ("image", "t", "y", "x")
-    return xr.Dataset(
+    data["gfdm"] = gfdm(data["fixations"], sigma=sigma)
+    return _dataset(
+        data,
+        ("t", "y", "x"),
         {
-            "image": (("image", "channel", "t", "y", "x"), data["image"]),
-            "label": (("image",), data["label"]),
-            "mask": (volume, data["mask"]),
-            "distractors": (volume, data["distractors"]),
-            "fixations": (volume, data["fixations"]),
-            "gfdm": (volume, gfdm(data["fixations"], sigma=sigma)),
-        },
-        coords={
-            "channel": ["r", "g", "b"],
-            "t": np.arange(frames),
-            "y": np.arange(size),
-            "x": np.arange(size),
-        },
-        attrs={
             "classes": list(MOTIONS),
             "shapes": list(SHAPE_CLASSES),
             "seed": int(seed),

@@ -243,6 +243,48 @@ def _draw(
     return label, mask, distractors & ~mask
 
 
+def _buffers(n: int, pixels: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Empty arrays the generators draw into, ``pixels`` the shape of one image's map:
+    (size, size), or (frames, size, size) for clips."""
+    return {
+        "image": np.empty((n, 3, *pixels), np.float32),
+        "label": np.empty(n, np.int64),
+        "mask": np.empty((n, *pixels), bool),
+        "distractors": np.empty((n, *pixels), bool),
+        "fixations": np.empty((n, *pixels), np.int32),
+    }
+
+
+def _chunks(n: int, chunk: int) -> list[slice]:
+    """Consecutive slices of at most ``chunk`` items covering ``range(n)``.
+
+    >>> _chunks(5, 2)
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
+    """
+    return [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+
+def _dataset(data: dict[str, np.ndarray], dims: tuple[str, ...], attrs: dict) -> xr.Dataset:
+    """The generators' Dataset: ``image`` (image, channel, *dims), ``label`` (image) and
+    the maps (image, *dims); coordinates ``channel`` (r, g, b) and ``dims`` (0, 1, ...).
+    No ``image`` coordinate: the name belongs to the image variable (xarray forbids both).
+    """
+    pixel = ("image", *dims)
+    maps = ("mask", "distractors", "fixations", "gfdm")
+    return xr.Dataset(
+        {
+            "image": (("image", "channel", *dims), data["image"]),
+            "label": (("image",), data["label"]),
+            **{name: (pixel, data[name]) for name in maps},
+        },
+        coords={
+            "channel": ["r", "g", "b"],
+            **{d: np.arange(k) for d, k in zip(dims, data["mask"].shape[1:], strict=True)},
+        },
+        attrs=attrs,
+    )
+
+
 def shapes(
     n: int = 256,
     size: int = 128,
@@ -298,39 +340,19 @@ def shapes(
     sigma = default_sigma(size) if sigma is None else float(sigma)
     rng = np.random.default_rng(seed)
     k = observers * fixations_per_observer
-    data = {
-        "image": np.empty((n, 3, size, size), np.float32),
-        "label": np.empty(n, np.int64),
-        "mask": np.empty((n, size, size), bool),
-        "distractors": np.empty((n, size, size), bool),
-        "fixations": np.empty((n, size, size), np.int32),
-        "gfdm": np.empty((n, size, size), np.float32),
-    }
-    for start in range(0, n, _CHUNK):
-        part = slice(start, min(start + _CHUNK, n))
+    data = _buffers(n, (size, size))
+    data["gfdm"] = np.empty((n, size, size), np.float32)
+    for part in _chunks(n, _CHUNK):
         drawn = _draw(rng, data["image"][part], clutter, noise)
         data["label"][part], data["mask"][part], data["distractors"][part] = drawn
         data["fixations"][part] = _fixations(
             rng, drawn[1], drawn[2], k, p_target, p_distractor, centre_sigma
         )
         data["gfdm"][part] = gfdm(data["fixations"][part], sigma=sigma)
-    pixel = ("image", "y", "x")
-    return xr.Dataset(
+    return _dataset(
+        data,
+        ("y", "x"),
         {
-            "image": (("image", "channel", "y", "x"), data["image"]),
-            "label": (("image",), data["label"]),
-            "mask": (pixel, data["mask"]),
-            "distractors": (pixel, data["distractors"]),
-            "fixations": (pixel, data["fixations"]),
-            "gfdm": (pixel, data["gfdm"]),
-        },
-        # no "image" coordinate: the name belongs to the image variable (xarray forbids both)
-        coords={
-            "channel": ["r", "g", "b"],
-            "y": np.arange(size),
-            "x": np.arange(size),
-        },
-        attrs={
             "classes": list(CLASSES),
             "seed": int(seed),
             "size": int(size),
