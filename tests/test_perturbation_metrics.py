@@ -9,7 +9,7 @@ import xarray as xr
 from torch import nn
 
 import xaiwidgets as xw
-from xaiwidgets.evaluation.perturbation import aopc, deletion, insertion
+from xaiwidgets.evaluation.perturbation import aopc, blur, deletion, insertion, petsiuk
 
 
 class WeightedSum(nn.Module):
@@ -136,6 +136,35 @@ def test_errors():
         deletion(model, maps["correct"], images=x, step=0)
     with pytest.raises(ValueError, match="replacement"):
         aopc(model, maps["correct"], images=x, replace="zeros")
+    with pytest.raises(ValueError, match="direction='erase'"):
+        petsiuk(model, maps["correct"], images=x, direction="erase")
+
+
+def test_insertion_matches_a_loop_and_mirrors_deletion():
+    """Insertion (one function with deletion, :func:`petsiuk`) reveals pixels in the order
+    deletion hides them, so it reads the same images as deletion with image and baseline
+    swapped; checked against an explicit loop over the reveal order."""
+    x = torch.rand(1, 3, 6, 6, generator=generator(0))
+    model = WeightedSum(torch.randn(6, 6, generator=generator(1)))
+    saliency = torch.rand(6, 6, generator=generator(2))
+    order = torch.argsort(saliency.flatten(), descending=True)
+    start = blur(x, 3, 1.0)[0].reshape(3, -1)
+    expected = []
+    for n in (0, 9, 18, 27, 36):
+        xk = start.clone()
+        xk[:, order[:n]] = x[0].reshape(3, -1)[:, order[:n]]
+        expected.append(float(torch.sigmoid((xk.reshape(3, 6, 6) * model.weights).sum())))
+    result = insertion(model, saliency, target=0, step=0.25, images=x, blur_kernel=3,
+                       blur_sigma=1.0)
+    np.testing.assert_allclose(result.curve[0], expected, rtol=1e-5)
+    assert (result.attrs["baseline"], result.attrs["blur_kernel"]) == ("blur", 3)
+    black = petsiuk(model, saliency, target=0, step=0.25, images=x, direction="insertion",
+                    baseline=0.0)
+    removed = deletion(model, saliency, target=0, step=0.25, images=x, baseline=0.0)
+    # from black, all pixels back = the image; deletion ends at black
+    assert black.curve[0, 0].item() == pytest.approx(removed.curve[0, -1].item(), rel=1e-6)
+    assert black.curve[0, -1].item() == pytest.approx(removed.curve[0, 0].item(), rel=1e-6)
+    assert black.attrs["metric"] == "insertion" and "blur_kernel" not in black.attrs
 
 
 def test_shipped_model_gradcam_beats_a_random_map_at_deletion():

@@ -5,7 +5,7 @@
 * :func:`deletion` / :func:`insertion` (Petsiuk et al.): softmax probability of the
   target while pixels are removed (set to a baseline) / inserted (into a blurred
   image) in order of relevance; area under the curve; lower deletion, higher
-  insertion is better.
+  insertion is better. Both are :func:`petsiuk`, one function with a ``direction``.
 
 All take an :class:`~xaiwidgets.Explainer` (or a model with ``images=``), the
 saliency maps ``(image, y, x)`` (a DataArray from ``explain``, a tensor or an
@@ -115,9 +115,10 @@ def _curve(ex: Explainer, source: torch.Tensor, replacement: torch.Tensor,
     return out.view(n, k).cpu().numpy().astype(np.float64)
 
 
-def _replacement(x: torch.Tensor, how: Any, seed: int) -> torch.Tensor:
+def _replacement(x: torch.Tensor, how: Any, seed: int, blur_kernel: int = 11,
+                 blur_sigma: float = 5.0) -> torch.Tensor:
     """What removed pixels become: a number, "mean" (per image and channel), "noise"
-    (uniform over each image's value range, seeded) or "blur"."""
+    (uniform over each image's value range, seeded) or "blur" (:func:`blur`)."""
     if isinstance(how, (int, float)) and not isinstance(how, bool):
         return torch.full_like(x, float(how))
     if how == "mean":
@@ -128,7 +129,7 @@ def _replacement(x: torch.Tensor, how: Any, seed: int) -> torch.Tensor:
         high = x.amax(dim=(1, 2, 3), keepdim=True)
         return low + (high - low) * torch.rand(x.shape, generator=gen, device=x.device)
     if how == "blur":
-        return blur(x)
+        return blur(x, blur_kernel, blur_sigma)
     raise ValueError(f"replacement {how!r}: use a number, 'mean', 'noise' or 'blur'")
 
 
@@ -209,78 +210,87 @@ def aopc(
     return _dataset("aopc", curve, score, "aopc", "step", counts, target_t, saliency, attrs)
 
 
-def deletion(
+#: the directions of :func:`petsiuk` and each one's default baseline
+DIRECTIONS = {"deletion": 0.0, "insertion": "blur"}
+
+
+def petsiuk(
     explainer: Explainer | nn.Module,
     saliency: Saliency,
     target: Any = None,
     *,
+    direction: str = "deletion",
     step: float = 0.02,
-    baseline: Any = 0.0,
-    batch_size: int = 64,
-    seed: int = 0,
-    images: Any = None,
-    preprocess: Callable | None = None,
-) -> xr.Dataset:
-    """Deletion curve (Petsiuk et al. 2018): remove the most relevant pixels first.
-
-    At each fraction 0, ``step``, …, 1 of the pixels (by saliency, highest first) the
-    removed pixels are set to ``baseline`` (a number — 0 is black in display space —,
-    "mean", "noise" or "blur"); the curve is the softmax probability of the target.
-    ``auc`` is the trapezoidal area over the fraction axis. Lower is better.
-
-    Returns an ``xr.Dataset``: ``curve`` (image, fraction), ``auc`` (image).
-
-    >>> deletion(ex, maps, step=0.02).auc                              # doctest: +SKIP
-    """
-    ex = _explainer(explainer, images, preprocess)
-    maps = _maps(ex, saliency)
-    x, to_model = _space(ex, tuple(maps.shape[-2:]))
-    return _petsiuk(ex, maps, saliency, target, x, _replacement(x, baseline, seed), x,
-                    to_model, step, batch_size, "deletion", {"baseline": str(baseline)})
-
-
-def insertion(
-    explainer: Explainer | nn.Module,
-    saliency: Saliency,
-    target: Any = None,
-    *,
-    step: float = 0.02,
+    baseline: Any = None,
     blur_kernel: int = 11,
     blur_sigma: float = 5.0,
+    seed: int = 0,
     batch_size: int = 64,
     images: Any = None,
     preprocess: Callable | None = None,
 ) -> xr.Dataset:
-    """Insertion curve (Petsiuk et al. 2018): reveal the most relevant pixels first.
+    """Deletion or insertion curve (Petsiuk et al. 2018), by ``direction``.
 
-    Starts from a Gaussian-blurred image (``blur_kernel`` px, σ = ``blur_sigma``)
-    and puts back the original pixels in order of relevance, ``step`` of the pixels
-    at a time; the curve is the softmax probability of the target, ``auc`` its
-    trapezoidal area. Higher is better.
+    At each fraction 0, ``step``, …, 1 of the pixels (by saliency, highest first) the
+    pixels switch between the image and a ``baseline`` image: ``"deletion"`` goes from
+    the image to the baseline (the most relevant pixels removed first), ``"insertion"``
+    from the baseline to the image (the most relevant pixels revealed first). The
+    baseline is a number (0 is black in display space), ``"mean"``, ``"noise"`` (seeded
+    by ``seed``) or ``"blur"`` (Gaussian, ``blur_kernel`` px, σ = ``blur_sigma``); by
+    default 0 for deletion and ``"blur"`` for insertion. The curve is the softmax
+    probability of the target, ``auc`` its trapezoidal area over the fraction axis:
+    lower is better for deletion, higher for insertion.
 
     Returns an ``xr.Dataset``: ``curve`` (image, fraction), ``auc`` (image).
 
-    >>> insertion(ex, maps).auc                                        # doctest: +SKIP
+    >>> petsiuk(ex, maps, direction="insertion", baseline=0.0).auc     # doctest: +SKIP
     """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}: use one of {list(DIRECTIONS)}")
     ex = _explainer(explainer, images, preprocess)
     maps = _maps(ex, saliency)
     x, to_model = _space(ex, tuple(maps.shape[-2:]))
-    start = blur(x, blur_kernel, blur_sigma)
-    attrs = {"blur_kernel": blur_kernel, "blur_sigma": blur_sigma}
-    return _petsiuk(ex, maps, saliency, target, start, x, x, to_model, step, batch_size,
-                    "insertion", attrs)
-
-
-def _petsiuk(ex: Explainer, maps: torch.Tensor, saliency: Saliency, target: Any,
-             source: torch.Tensor, replacement: torch.Tensor, x: torch.Tensor,
-             to_model: Callable, step: float, batch_size: int, name: str,
-             attrs: dict[str, Any]) -> xr.Dataset:
-    """Shared body of deletion and insertion: pixels switch from source to replacement."""
+    baseline = DIRECTIONS[direction] if baseline is None else baseline
+    removed = _replacement(x, baseline, seed, blur_kernel, blur_sigma)
+    source, replacement = (x, removed) if direction == "deletion" else (removed, x)
     fractions = _fractions(step)
     counts = np.round(fractions * maps[0].numel()).astype(np.int64)
     target_t = _target(ex, saliency, target)
     curve = _curve(ex, source, replacement, _rank(maps), counts, target_t, to_model,
                    batch_size, softmax=True)
     auc = np.trapezoid(curve, fractions, axis=1)
-    attrs = {"step": step, "curve_of": "softmax probability", **attrs}
-    return _dataset(name, curve, auc, "auc", "fraction", fractions, target_t, saliency, attrs)
+    attrs = {"step": step, "curve_of": "softmax probability", "baseline": str(baseline)}
+    if baseline == "blur":
+        attrs.update(blur_kernel=blur_kernel, blur_sigma=blur_sigma)
+    return _dataset(direction, curve, auc, "auc", "fraction", fractions, target_t, saliency,
+                    attrs)
+
+
+def deletion(explainer: Explainer | nn.Module, saliency: Saliency, target: Any = None, *,
+             baseline: Any = 0.0, **options: Any) -> xr.Dataset:
+    """Deletion curve (Petsiuk et al. 2018): remove the most relevant pixels first, setting
+    them to ``baseline``; lower ``auc`` is better. :func:`petsiuk` with
+    ``direction="deletion"``; ``options`` as there (``step``, ``seed``, ``batch_size``,
+    ``images``, ``preprocess``, ...).
+
+    Returns an ``xr.Dataset``: ``curve`` (image, fraction), ``auc`` (image).
+
+    >>> deletion(ex, maps, step=0.02).auc                              # doctest: +SKIP
+    """
+    return petsiuk(explainer, saliency, target, direction="deletion", baseline=baseline,
+                   **options)
+
+
+def insertion(explainer: Explainer | nn.Module, saliency: Saliency, target: Any = None, *,
+              blur_kernel: int = 11, blur_sigma: float = 5.0, **options: Any) -> xr.Dataset:
+    """Insertion curve (Petsiuk et al. 2018): from a Gaussian-blurred image (``blur_kernel``
+    px, σ = ``blur_sigma``) put back the most relevant pixels first; higher ``auc`` is
+    better. :func:`petsiuk` with ``direction="insertion"``; ``options`` as there
+    (``step``, ``batch_size``, ``images``, ``preprocess``, or another ``baseline``).
+
+    Returns an ``xr.Dataset``: ``curve`` (image, fraction), ``auc`` (image).
+
+    >>> insertion(ex, maps).auc                                        # doctest: +SKIP
+    """
+    return petsiuk(explainer, saliency, target, direction="insertion",
+                   blur_kernel=blur_kernel, blur_sigma=blur_sigma, **options)
