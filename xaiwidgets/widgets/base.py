@@ -12,10 +12,13 @@ three steps:
    is never drawn; the stale computation already stopped at its next chunk).
 
 Changes that only restyle (``opacity``, ``colormap``) never start a computation:
-they redraw at once. Errors show inline (``w.error``) and the widget keeps working.
-``with w.hold():`` gathers several changes into one update; ``w.wait()`` blocks
-until the latest requested result is drawn; ``w.cancel()`` (the Cancel button)
-stops the running computation.
+they redraw at once. So does the ``frame`` of a video clip (N, C, T, H, W): clips get
+a ``frame`` slider linked in the browser to an ``ipywidgets.Play`` (``w.play``), and a
+frame change puts that frame of the stored maps and of the clip into the existing
+traces (no model call, no recomputation). Errors show inline (``w.error``) and the
+widget keeps working. ``with w.hold():`` gathers several changes into one update;
+``w.wait()`` blocks until the latest requested result is drawn; ``w.cancel()`` (the
+Cancel button) stops the running computation.
 """
 
 from __future__ import annotations
@@ -38,12 +41,18 @@ import xarray as xr
 
 from .. import rendering
 from ..core.inputs import as_image_batch
+from ..core.registry import get_method, methods
 from ..explainer import Explainer
 from .controls import LAYOUT, STYLE, set_visible
+from .figures import image_uri
 from .worker import Superseded, Token, Worker, in_kernel
 
 #: controls that only restyle the figure (never recompute an explanation)
 VIEW = frozenset({"opacity", "colormap"})
+#: controls that only redraw from the stored results: the view and a clip's frame
+REDRAW = VIEW | {"frame"}
+#: milliseconds per frame while Play runs (in the browser)
+PLAY_INTERVAL_MS = 500
 #: explainers (with their cached activations) kept for the most recently shown images
 KEEP_EXPLAINERS = 8
 #: in the background, samples per model call are capped so a newer change stops the
@@ -73,7 +82,17 @@ class ExplorerBase(W.VBox):
         self.model = model
         self.preprocess = preprocess
         self.classes = list(classes) if classes is not None else None
+        if isinstance(images, xr.Dataset):  # e.g. xw.datasets.moving_shapes(...)
+            if "image" not in images.variables:
+                raise ValueError("the Dataset has no 'image' variable; pass "
+                                 "ds['your_variable'] (N,C,H,W) or (N,C,T,H,W) instead")
+            images = images["image"]
         self.images = as_image_batch(images)
+        #: True when the images are video clips (N, C, T, H, W)
+        self.is_clip = self.images.ndim == 5
+        #: the Play control of a clip's ``frame`` slider (``None`` for still images)
+        self.play: W.Play | None = None
+        self._frame_uris: dict[tuple[int, int], str] = {}  # (image, frame) -> PNG URI
         self.background = in_kernel() if background is None else bool(background)
         self.worker = Worker(self.background, name=f"xaiwidgets-{type(self).__name__}")
         self._explainers: OrderedDict[int, Explainer] = OrderedDict()
@@ -138,15 +157,21 @@ class ExplorerBase(W.VBox):
         if not np.issubdtype(array.dtype, np.floating):
             raise TypeError(f"the image has dtype {array.dtype}; pass floats in [0, 1], "
                             "e.g. image.astype('float32') / 255 for uint8 pictures")
-        batch = as_image_batch(torch.as_tensor(array, dtype=torch.float32), name="the image")
+        tensor = torch.as_tensor(array, dtype=torch.float32)
+        if self.is_clip:  # one clip (C,T,H,W)
+            if tensor.ndim != 4:
+                raise ValueError(f"this widget shows video clips: add one clip (C,T,H,W) at a "
+                                 f"time; got shape {tuple(tensor.shape)}")
+            tensor = tensor[None]
+        batch = as_image_batch(tensor, name="the clip" if self.is_clip else "the image")
         if len(batch) != 1:
             raise ValueError(f"add one image (3,H,W) at a time; got {len(batch)}")
         if batch.shape[1] != self.images.shape[1]:
             raise ValueError(f"the image has {batch.shape[1]} channels, the others "
                              f"{self.images.shape[1]}: convert it first")
-        if batch.shape[-2:] != self.images.shape[-2:]:
-            raise ValueError(f"the image is {tuple(batch.shape[-2:])}, the others "
-                             f"{tuple(self.images.shape[-2:])}: resize it first "
+        if batch.shape[2:] != self.images.shape[2:]:
+            raise ValueError(f"the image is {tuple(batch.shape[2:])}, the others "
+                             f"{tuple(self.images.shape[2:])}: resize it first "
                              "(xaiwidgets.rendering.read_image does)")
         batch = batch.to(self.images.device, self.images.dtype)
         explainer = self._new_explainer(batch)  # checks the range and the model pairing
@@ -186,7 +211,8 @@ class ExplorerBase(W.VBox):
         """One thumbnail per image (new ones added); the current one highlighted."""
         tiles = list(self.thumbnails.children)
         for i in range(len(tiles), len(self.images)):
-            small = torch.nn.functional.interpolate(self.images[i:i + 1].float(),
+            still = self.images[i:i + 1, :, 0] if self.is_clip else self.images[i:i + 1]
+            small = torch.nn.functional.interpolate(still.float(),
                                                     size=(THUMB_PX, THUMB_PX), mode="area")[0]
             rgb = np.round(rendering.display_image(small) * 255).astype(np.uint8)
             picture = W.Image(value=rendering.png_bytes(rgb), format="png",
@@ -233,9 +259,84 @@ class ExplorerBase(W.VBox):
         }
 
     def _upload_control(self) -> W.FileUpload:
+        """Upload a picture (hidden for clips: ``add_image`` takes a clip from code)."""
         upload = W.FileUpload(accept="image/*", multiple=False, description="your image")
         upload.observe(self._on_upload, names="value")
+        set_visible(upload, not self.is_clip)
         return upload
+
+    # ------------------------------------------------------------------ clips
+    def _frame_controls(self) -> dict[str, W.ValueWidget]:
+        """Clips: the ``frame`` slider (and ``self.play``, linked to it in the browser by
+        ``jslink``: playing needs no kernel round trip to advance); stills: none."""
+        if not self.is_clip:
+            return {}
+        last = int(self.images.shape[2]) - 1
+        slider = W.IntSlider(value=0, min=0, max=last, step=1, description="frame",
+                             continuous_update=True, style=STYLE,
+                             layout=W.Layout(width="300px"))
+        self.play = W.Play(value=0, min=0, max=last, step=1, interval=PLAY_INTERVAL_MS,
+                           repeat=True, tooltip="play the clip",
+                           layout=W.Layout(width="76px"))
+        self._frame_link = W.jslink((self.play, "value"), (slider, "value"))
+        return {"frame": slider}
+
+    def _frame_row(self) -> list[W.Widget]:
+        """The Play button beside the frame slider, for the controls column (stills: [])."""
+        return [W.HBox([self.play, self.controls["frame"]])] if self.play is not None else []
+
+    @property
+    def frame(self) -> int:
+        """The frame shown (0 for still images)."""
+        return int(self.controls["frame"].value) if "frame" in self.controls else 0
+
+    def frame_of(self, da: xr.DataArray) -> xr.DataArray:
+        """``da`` at the frame shown when it has a ``t`` dim (unchanged otherwise).
+
+        >>> w.frame_of(w.result).dims                                   # doctest: +SKIP
+        ('image', 'y', 'x')
+        """
+        return da.isel(t=min(self.frame, da.sizes["t"] - 1)) if "t" in da.dims else da
+
+    def image_frame(self, index: int | None = None) -> torch.Tensor:
+        """Image ``index`` (default: the current one), at the frame shown for clips: (C,H,W)."""
+        image = self.images[self.index if index is None else int(index)]
+        return image[:, self.frame] if self.is_clip else image
+
+    def _picture(self, index: int) -> str:
+        """Image ``index`` (at the frame shown) as a PNG data URI, cached per frame."""
+        key = (int(index), self.frame)
+        if key not in self._frame_uris:
+            if len(self._frame_uris) >= 4 * self.images.shape[2 if self.is_clip else 0]:
+                self._frame_uris.clear()  # a few clips' frames at most
+            self._frame_uris[key] = image_uri(self.image_frame(index))
+        return self._frame_uris[key]
+
+    @staticmethod
+    def _limits(da: xr.DataArray, signed: bool | None = None) -> tuple[float, float] | None:
+        """Colour limits of a clip's whole volume (frames compare: a faint frame looks faint),
+        ``None`` for a still map (its own limits)."""
+        if "t" not in da.dims:
+            return None
+        return rendering.color_limits(da.values, da.xai.signed if signed is None else signed)
+
+    def _usable_on_clips(self, names: Sequence[str], asked: Sequence[str] = ()) -> list[str]:
+        """``names`` without the methods that refuse clips (stills: all). A refused method
+        in ``asked`` (named by the user) raises the engine's reason instead."""
+        if not self.is_clip:
+            return list(names)
+        def usable(candidates: Sequence[str]) -> list[str]:
+            return [n for n in candidates if not get_method(n).clip_refusal]
+
+        for name in asked:
+            reason = get_method(name).clip_refusal
+            if reason:
+                raise ValueError(f"method {name!r} does not support video clips (N,C,T,H,W): "
+                                 f"{reason}; on clips choose among {usable(methods())}")
+        if not usable(names):
+            raise ValueError(f"none of the methods {list(names)} supports video clips; "
+                             f"on clips choose among {usable(methods())}")
+        return usable(names)
 
     def _on_upload(self, change: dict) -> None:
         for item in change["new"]:
@@ -389,8 +490,8 @@ class ExplorerBase(W.VBox):
             self._sync_thumbnails()
 
     def _needs_compute(self, changed: set[str]) -> bool:
-        """False when ``changed`` only restyles what is drawn."""
-        return bool(changed - VIEW) or self.result is None
+        """False when ``changed`` only restyles what is drawn (or moves a clip's frame)."""
+        return bool(changed - REDRAW) or self.result is None
 
     def _redraw(self, changed: set[str]) -> None:
         """Redraw from the stored results (restyles)."""
@@ -495,8 +596,9 @@ class ExplorerBase(W.VBox):
 
     # ------------------------------------------------------------------ export
     def _export_panels(self) -> list[tuple[xr.DataArray, Any]]:
-        """The (map, image) pairs a PNG export shows, left to right."""
-        return [(self.result, self.images[self.index])]
+        """The (map, image) pairs a PNG export shows, left to right (clips: the whole map
+        and the frame shown)."""
+        return [(self.result, self.image_frame())]
 
     def _require_result(self) -> None:
         if self.result is None:
@@ -504,10 +606,12 @@ class ExplorerBase(W.VBox):
                                + (" (w.wait() waits for it)" if self.busy else ""))
 
     def png_bytes(self) -> bytes:
-        """The current map(s) over the image, as shown (colormap, opacity), as PNG bytes."""
+        """The current map(s) over the image (clips: the frame shown), as shown
+        (colormap, opacity), as PNG bytes."""
         self._require_result()
         colormap, opacity = self.controls["colormap"].value, self.controls["opacity"].value
-        tiles = [da.xai.overlay(image, colormap=colormap, opacity=opacity)
+        tiles = [rendering.overlay(self.frame_of(da).xai.map2d(), image, colormap, opacity,
+                                   da.xai.signed, self._limits(da))
                  for da, image in self._export_panels()]
         gap = np.full((tiles[0].shape[0], 4, 3), 255, dtype=np.uint8)
         row = np.concatenate([part for tile in tiles for part in (tile, gap)][:-1], axis=1)

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 import xarray as xr
 
+from .. import rendering
 from ..core.registry import get_method, methods
 from ..evaluation import metrics as _metrics
-from .base import VIEW, ExplorerBase, Publish, top5_html
+from .base import REDRAW, VIEW, ExplorerBase, Publish, top5_html
 from .controls import LAYOUT, STYLE, set_visible
 from .figures import FIT_PX, MapGrid
 from .live_scores import LiveScores
@@ -25,10 +26,14 @@ MAP_PX = 360
 
 def reference_maps(reference: Any, n: int, size: tuple[int, int]
                    ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(GFDM, fixation counts), each (N, H, W) or ``None``, from what the user gave.
+    """(GFDM, fixation counts), each (N, *size) or ``None``, from what the user gave.
 
     ``reference``: an ``xr.Dataset`` with ``gfdm`` and/or ``fixations`` (as made by
-    ``xw.datasets.shapes``), or an array-like of density maps (N, H, W) / (H, W).
+    ``xw.datasets.shapes`` or ``moving_shapes``), or an array-like of density maps
+    (N, *size) / size, where ``size`` is (H, W), or (T, H, W) for video clips.
+
+    >>> reference_maps(np.ones((4, 4)), 2, (4, 4))[0].shape
+    (2, 4, 4)
     """
     if reference is None:
         return None, None
@@ -43,7 +48,7 @@ def reference_maps(reference: Any, n: int, size: tuple[int, int]
     for name, maps in (("gfdm", gfdm), ("fixations", fixations)):
         if maps is not None:
             maps = np.asarray(maps, dtype=np.float64)
-            maps = np.broadcast_to(maps, (n, *maps.shape[-2:])) if maps.ndim == 2 else maps
+            maps = np.broadcast_to(maps, (n, *maps.shape)) if maps.ndim == len(size) else maps
             if maps.shape != (n, *size):
                 raise ValueError(f"reference {name} has shape {maps.shape}; expected "
                                  f"{(n, *size)} (one map per image, at the input size)")
@@ -60,7 +65,10 @@ class CompareWidget(ExplorerBase):
     the Dataset's ``fixations``). ``w.result``: the maps, dims ("method","image","y","x");
     ``w.results``: one DataArray per method (full attrs); ``w.scores``: dims ("method","metric").
     Images added later (``add_image``, upload) have no reference: their scores are NaN
-    and the panels say "no reference"::
+    and the panels say "no reference". Video clips (N,C,T,H,W): every panel shows the
+    ``frame`` control's frame (``w.play`` plays the clip in the browser; a frame change
+    only redraws), and the scores compare the whole (t, y, x) volumes with the
+    reference's (per frame, then averaged); methods that refuse clips are refused here::
 
         ds = xw.datasets.shapes(n=4)
         w = CompareWidget(model, ds.image.values, ["gradcam", "fem"], reference=ds)
@@ -78,12 +86,14 @@ class CompareWidget(ExplorerBase):
         self.methods = list(methods) if methods is not None else _default_methods()
         for name in self.methods:
             get_method(name)  # unknown names fail here, with suggestions
+        self._usable_on_clips(self.methods, asked=self.methods)  # clips: refusals fail here
         self.method_params = {k: dict(v) for k, v in (params or {}).items()}
         self.metric_names = [_metrics.get(name).name for name in metrics]
         ex = self.explainer()
         self.gfdm, self.fixations = reference_maps(reference, len(self.images), ex.size)
         self._add_controls({
             "image": self._image_control(),
+            **self._frame_controls(),
             "target": self._target_control(),
             "layer": W.Dropdown(options=ex.layers(), value=ex.default_layer(),
                                 description="layer", style=STYLE, layout=W.Layout(**LAYOUT)),
@@ -100,7 +110,7 @@ class CompareWidget(ExplorerBase):
         self._shown_image: int | None = None
         self.top5.value = top5_html(self.controls["target"].options)
         self.live = LiveScores(enabled=self.background)  # every map: deletion/insertion
-        side = self._side([self._box(["target"]), self.top5,
+        side = self._side([*self._frame_row(), self._box(["target"]), self.top5,
                            self._box(["layer", *sorted(VIEW)]), self.live,
                            self._upload_control(), self._export_controls(), self.busy_box])
         self.children = [self._image_picker(), self._row([side, self.figure]), self.status]
@@ -133,7 +143,7 @@ class CompareWidget(ExplorerBase):
         options = self._target_options(ex) if "image" in changed else None
         target = options[0][1] if options else self.controls["target"].value
         results = {} if "image" in changed else dict(self.results)
-        stale = self._stale(changed, results) if changed - VIEW else []
+        stale = self._stale(changed, results) if changed - REDRAW else []
         for name in stale:
             self._computing(name)
             m = get_method(name)
@@ -164,7 +174,8 @@ class CompareWidget(ExplorerBase):
         self.live.run(self.worker, token, self.explainer(index), dict(self.results))
 
     def _score(self, results: dict[str, xr.DataArray], index: int) -> xr.DataArray | None:
-        """Each metric of each method's map against the reference (NaN when it lacks data)."""
+        """Each metric of each method's map against the reference (NaN when it lacks data);
+        a clip's volume is scored per frame, then averaged over the frames."""
         if not self.has_reference:
             return None
         gfdm, fixations = self.reference_of(index)
@@ -175,7 +186,8 @@ class CompareWidget(ExplorerBase):
             if ref is None:
                 continue
             for i, name in enumerate(self.methods):
-                table[i, j] = float(spec(results[name].xai.map2d(), ref))
+                saliency = results[name].isel(image=0)  # (y, x), or (t, y, x) for clips
+                table[i, j] = float(spec(saliency, xr.DataArray(ref, dims=saliency.dims)))
         return xr.DataArray(table, dims=("method", "metric"),
                             coords={"method": self.methods, "metric": self.metric_names},
                             name="score")
@@ -190,29 +202,38 @@ class CompareWidget(ExplorerBase):
         return f"{name}<br><span style='font-size:11px'>{note}</span>"
 
     def _redraw(self, changed: set[str]) -> None:
-        self.grid.restyle(*self._view_values(changed))
+        if changed & VIEW:
+            self.grid.restyle(*self._view_values(changed))
+        if "frame" in changed:  # the stored maps at the new frame: no recomputation
+            self._draw()
 
     def _draw(self) -> None:
         index = int(self.result.image.values[0])
-        image = None if self._shown_image == index else self.images[index]
+        image = self._picture(index) if self._shown_image != index or self.is_clip else None
         with self.figure.batch_update():
             self.grid.restyle(self.controls["colormap"].value, self.controls["opacity"].value)
             for i, name in enumerate(self.methods):
                 da = self.results[name]
-                self.grid.show(i, da.xai.map2d(), image=image, title=self._title(name),
-                               signed=da.xai.signed)
+                self.grid.show(i, self.frame_of(da).xai.map2d(), image=image,
+                               title=self._title(name), signed=da.xai.signed,
+                               limits=self._limits(da))
             if self.has_reference:
                 gfdm, fixations = self.reference_of(index)
                 reference = gfdm if gfdm is not None else fixations
                 title = ("reference (GFDM)" if gfdm is not None else "reference (fixations)"
                          if fixations is not None else "no reference for this image")
+                limits = None
                 if reference is None:
                     reference = np.zeros(self.images.shape[-2:])
-                self.grid.show(len(self.methods), reference, image=image, title=title)
+                elif self.is_clip:  # its frame, coloured on the whole volume's range
+                    limits = rendering.color_limits(reference, False)
+                    reference = reference[self.frame]
+                self.grid.show(len(self.methods), reference, image=image, title=title,
+                               limits=limits)
         self._shown_image = index
 
     def _export_panels(self):
-        image = self.images[self.index]
+        image = self.image_frame()
         return [(self.results[name], image) for name in self.methods]
 
 

@@ -233,6 +233,21 @@ class ParamControls:
             set_visible(control, key in mine.values())
         self.current = method
 
+    def drop_choice(self, key: str, choice: Any) -> None:
+        """Remove ``choice`` from the dropdown ``key`` (if both exist), e.g. an operator
+        refused on video clips; a control showing it moves to the first other option.
+
+        >>> pc = ParamControls(["mlfem"]); pc.drop_choice("operator", "net")
+        >>> "net" in [v for _, v in pc.controls["operator"].options]
+        False
+        """
+        control = self.controls.get(key)
+        if control is None or not hasattr(control, "options"):
+            return
+        options = [(label, value) for label, value in control.options if value != choice]
+        if len(options) != len(control.options):
+            control.options = options  # ipywidgets picks the first option if needed
+
     def forget(self, keys: Iterable[str]) -> None:
         """Drop remembered values of ``keys`` (set from code while hidden: the new value wins)."""
         keys = set(keys)

@@ -14,7 +14,7 @@ from ..core import registry
 from ..core.registry import get_method
 from .base import VIEW, ExplorerBase, Publish, top5_html
 from .controls import LAYOUT, STYLE, ParamControls, set_visible
-from .figures import FIT_PX, MapGrid, image_uri
+from .figures import FIT_PX, MapGrid
 from .live_scores import LiveScores, Randomizer
 
 #: the method shown first when the caller names none (fast, and a readable map)
@@ -40,13 +40,23 @@ class ExplainerWidget(ExplorerBase):
     the map over the image (panel ``w.map_panel``); the top-5 predictions sit beside
     the class picker. In the background (``background=True``, the default in a
     kernel) IG, SmoothGrad, occlusion and meaningful perturbation draw first
-    estimates while they run; ``w.wait()`` waits for the final map::
+    estimates while they run; ``w.wait()`` waits for the final map.
+
+    Video clips (N,C,T,H,W), e.g. ``xw.datasets.moving_shapes(...)`` (the Dataset or
+    its ``image``): the dropdown offers only the methods that explain clips, the
+    figure shows the ``frame`` control's frame of the clip and of the map (dims
+    ``("image","t","y","x")``), and ``w.play`` plays the clip in the browser; a frame
+    change redraws without recomputing. ``gaze`` is then one (T,H,W) volume per clip
+    (a Dataset gives its ``gfdm``)::
 
         w = ExplainerWidget(model, images, preprocess=preprocess, classes=classes)
         w.controls["method"].value = "fem"
         w.controls["K"].value = 2.0        # re-uses the cached activations
         w.result.attrs["K"]                # 2.0
         w.save_png("fem.png"); w.save_netcdf("fem.nc")
+        model, preprocess, classes = xw.models.load("shapes-video")
+        v = ExplainerWidget(model, xw.datasets.moving_shapes(2), preprocess=preprocess)
+        v.controls["frame"].value = 5      # frame 5 of the clip and map: no model call
     """
 
     def __init__(self, model: torch.nn.Module, images: Any,
@@ -55,9 +65,13 @@ class ExplainerWidget(ExplorerBase):
                  methods: Sequence[str] | None = None, background: bool | None = None,
                  gaze: Any = None) -> None:
         super().__init__(model, images, preprocess, classes, background)
-        #: optional gaze maps (N, H, W) scored against the map (PCC, SIM) in ``w.live``
+        #: optional gaze maps (N, H, W), or (N, T, H, W) for clips, scored against the map
+        #: (PCC, SIM) in ``w.live``
+        if isinstance(gaze, xr.Dataset):
+            gaze = gaze["gfdm"]
         self.gaze = None if gaze is None else np.asarray(gaze, dtype=np.float64)
         names = list(methods) if methods is not None else registry.methods()
+        names = self._usable_on_clips(names, asked=[method] if method else [])
         method = method or (DEFAULT_METHOD if DEFAULT_METHOD in names else names[0])
         ex = self.explainer()
         self.randomizer = Randomizer(model, ex.inputs[:1])  # the sanity toggle
@@ -65,6 +79,7 @@ class ExplainerWidget(ExplorerBase):
         self.params = ParamControls(names)
         self._add_controls({
             "image": self._image_control(),
+            **self._frame_controls(),
             "target": self._target_control(),
             "method": W.Dropdown(options=names, value=method, description="method",
                                  style=STYLE, layout=W.Layout(**LAYOUT)),
@@ -84,7 +99,9 @@ class ExplainerWidget(ExplorerBase):
         self._shown_image: int | None = None
         self.top5.value = top5_html(self.controls["target"].options)
         self._params_box = W.VBox(list(self.params.controls.values()))
-        side = self._side([self._box(["method", "layer"]), self._params_box,
+        if self.is_clip:  # fusion by a trained NET is refused on clips
+            self.params.drop_choice("operator", "net")
+        side = self._side([*self._frame_row(), self._box(["method", "layer"]), self._params_box,
                            self._box(["randomize"]), self.live,
                            self._box(sorted(VIEW)), self._upload_control(),
                            self._export_controls(), self.busy_box])
@@ -177,21 +194,28 @@ class ExplainerWidget(ExplorerBase):
             self._show(self.result)
 
     def _redraw(self, changed: set[str]) -> None:
-        self.grid.restyle(*self._view_values(changed))
+        if changed & VIEW:
+            self.grid.restyle(*self._view_values(changed))
+        if "frame" in changed:  # the stored map at the new frame: no recomputation
+            self._draw()
 
     def _show(self, da: xr.DataArray, estimate: bool = False) -> None:
-        """Draw ``da`` (of the current image) beside the image; ``estimate``: a first one."""
+        """Draw ``da`` (of the current image) beside the image; ``estimate``: a first one.
+        Clips: the frame shown, coloured on the range of the whole clip."""
         index = int(da.image.values[0])
         title = self._title(da) + (" · first estimate" if estimate else "")
         with self.figure.batch_update():
             self.grid.restyle(self.controls["colormap"].value, self.controls["opacity"].value)
             image = None
-            if self._shown_image != index:
-                image = self.images[index]
-                self.grid.image(0).source = image_uri(image)
-                self.grid.set_title(0, self.controls["image"].label or f"image {index}")
-            self.grid.show(self.map_panel, da.xai.map2d(), image=image, title=title,
-                           signed=da.xai.signed)
+            if self._shown_image != index or self.is_clip:
+                image = self._picture(index)
+                self.grid.image(0).source = image
+                name = self.controls["image"].label or f"image {index}"
+                if self.is_clip:
+                    name += f" · frame {self.frame + 1}/{self.images.shape[2]}"
+                self.grid.set_title(0, name)
+            self.grid.show(self.map_panel, self.frame_of(da).xai.map2d(), image=image,
+                           title=title, signed=da.xai.signed, limits=self._limits(da))
         self._shown_image = index
 
     def _title(self, da) -> str:

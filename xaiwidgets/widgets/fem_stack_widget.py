@@ -9,7 +9,7 @@ import ipywidgets as W
 import torch
 
 from ..core.registry import get_method
-from .base import VIEW, ExplorerBase, Publish
+from .base import REDRAW, VIEW, ExplorerBase, Publish
 from .controls import STYLE, ParamControls, set_visible
 from .figures import FIT_PX, MapGrid
 
@@ -30,7 +30,10 @@ class FEMStackWidget(ExplorerBase):
     ``w.figure``: the chosen layer's map and the fused map; ``w.grid_figure``: every
     layer as small multiples. ``w.stack`` is the cube (dims image, layer, y, x),
     ``w.result`` the fused map. Changing K recomputes only the per-layer maps from
-    cached activations; operator/alpha/normalize only re-fuse; the model never runs again::
+    cached activations; operator/alpha/normalize only re-fuse; the model never runs again.
+    Video clips (N,C,T,H,W): every panel shows the ``frame`` control's frame (stack dims
+    image, layer, t, y, x; ``w.play`` plays the clip in the browser), a frame change
+    only redraws, and the ``net`` operator (refused on clips) is not offered::
 
         w = FEMStackWidget(model, images, preprocess=preprocess)
         w.controls["operator"].value = "add"
@@ -50,6 +53,7 @@ class FEMStackWidget(ExplorerBase):
         self.params.select("mlfem")
         self._add_controls({
             "image": self._image_control(),
+            **self._frame_controls(),
             # the layer's name is shown below the slider: a readout would be clipped
             "layer": W.SelectionSlider(options=self.layers, value=self.layers[-1],
                                        description="layer", continuous_update=True,
@@ -58,6 +62,8 @@ class FEMStackWidget(ExplorerBase):
             **self.params.controls,
             **self._view_controls(),
         })
+        if self.is_clip:  # fusion by a trained NET is refused on clips
+            self.params.drop_choice("operator", "net")
         self.layer_label = W.HTML(layout=W.Layout(margin="0 0 0 115px"))
         self.stack = None
         self.grid = MapGrid(2, titles=["layer", "fused"], panel_px=MAP_PX)
@@ -68,7 +74,7 @@ class FEMStackWidget(ExplorerBase):
         self.grid_figure = self.layers_grid.figure
         self.grid_figure.layout.width = min(len(self.layers), 4) * 170 + 20
         self._shown_image: int | None = None
-        side = self._side([self.controls["layer"], self.layer_label,
+        side = self._side([*self._frame_row(), self.controls["layer"], self.layer_label,
                            self._box(list(self.params.controls)), self._box(sorted(VIEW)),
                            self._upload_control(), self._export_controls(), self.busy_box])
         self.children = [self._image_picker(), self._row([side, self.figure]),
@@ -89,7 +95,7 @@ class FEMStackWidget(ExplorerBase):
                                   f"({position + 1}/{len(self.layers)})")
 
     def _needs_compute(self, changed: set[str]) -> bool:
-        return bool(changed - VIEW - {"layer"}) or self.result is None
+        return bool(changed - REDRAW - {"layer"}) or self.result is None
 
     def _compute(self, changed: set[str]) -> Publish:
         from ..fusion import fuse
@@ -118,38 +124,48 @@ class FEMStackWidget(ExplorerBase):
         return publish
 
     def _redraw(self, changed: set[str]) -> None:
-        """Restyles touch no map; a layer change redraws only the layer panel."""
+        """Restyles touch no map; a layer change redraws only the layer panel; a frame
+        change puts the stored stack and fused map at that frame (no recomputation)."""
         if changed & VIEW:
             self.grid.restyle(*self._view_values(changed))
             self.layers_grid.restyle(*self._view_values(changed))
-        if "layer" in changed:
+        if "frame" in changed:
+            self._draw(redraw_layers=True)
+        elif "layer" in changed:
             self._show_layer()
 
+    def _layer_map(self, position: int):
+        """Layer ``position`` of the stack (dims y, x; or t, y, x for clips)."""
+        return self.stack.isel(image=0, layer=position)
+
     def _show_layer(self, image: Any = None) -> None:
-        """The chosen layer's map in the first panel."""
+        """The chosen layer's map in the first panel (clips: at the frame shown)."""
         position = self.layers.index(self.controls["layer"].value)
-        self.grid.show(0, self.stack.isel(image=0, layer=position).values, image=image,
+        da = self._layer_map(position)
+        self.grid.show(0, self.frame_of(da).values, image=image, limits=self._limits(da),
                        title=f"{self.layers[position]} ({position + 1}/{len(self.layers)})")
 
     def _draw(self, redraw_layers: bool = True) -> None:
         colormap, opacity = self.controls["colormap"].value, self.controls["opacity"].value
         index = int(self.stack.image.values[0])
-        new_image = self._shown_image != index
-        image = self.images[index] if new_image else None
+        new_image = self._shown_image != index or self.is_clip
+        image = self._picture(index) if new_image else None
         with self.figure.batch_update():
             self.grid.restyle(colormap, opacity)
             self._show_layer(image)
-            self.grid.show(1, self.result.xai.map2d(), image=image,
+            self.grid.show(1, self.frame_of(self.result).xai.map2d(), image=image,
+                           limits=self._limits(self.result),
                            title=f"fused: {self.fusion_params().get('operator', '')}")
         if redraw_layers or new_image:
             with self.grid_figure.batch_update():
                 self.layers_grid.restyle(colormap, opacity)
                 for i in range(len(self.layers)):
-                    self.layers_grid.show(i, self.stack.isel(image=0, layer=i).values,
-                                          image=image)
+                    da = self._layer_map(i)
+                    self.layers_grid.show(i, self.frame_of(da).values, image=image,
+                                          limits=self._limits(da))
         self._shown_image = index
 
     def _export_panels(self):
         chosen = self.stack.isel(layer=self.layers.index(self.controls["layer"].value))
-        image = self.images[self.index]
+        image = self.image_frame()
         return [(chosen, image), (self.result, image)]

@@ -175,6 +175,7 @@ class MapGrid:
         self.figure = LiveFigureWidget(base)
         self._maps: list[np.ndarray | None] = [None] * n
         self._signed = [False] * n
+        self._limits: list[tuple[float, float] | None] = [None] * n
         self.colormap: str = "auto"
         self._scales: dict[int, tuple] = {}  # colorscale last given to each panel
         self.opacity: float = 0.6
@@ -194,17 +195,21 @@ class MapGrid:
             annotations[i].text = title
 
     def show(self, i: int, values: Any, image: Any = None, title: str | None = None,
-             signed: bool = False) -> None:
-        """Put a 2-D map (and optionally a new image) into panel ``i``."""
+             signed: bool = False, limits: tuple[float, float] | None = None) -> None:
+        """Put a 2-D map (and optionally a new image, or its PNG data URI) into panel ``i``.
+
+        ``limits``: the colour range (default: the map's own; a clip's frames share
+        the range of the whole clip)."""
         values = np.asarray(values, dtype=np.float64)
         if values.ndim != 2:
             raise ValueError(f"panel {i} takes a 2-D map, got shape {values.shape}")
         self._maps[i], self._signed[i] = values, bool(signed)
+        self._limits[i] = limits
         factor = math.ceil(max(values.shape) / self.resolution)
         heat = self.heatmap(i)
         with self.figure.batch_update():
             if image is not None:
-                self.image(i).source = image_uri(image)
+                self.image(i).source = image if isinstance(image, str) else image_uri(image)
             heat.z = display_values(block_mean(values, factor))
             # cell k covers pixels k·f .. k·f + f − 1: its centre sits at k·f + (f − 1)/2
             heat.x0 = heat.y0 = (factor - 1) / 2
@@ -232,7 +237,7 @@ class MapGrid:
         if values is None or not recolor:
             return
         signed = self._signed[i]
-        low, high = rendering.color_limits(values, signed)
+        low, high = self._limits[i] or rendering.color_limits(values, signed)
         scale = colorscale(rendering.resolve_colormap(self.colormap, signed), signed)
         # plotly validates every colour of a colorscale it is given: skip unchanged ones
         # (an opacity drag then costs milliseconds, not ~5 ms per panel)

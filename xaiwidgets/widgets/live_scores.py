@@ -55,6 +55,8 @@ def score_map(explainer: Explainer, saliency: xr.DataArray, gaze: Any = None, *,
     ``gaze`` a density map (y, x) such as ``ds.gfdm[i]``. ``check`` is called between
     the parts (a background job's cancellation point). Returns the scores and the
     curves ``{"deletion": (fractions, probabilities), "insertion": ...}``.
+    A clip's map (``image, t, y, x``) gets PCC/SIM against a gaze volume (t, y, x),
+    per frame then averaged; deletion/insertion are for still images only (no curves).
 
     >>> scores, curves = score_map(ex, ex.explain("gradcam"))       # doctest: +SKIP
     >>> sorted(scores)                                              # doctest: +SKIP
@@ -64,14 +66,19 @@ def score_map(explainer: Explainer, saliency: xr.DataArray, gaze: Any = None, *,
         raise ValueError(f"score_map scores one image; the explainer has {explainer.n_images}")
     scores: dict[str, float] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    clip = "t" in saliency.dims
     if gaze is not None:
         reference = np.asarray(gaze, dtype=np.float64)
-        if reference.shape != saliency.shape[-2:]:
+        one = saliency.isel(image=0) if "image" in saliency.dims else saliency
+        if reference.shape != one.shape:
             raise ValueError(f"the gaze map is {reference.shape}, the map "
-                             f"{tuple(saliency.shape[-2:])}: give one (y, x) map per image")
-        for name in ("pcc", "sim"):
-            values = np.asarray(saliency.values, dtype=np.float64).reshape(reference.shape)
-            scores[name] = float(np.asarray(metrics.METRICS[name](values, reference)))
+                             f"{tuple(one.shape)}: give one (y, x) map per image"
+                             + (" ((t, y, x) volume per clip)" if clip else ""))
+        for name in ("pcc", "sim"):  # clips: per frame, then the mean over t
+            value = metrics.METRICS[name](one, xr.DataArray(reference, dims=one.dims))
+            scores[name] = float(np.asarray(value))
+    if clip:
+        return scores, curves
     for name, curve_of in (("deletion", perturbation.deletion),
                            ("insertion", perturbation.insertion)):
         if check is not None:
@@ -169,7 +176,8 @@ class LiveScores(W.VBox):
         self.curves = {label: dict(r[1]) for label, r in results.items()}
         lines, traces = [], []
         for k, (label, (scores, curves)) in enumerate(results.items()):
-            cells = []
+            cells = [] if "deletion" in scores else [
+                "<span style='color:#777'>deletion/insertion: still images only</span>"]
             for name, value in scores.items():
                 higher, doc = SCORES[name]
                 arrow = "↑" if higher else "↓"
