@@ -9,6 +9,8 @@ import torch
 import xaiwidgets as xw
 from xaiwidgets.datasets.shapes import TARGET_SIZE, _shape_masks
 
+from .conftest import assert_netcdf_round_trip, assert_seeded
+
 
 @pytest.fixture(scope="module")
 def ds():
@@ -29,21 +31,11 @@ def test_variables_dims_dtypes(ds) -> None:
 
 
 def test_attrs_are_netcdf_safe(ds, tmp_path) -> None:
-    for value in ds.attrs.values():
-        assert isinstance(value, (str, int, float)) or all(isinstance(v, str) for v in value)
-    pytest.importorskip("h5netcdf")
-    path = tmp_path / "shapes.nc"
-    ds.isel(image=slice(0, 2)).to_netcdf(path, engine="h5netcdf")
+    assert_netcdf_round_trip(ds, tmp_path / "shapes.nc")
 
 
 def test_same_seed_same_data_other_seed_differs() -> None:
-    a = xw.datasets.shapes(n=6, size=48, seed=7)
-    b = xw.datasets.shapes(n=6, size=48, seed=7)
-    c = xw.datasets.shapes(n=6, size=48, seed=8)
-    for name in ("image", "label", "mask", "fixations", "gfdm"):
-        np.testing.assert_array_equal(a[name].values, b[name].values)
-    assert not np.array_equal(a.image.values, c.image.values)
-    assert not np.array_equal(a.fixations.values, c.fixations.values)
+    assert_seeded(xw.datasets.shapes, n=6, size=48)
 
 
 def test_mask_is_the_painted_target(ds) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 import xaiwidgets as xw
 
-from .conftest import TinyBlock
+from .conftest import TinyBlock, quick
 
 
 class Bomb(nn.Module):
@@ -69,8 +69,14 @@ def assert_unchanged(model, before):
     assert all(p.grad is None for p in model.parameters()), "gradients accumulated on params"
 
 
-def quick(method: str) -> dict:
-    return dict(xw.get_method(method).quick_params)
+def explain_armed(ex: xw.Explainer, model: nn.Sequential, method: str) -> None:
+    """Run ``method`` with the model's :class:`Bomb` armed: it must fail with "boom"."""
+    model[9].armed = True
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            ex.explain(method, target=1, **quick(method))
+    finally:
+        model[9].armed = False
 
 
 @pytest.mark.parametrize("method", xw.methods())
@@ -103,12 +109,7 @@ def test_method_leaves_model_untouched_when_it_raises(method):
     ex = xw.Explainer(model, x)
     ex.logits()  # so the failure happens inside the method, not in target resolution
     before = snapshot(model)
-    model[9].armed = True
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            ex.explain(method, target=1, **quick(method))
-    finally:
-        model[9].armed = False
+    explain_armed(ex, model, method)
     assert_unchanged(model, before)
 
 
@@ -259,12 +260,7 @@ def test_failure_inside_a_method_leaves_torch_and_the_thread_clean(method):
     model = make_model()
     ex = xw.Explainer(model, torch.rand(2, 3, 16, 16))
     ex.logits()
-    model[9].armed = True
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            ex.explain(method, target=1, **quick(method))
-    finally:
-        model[9].armed = False
+    explain_armed(ex, model, method)
     assert torch._C._len_torch_function_stack() == 0
     assert {name: id(obj) for name, obj in vars(F).items()} == functions
     x = torch.tensor([[1.0, -1.0], [2.0, -2.0]], requires_grad=True)

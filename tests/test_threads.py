@@ -13,7 +13,7 @@ import torch
 import xaiwidgets as xw
 from xaiwidgets.core.scoped import model_guard
 
-from .conftest import make_tiny_cnn, make_tiny_resnet
+from .conftest import make_tiny_cnn, make_tiny_resnet, quick
 
 
 def run_together(jobs: list[Callable[[], object]]) -> list[object]:
@@ -37,10 +37,6 @@ def run_together(jobs: list[Callable[[], object]]) -> list[object]:
     if errors:
         raise errors[0]
     return results
-
-
-def quick(method: str) -> dict:
-    return dict(xw.get_method(method).quick_params)
 
 
 @pytest.mark.parametrize("method", ["guided_backprop", "deconvnet", "deeplift",
