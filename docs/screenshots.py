@@ -25,6 +25,7 @@ from tests.test_browser import (  # noqa: E402
     CHROMIUM_ARGS,
     control,
     free_port,
+    run_notebook,
     wait_http,
 )
 
@@ -90,15 +91,8 @@ def main() -> None:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 page = browser.new_page(viewport={"width": 1100, "height": 1400})
-                page.goto(f"{url}/lab/tree/demo.ipynb")
-                page.wait_for_function(
-                    "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                    " return w && w.sessionContext && w.sessionContext.session &&"
-                    " w.sessionContext.session.kernel &&"
-                    " w.sessionContext.session.kernel.connectionStatus === 'connected'; }",
-                    timeout=60_000)
+                run_notebook(page, f"{url}/lab/tree/demo.ipynb")
                 page.evaluate("window.jupyterapp.commands.execute('application:toggle-left-area')")
-                page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
 
                 def shoot(index: int, name: str) -> None:
                     widget = widget_of(page, index)

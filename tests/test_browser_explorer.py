@@ -17,7 +17,15 @@ import nbformat
 import numpy as np
 import pytest
 
-from tests.test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, control, lab, pixels  # noqa: F401
+from tests.test_browser import (  # noqa: F401
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    control,
+    lab,
+    pixels,
+    run_notebook,
+)
 
 pytestmark = [
     pytest.mark.browser,
@@ -82,14 +90,7 @@ def test_explorer_filters_react_in_chromium(lab):  # noqa: F811 - the imported f
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1100})
-            page.goto(f"{lab}/lab/tree/{NOTEBOOK}")
-            page.wait_for_function(
-                "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                " return w && w.sessionContext && w.sessionContext.session &&"
-                " w.sessionContext.session.kernel &&"
-                " w.sessionContext.session.kernel.connectionStatus === 'connected'; }",
-                timeout=60_000)
-            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            run_notebook(page, f"{lab}/lab/tree/{NOTEBOOK}")
             # four thumbnails with their scores (the background job has finished)
             page.wait_for_function(
                 f"() => {{ const g = ({GALLERY})(); return g.length === 4 && "
