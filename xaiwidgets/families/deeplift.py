@@ -15,17 +15,23 @@ f_c(x) − f_c(x') (summation to delta) when every non-linearity is handled:
   leaky ReLU, ELU, SELU, CELU, GELU, SiLU, Mish, softplus, Hardswish, Hardsigmoid,
   sigmoid, tanh, ``clamp``/``threshold``/``maximum`` with constant bounds):
   m = (y − y') / (z − z') where |z − z'| > 1e-7, else the gradient at z (docs/methods.md);
-* max-pooling (``max_pool2d``, ``adaptive_max_pool2d``): rather than the gradient (which
-  breaks summation to delta), the output difference o − o' is split as
-  (max(o, o') − o') routed to the input's maximum plus (o − max(o, o')) routed to the
-  reference's maximum, then divided by z − z' (the rule Captum uses). Summation to
-  delta then holds through max-pools too.
+* max-pooling (``max_pool2d``, ``adaptive_max_pool2d`` and their 3-D forms): rather
+  than the gradient (which breaks summation to delta), the output difference o − o' is
+  split as (max(o, o') − o') routed to the input's maximum plus (o − max(o, o'))
+  routed to the reference's maximum, then divided by z − z' (the rule Captum uses).
+  Summation to delta then holds through max-pools too.
 
 Other non-linearities (softmax, LayerNorm/GroupNorm, products of two activations as in
-squeeze-and-excitation gates, 1-D/3-D max-pools, ...) act by their gradient; DeepLIFT
+squeeze-and-excitation gates, 1-D max-pools, ...) act by their gradient; DeepLIFT
 then warns, naming them (:class:`DeepLiftWarning`). Every result carries
 ``attrs["delta_error"]``: per image, |Σ attribution − (f_c(x) − f_c(x'))| /
 |f_c(x) − f_c(x')|, and a warning fires when it exceeds :data:`DELTA_TOLERANCE`.
+
+Video clips (N, C, T, H, W) need nothing more: the rescale rule is elementwise,
+Conv3d/BatchNorm3d/average pools are linear, and the 3-D max-pools have the max-pool
+rule, so summation to delta holds on 3D CNNs too (``r3d_18``, ``mc3_18``,
+``r2plus1d_18``, ``shapes-video``; tests/test_video_engine.py). The result has dims
+(image, t, y, x).
 
 >>> import torch, xaiwidgets as xw
 >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
@@ -72,17 +78,20 @@ class DeepLiftWarning(UserWarning):
 
 #: elementwise functions whose multiplier is the rescale rule
 _ELEMENTWISE = {**RELU_FUNCTIONS, **OTHER_ACTIVATIONS, **RELU_LIKE}
-#: max-pools with their index-returning variant (the max-pool rule)
-_POOLS = {F.max_pool2d: F.max_pool2d_with_indices,
-          F.adaptive_max_pool2d: F.adaptive_max_pool2d_with_indices}
+#: max-pools -> (their index-returning variant, the input's ndim, the position of a
+#: positional ``return_indices``): the max-pool rule, on images and on clips
+_POOLS = {F.max_pool2d: (F.max_pool2d_with_indices, 4, 6),
+          F.adaptive_max_pool2d: (F.adaptive_max_pool2d_with_indices, 4, 2),
+          F.max_pool3d: (F.max_pool3d_with_indices, 5, 6),
+          F.adaptive_max_pool3d: (F.adaptive_max_pool3d_with_indices, 5, 2)}
 
 
 #: non-linear functions without a rule: they act by their gradient (warned about)
 _UNHANDLED = {
     **named_functions("F", "softmax log_softmax softmin layer_norm group_norm instance_norm "
-                      "local_response_norm normalize glu max_pool1d max_pool3d "
-                      "adaptive_max_pool1d adaptive_max_pool3d lp_pool1d lp_pool2d "
-                      "fractional_max_pool2d"),
+                      "local_response_norm normalize glu max_pool1d "
+                      "adaptive_max_pool1d lp_pool1d lp_pool2d lp_pool3d "
+                      "fractional_max_pool2d fractional_max_pool3d"),
     **named_functions("torch", "softmax log_softmax amax amin exp log sqrt rsqrt pow "
                           "logsumexp square abs sin cos erf"),
     **named_functions("Tensor", "softmax log_softmax amax amin exp log sqrt rsqrt pow "
@@ -148,8 +157,9 @@ class _Rescale(torch.autograd.Function):
 
 
 def _route(values: torch.Tensor, indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Add pooled ``values`` back onto the input positions their max came from."""
-    flat = torch.zeros(shape[0], shape[1], shape[2] * shape[3], dtype=values.dtype,
+    """Add pooled ``values`` back onto the input positions their max came from (the
+    indices are flat over the pooled dims: (y, x) for images, (t, y, x) for clips)."""
+    flat = torch.zeros(shape[0], shape[1], shape[2:].numel(), dtype=values.dtype,
                        device=values.device)
     flat.scatter_add_(2, indices.flatten(2), values.flatten(2))
     return flat.view(shape)
@@ -241,14 +251,16 @@ class _RescaleRules(FunctionRules):
 
     def _pool(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         x = args[0]
-        indices = kwargs.get("return_indices", args[6] if len(args) > 6 else False)
-        if not self._paired(x) or x.ndim != 4 or indices:
+        with_indices, ndim, position = _POOLS[func]
+        indices = kwargs.get("return_indices",
+                             args[position] if len(args) > position else False)
+        if not self._paired(x) or x.ndim != ndim or indices:
             if _depends(x):
                 self._note(f"F.{func.__name__}")
             return func(*args, **kwargs)
-        with_indices = _POOLS[func]
         kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
-        return _RescaleMaxPool.apply(x, lambda z: with_indices(z, *args[1:6], **kwargs))
+        rest = args[1:position]
+        return _RescaleMaxPool.apply(x, lambda z: with_indices(z, *rest, **kwargs))
 
 
 @contextlib.contextmanager
@@ -289,10 +301,6 @@ class DeepLift(Method):
     """DeepLIFT (rescale rule): (x − x')·multipliers, summing to f_c(x) − f_c(x')."""
 
     name = "deeplift"
-    clip_refusal = (
-        "its rescale rules and completeness checks are validated on 2-D "
-        "layers only (Conv3d and 3-D pooling untested)"
-    )
     family = "deeplift"
     default_reduce = "sum"
     signed = True
