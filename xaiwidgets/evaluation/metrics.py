@@ -33,6 +33,7 @@ Each metric describes itself in :data:`METRICS` (direction, what it needs):
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -114,8 +115,8 @@ def _as_dataarrays(s: Any, r: Any) -> tuple[xr.DataArray, xr.DataArray]:
 
 def _stacked(s: Any, r: Any, core: Callable, needs: str, kwargs: dict) -> Any:
     """Run ``core`` on (B, H, W) float64 stacks and give back the leading shape."""
-    s, r = _as_array(s).astype(np.float64), _as_array(r)
-    r = r > 0 if needs == "fixations" else r.astype(np.float64)
+    s, r = np.asarray(_as_array(s), dtype=np.float64), _as_array(r)  # no copy if float64
+    r = r > 0 if needs == "fixations" else np.asarray(r, dtype=np.float64)
     if s.ndim < 2 or r.ndim < 2:
         raise ValueError(
             f"metrics compare 2-D maps (..., y, x); got shapes {s.shape} and {r.shape}"
@@ -202,28 +203,80 @@ def _correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.clip(np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0), -1.0, 1.0)
 
 
+def _sorted_ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks 1..P of row-wise sorted values, in that sorted order.
+
+    Each run of equal values gets the mean of its first and last position.
+
+    >>> _sorted_ranks(np.array([[0.1, 0.5, 0.5, 0.9]]))
+    array([[1. , 2.5, 2.5, 4. ]])
+    """
+    n, p = values.shape
+    starts = np.ones((n, p), dtype=bool)
+    np.not_equal(values[:, 1:], values[:, :-1], out=starts[:, 1:])
+    first = np.flatnonzero(starts)  # runs of the rows concatenated (each row starts one)
+    length = np.diff(np.append(first, n * p))
+    return np.repeat(first % p + (length + 1) / 2, length).reshape(n, p)
+
+
+def _ranks_in_order(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise sort of a (B, P) array: ``(index, ranks)``, where ``index`` (B·P,) holds
+    the flat positions of the sorted values and ``ranks`` (B, P) their average ranks.
+
+    NumPy sorts plain numbers about twice as fast as it argsorts, so each value becomes
+    an order-preserving 64-bit integer whose low bits are replaced by its column: one
+    ``sort`` gives the order. A row whose sorted keys all differ in their high bits has
+    neither ties nor a doubtful order: its ranks are 1..P. Other rows (ties, values
+    closer than about 2**-36 relative at 224², NaN) are ranked from their values,
+    argsorted again where the key order does not sort them.
+
+    >>> index, ranks = _ranks_in_order(np.array([[0.5, -2.0, 0.5, 0.1]]))
+    >>> index[:2], ranks
+    (array([1, 3]), array([[1. , 2. , 3.5, 3.5]]))
+    """
+    n, p = a.shape
+    bits = max(1, (p - 1).bit_length())
+    if bits > 24:  # too few value bits left for the keys: argsort
+        order = np.argsort(a, axis=1)
+        ranks = _sorted_ranks(np.take_along_axis(a, order, axis=1))
+        return (order + np.arange(0, n * p, p)[:, None]).ravel(), ranks
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    low = np.uint64(2**bits - 1)
+    key = a.view(np.uint64) >> np.uint64(63)
+    # IEEE order as unsigned order: flip every bit of negatives, only the sign of the rest
+    key *= np.uint64(2**63 - 1)
+    key |= np.uint64(2**63)
+    key ^= a.view(np.uint64)
+    key &= ~low
+    key |= np.arange(p, dtype=np.uint64)
+    key.sort(axis=1)
+    high = key >> np.uint64(bits)
+    doubtful = np.flatnonzero((high[:, 1:] == high[:, :-1]).any(axis=1))
+    key &= low
+    index = key.view(np.int64)
+    index += np.arange(0, n * p, p, dtype=np.int64)[:, None]  # flat positions
+    ranks = np.broadcast_to(np.arange(1, p + 1, dtype=np.float64), (n, p))
+    if doubtful.size:
+        ranks = ranks.copy()
+        values = a.ravel().take(index[doubtful])
+        bad = doubtful[~(values[:, 1:] >= values[:, :-1]).all(axis=1)]  # NaN: not >=
+        if bad.size:
+            index[bad] = np.argsort(a[bad], axis=1) + np.arange(0, n * p, p)[bad, None]
+            values = a.ravel().take(index[doubtful])
+        ranks[doubtful] = _sorted_ranks(values)
+    return index.ravel(), ranks
+
+
 def _average_ranks(a: np.ndarray) -> np.ndarray:
     """Row-wise ranks 1..P with ties given their average rank (``rankdata(a, axis=1)``).
-
-    One batched argsort (ties need no stable order: they all get the same rank), then
-    each run of equal values gets the mean of its first and last position.
 
     >>> _average_ranks(np.array([[0.5, 0.1, 0.5, 0.9]]))
     array([[2.5, 1. , 2.5, 4. ]])
     """
-    order = np.argsort(a, axis=1)
-    values = np.take_along_axis(a, order, axis=1)
-    n, p = a.shape
-    position = np.broadcast_to(np.arange(p, dtype=np.float64), (n, p))
-    starts = np.ones((n, p), dtype=bool)
-    starts[:, 1:] = values[:, 1:] != values[:, :-1]
-    ends = np.ones((n, p), dtype=bool)
-    ends[:, :-1] = starts[:, 1:]
-    first = np.maximum.accumulate(np.where(starts, position, 0.0), axis=1)
-    last = np.minimum.accumulate(np.where(ends, position, p)[:, ::-1], axis=1)[:, ::-1]
-    ranks = np.empty((n, p))
-    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=1)
-    return ranks
+    index, ranks = _ranks_in_order(a)
+    out = np.empty(a.shape)
+    out.ravel()[index] = ranks.ravel()
+    return out
 
 
 # ------------------------------------------------------------------ map metrics
@@ -267,29 +320,83 @@ def kld(saliency: Any, reference: Any) -> Any:
     return (q * np.log(EPS + q / (p + EPS))).sum(axis=1)
 
 
+#: SSIM's Gaussian window: scikit-image's ``gaussian_weights=True`` (σ = 1.5, truncated
+#: at 3.5 σ: radius 5, an 11×11 window), constants K1 = 0.01, K2 = 0.03, data_range 1
+SSIM_SIGMA, SSIM_TRUNCATE, SSIM_K1, SSIM_K2 = 1.5, 3.5, 0.01, 0.03
+SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
+SSIM_CHUNK = 32  # maps filtered at once: bounds the memory of a long stack
+
+
+def _gaussian_window() -> np.ndarray:
+    """The 1-D weights ``scipy.ndimage.gaussian_filter`` uses for SSIM's σ and radius."""
+    x = np.arange(-SSIM_RADIUS, SSIM_RADIUS + 1)
+    w = np.exp(-0.5 / SSIM_SIGMA**2 * x**2)
+    return w / w.sum()
+
+
+def _valid_blur(x: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Gaussian blur of (B, H, W) maps at the pixels SSIM averages: those at least the
+    window's radius from every edge, which the border mode never reaches.
+
+    Rows first, then columns, as ``gaussian_filter``; the rows outside are dropped
+    before the second pass.
+    """
+    from scipy.ndimage import correlate1d
+
+    r = SSIM_RADIUS
+    rows = correlate1d(x, window, axis=1, mode="reflect")[:, r:-r]
+    return correlate1d(rows, window, axis=2, mode="reflect")[:, :, r:-r]
+
+
+def _ssim_rows(a: np.ndarray, b: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Mean SSIM of (B, H, W) maps in [0, 1] (scikit-image's formula, population
+    covariances); four blurs: a, b, a·b and a² + b² (only vx + vy is needed)."""
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    ux, uy = _valid_blur(a, window), _valid_blur(b, window)
+    uxy = _valid_blur(a * b, window)
+    squares = a * a
+    squares += b * b
+    uss = _valid_blur(squares, window)
+    cross = ux * uy  # the products below are in place: five (B, h, w) temporaries at most
+    ux *= ux
+    uy *= uy
+    ux += uy  # ux² + uy²
+    uss -= ux  # vx + vy
+    uss += c2
+    ux += c1  # B1
+    uxy -= cross  # vxy
+    uxy *= 2
+    uxy += c2  # A2
+    cross *= 2
+    cross += c1  # A1
+    cross *= uxy
+    ux *= uss
+    cross /= ux
+    return cross.mean(axis=(1, 2))
+
+
 @_metric(higher_is_better=True)
 def ssim(saliency: Any, reference: Any) -> Any:
     """Structural similarity (scikit-image) of the two min-max normalised maps.
 
     Gaussian window σ = 1.5 (11×11, as scikit-image with ``gaussian_weights=True``),
-    population covariances and ``data_range=1`` (Wang et al.'s settings). Maps must be
-    at least 11×11.
+    population covariances and ``data_range=1`` (Wang et al.'s settings): scikit-image's
+    ``structural_similarity`` with these settings, computed for a whole stack at once.
+    Maps must be at least 11×11.
 
     >>> ssim(np.eye(16), np.eye(16))
     1.0
     """
-    from skimage.metrics import structural_similarity
-
     h, w = saliency.shape[-2:]
-    if min(h, w) < 11:
+    if min(h, w) < 2 * SSIM_RADIUS + 1:
         raise ValueError(f"SSIM needs maps of at least 11x11 pixels (its window); got {h}x{w}")
-    s = _minmax(_flat(saliency)).reshape(saliency.shape)
-    g = _minmax(_flat(reference)).reshape(reference.shape)
-    return np.array([
-        structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                              use_sample_covariance=False)
-        for a, b in zip(s, g, strict=True)
-    ])
+    window = _gaussian_window()
+    out = np.empty(len(saliency))
+    for i in range(0, len(saliency), SSIM_CHUNK):
+        s, g = saliency[i:i + SSIM_CHUNK], reference[i:i + SSIM_CHUNK]
+        out[i:i + SSIM_CHUNK] = _ssim_rows(_minmax(_flat(s)).reshape(s.shape),
+                                           _minmax(_flat(g)).reshape(g.shape), window)
+    return out
 
 
 @_metric(higher_is_better=True)
@@ -303,7 +410,10 @@ def spearman(saliency: Any, reference: Any, abs: bool = False) -> Any:  # noqa: 
     s, g = _flat(saliency), _flat(reference)
     if abs:
         s, g = np.abs(s), np.abs(g)
-    return _correlation(_average_ranks(s), _average_ranks(g))
+    # Pearson on ranks, taken in s's sorted order (no scatter needed for s); the sums
+    # of products of centred half-integer ranks are exact, so the order does not matter
+    index, ranks = _ranks_in_order(s)
+    return _correlation(ranks, _average_ranks(g).ravel().take(index).reshape(ranks.shape))
 
 
 @_metric(higher_is_better=False)
@@ -356,15 +466,20 @@ def auc_judd(saliency: Any, fixations: Any) -> Any:
     1.0
     """
     s, f = _flat(saliency), _flat(fixations)
-    values = np.sort(s, axis=1)  # one sort per map: counts above a threshold by bisection
-    out = np.full(len(s), np.nan)
-    for i, (row, mask, ordered) in enumerate(zip(s, f, values, strict=True)):
-        fixated = np.sort(row[mask])
-        n_fix, n_other = fixated.size, row.size - fixated.size
+    n, p = s.shape
+    ordered = np.sort(s, axis=1)  # the one O(P log P) step, for the whole stack at once
+    fixated_at = np.flatnonzero(f)  # all rows' fixated pixels, row by row
+    bounds = np.searchsorted(fixated_at, np.arange(0, n * p + 1, p))
+    values = s.ravel()[fixated_at]
+    out = np.full(n, np.nan)
+    # per map only O(K log P) work on its K fixations (NumPy has no batched searchsorted)
+    for i, (start, stop) in enumerate(itertools.pairwise(bounds)):
+        fixated = np.sort(values[start:stop])
+        n_fix, n_other = fixated.size, p - fixated.size
         if n_fix == 0 or n_other == 0:
             continue
         thresholds = fixated[::-1]
-        above = row.size - np.searchsorted(ordered, thresholds, side="left")  # s >= t
+        above = p - np.searchsorted(ordered[i], thresholds, side="left")  # s >= t
         tp = n_fix - np.searchsorted(fixated, thresholds, side="left")
         tpr = np.concatenate([[0.0], tp / n_fix, [1.0]])
         fpr = np.concatenate([[0.0], (above - tp) / n_other, [1.0]])
