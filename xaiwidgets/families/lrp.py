@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torchvision.models.resnet import BasicBlock, Bottleneck
-from zennit.canonizers import Canonizer
+from torchvision.models.video import resnet as _video_resnet
+from zennit.canonizers import AttributeCanonizer, Canonizer
 from zennit.core import BasicHook, Composite, ParamMod, Stabilizer
 from zennit.layer import Sum
 from zennit.rules import Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
@@ -49,6 +51,9 @@ from zennit.types import Activation, AvgPool, BatchNorm, Convolution
 from zennit.types import Linear as AnyLinear
 
 from ..core.registry import Method, Param, register
+
+#: torchvision's video ResNet blocks (r3d_18, mc3_18, r2plus1d_18)
+_VIDEO_BLOCKS = (_video_resnet.BasicBlock, _video_resnet.Bottleneck)
 
 #: denominator stabiliser of every rule except LRP-ε (zennit's default)
 STABILIZER = 1e-6
@@ -278,13 +283,49 @@ def merge_batchnorm(layer: nn.Module, norm: nn.Module) -> None:
     norm.eps = 0.0
 
 
+class VideoBlockCanonizer(AttributeCanonizer):
+    """Makes the residual sum of torchvision's video ResNet blocks (r3d_18, mc3_18,
+    r2plus1d_18: ``conv1``, ``conv2`` [, ``conv3``] sequences, ``out += residual``) an
+    explicit zennit ``Sum``, like zennit's canonizers do for the image ResNets.
+
+    >>> from torchvision.models.video import r3d_18
+    >>> copy_ = shadow_copy(r3d_18())
+    >>> len(VideoBlockCanonizer().apply(copy_))
+    8
+    """
+
+    def __init__(self) -> None:
+        super().__init__(self._attribute_map)
+
+    @classmethod
+    def _attribute_map(cls, name: str, module: nn.Module) -> dict[str, Any] | None:
+        if isinstance(module, _VIDEO_BLOCKS):
+            return {"forward": cls.forward.__get__(module), "canonizer_sum": Sum()}
+        return None
+
+    @staticmethod
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(self.conv1(x))
+        if hasattr(self, "conv3"):
+            out = self.conv3(out)
+        residual = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.canonizer_sum(torch.stack([residual, out], dim=-1)))
+
+    def copy(self) -> VideoBlockCanonizer:
+        return VideoBlockCanonizer()
+
+
 def block_canonizers(model: nn.Module) -> list[Canonizer]:
     """zennit's canonizers that make torchvision ResNet residual sums explicit ``Sum``
     modules (the Norm rule then splits relevance in proportion), if the model has such
-    blocks. Other residual additions are reported by :func:`unseen_operations`."""
+    blocks, and :class:`VideoBlockCanonizer` for the video ResNets' blocks. Other
+    residual additions are reported by :func:`unseen_operations`."""
+    found = []
     if any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
-        return [ResNetBasicBlockCanonizer(), ResNetBottleneckCanonizer()]
-    return []
+        found += [ResNetBasicBlockCanonizer(), ResNetBottleneckCanonizer()]
+    if any(isinstance(m, _VIDEO_BLOCKS) for m in model.modules()):
+        found.append(VideoBlockCanonizer())
+    return found
 
 
 # ------------------------------------------------------------------ composites
@@ -531,6 +572,216 @@ class Explanation:
     conserving: bool = False
 
 
+# ------------------------------------------------------------------ kept engine
+class _Call:
+    """What one call of a rule-bearing module left for its rule: the inputs, the
+    output (and its version, to notice in-place changes) and, for layers, the
+    module's own autograd graph from its input to its output (LRP-ε reads it)."""
+
+    __slots__ = ("args", "kwargs", "x", "z", "version", "own")
+
+    def __init__(self, args: tuple, kwargs: dict, x: torch.Tensor, output: torch.Tensor,
+                 own: bool) -> None:
+        self.args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        self.kwargs = kwargs
+        self.x = x if own else None
+        self.z = output.detach()
+        self.version = output._version
+        self.own = output if own else None
+
+
+class _Cut(torch.autograd.Function):
+    """Hands a module's output on with the rule as its only backward: the module's
+    ordinary backward (which zennit's hooks run and then discard) never runs."""
+
+    @staticmethod
+    def forward(ctx: Any, slot: _Slot, call: _Call, x: torch.Tensor,
+                out: list[torch.Tensor]) -> torch.Tensor:
+        # ``out`` comes in a list: a tensor input returned as-is would be a view that
+        # the model may not change in place (DenseNet's functional in-place ReLU)
+        ctx.slot, ctx.call = slot, call
+        return out[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return None, None, ctx.slot.relevance(ctx.call, grad), None
+
+
+def _identity_rule(hook: Any) -> bool:
+    """A zennit rule that evaluates the layer unmodified (LRP-ε, LRP-0): its
+    modified forward is the layer's own output, so the forward need not be redone."""
+    if not isinstance(hook, BasicHook) or len(hook.input_modifiers) != 1:
+        return False
+    identity = BasicHook._default_modifier
+    return (hook.input_modifiers[0] is identity and hook.output_modifiers[0] is identity
+            and hook.param_modifiers[0] is identity)
+
+
+class _Slot:
+    """The rule of one module of a :class:`Canonized` copy, chosen before each backward
+    pass (:meth:`Canonized.configure`), so the kept forward graph serves any rule."""
+
+    def __init__(self, module: nn.Module, layer: bool) -> None:
+        self.module, self.layer = module, layer
+        self.rule: Any = None
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = args[0] if args else None
+        if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad
+                and isinstance(output, torch.Tensor)):
+            return None
+        call = _Call(args, kwargs, x, output, own=self.layer)
+        return _Cut.apply(self, call, x, [output.detach()])
+
+    def relevance(self, call: _Call, grad: torch.Tensor) -> torch.Tensor:
+        """Relevance of the module's input from its output's (zennit's rule code)."""
+        rule = self.rule
+        if call.own is not None and call.z._version == call.version and _identity_rule(rule):
+            # LRP-ε: the rule's own gradient mapper on the kept output z, then the
+            # module's own backward: one transposed layer instead of a forward and two
+            mapped = rule.gradient_mapper(grad, [call.z])
+            mapped = mapped[0] if isinstance(mapped, (list, tuple)) else mapped
+            (gradient,) = torch.autograd.grad(call.own, call.x, mapped, retain_graph=True)
+            return rule.reducer([call.args[0]], [gradient])
+        rule.stored_tensors["input"] = call.args
+        rule.stored_tensors["kwargs"] = call.kwargs
+        try:
+            return rule.backward(self.module, (call.args[0],), (grad,))[0]
+        finally:
+            rule.stored_tensors.clear()
+
+
+class Canonized:
+    """A canonized :func:`shadow_copy` of a model with one forward pass kept, ready to
+    give LRP maps for any composite, parameters and targets by one backward pass.
+
+    Built once per model, weights and images (:meth:`build`); the
+    Explainer keeps one per images in its cache (dropped when the weights change or
+    on ``clear_cache``), so a slider move (ε, γ, α/β, composite, target) costs one
+    backward pass on the kept graph and no forward. Rules are zennit's; each rule-
+    bearing module gets a :class:`_Slot` whose rule is set before each backward. One
+    thread at a time uses it (:attr:`lock`). The user's model is never touched.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1))
+    >>> kept = Canonized.build(net, torch.ones(1, 2), keep=True)
+    >>> a = kept.explain(torch.tensor([0]), "epsilon", {"epsilon": 0.1})
+    >>> b = kept.explain(torch.tensor([0]), "epsilon", {"epsilon": 1.0})  # no forward
+    >>> bool((a.relevance != b.relevance).any())
+    True
+    """
+
+    def __init__(self, shadow: nn.Module, slots: dict[int, _Slot], plain: Trace,
+                 merged: frozenset[int], unmerged: list[str], unseen: dict[str, set[str]],
+                 x: torch.Tensor, logits: torch.Tensor, keep: bool) -> None:
+        self.shadow, self.slots, self.plain = shadow, slots, plain
+        self.merged, self.unmerged, self.unseen = merged, unmerged, unseen
+        self.x, self.logits, self.keep = x, logits, keep
+        modules = dict(shadow.named_modules())
+        self.first = modules.get(plain.first) if plain.first is not None else None
+        self.order = [m for _, m in shadow.named_modules()]
+        self.lock = threading.Lock()
+
+    @classmethod
+    def build(cls, model: nn.Module, x: torch.Tensor, keep: bool = False) -> Canonized:
+        """Trace, merge BatchNorms, canonize, attach slots and run the forward pass.
+
+        The canonized logits must equal the plain ones (:func:`logits_close`);
+        otherwise the merges that change them are found and left out (those BatchNorms
+        become layers with LRP-ε) on a fresh copy; if the logits still differ, a
+        ``RuntimeError`` names the canonized blocks. ``keep``: keep the forward graph
+        for later backward passes (else :meth:`explain` frees it).
+        """
+        shadow: nn.Module | None = shadow_copy(model)
+        plain = trace(shadow, x)
+        merges, unmerged = list(plain.pairs), []
+        for _ in range(3):
+            shadow = shadow or shadow_copy(model)
+            modules = dict(shadow.named_modules())
+            for layer, norm in merges:
+                merge_batchnorm(modules[layer], modules[norm])
+            merged = frozenset(id(modules[norm]) for _, norm in merges)
+            for canonizer in block_canonizers(shadow):
+                canonizer.apply(shadow)
+            slots = _attach(shadow, merged)
+            leaf = x.detach().requires_grad_(True)
+            with torch.enable_grad(), unseen_operations(shadow, set(slots) | merged) as unseen:
+                logits = shadow(leaf)
+            if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+                raise ValueError("the model must return logits of shape (N, classes)")
+            if logits_close(logits.detach(), plain.logits):
+                return cls(shadow, slots, plain, merged, unmerged, unseen, leaf, logits, keep)
+            shadow = None  # start again from a fresh copy: nothing to undo
+            if not merges or _merges_keep_logits(model, x, merges, plain):
+                blocks = [name for name, m in model.named_modules()
+                          if isinstance(m, (BasicBlock, Bottleneck, *_VIDEO_BLOCKS))]
+                raise RuntimeError(
+                    "LRP's residual-block canonizer changes this model's output (max "
+                    f"|Δlogit| {float((logits.detach() - plain.logits).abs().max()):.3g}) in the "
+                    f"blocks {blocks[:5]}; their forward differs from torchvision's: use a "
+                    "gradient method for this model, or rewrite the sum as a zennit Sum "
+                    "module")
+            bad = [pair for pair in merges if not _merges_keep_logits(model, x, [pair], plain)]
+            bad = bad or merges  # each merge alone is fine, all together are not
+            unmerged += [norm for _, norm in bad]
+            merges = [pair for pair in merges if pair not in bad]
+        raise RuntimeError("LRP: the canonized logits differ from the plain ones after "
+                           "leaving every BatchNorm unmerged")
+
+    def configure(self, composite: str, rules: dict[str, Any]) -> RuleComposite:
+        """Give every slot its rule for ``composite`` with these parameters."""
+        chosen = make_composite(composite, **rules, first=self.first, merged=self.merged)
+        ctx: dict = {}
+        for module in self.order:
+            kind, hook = chosen.choose(ctx, module)
+            if kind is None:
+                continue
+            chosen.applied.setdefault(type(module).__name__, set()).add(kind)
+            slot = self.slots.get(id(module))
+            if slot is not None:
+                slot.rule = hook.copy() if hook is not None else None
+        return chosen
+
+    def explain(self, target: torch.Tensor, composite: str,
+                rules: dict[str, Any]) -> Explanation:
+        """LRP of the kept images for ``target`` (one class per image): one backward pass."""
+        with self.lock:
+            if self.logits is None:
+                raise RuntimeError("this Canonized copy was built with keep=False and "
+                                   "already used; build another")
+            chosen = self.configure(composite, rules)
+            logits = self.logits.detach()
+            seed = torch.zeros_like(logits)
+            seed.scatter_(1, target[:, None], logits.gather(1, target[:, None]))
+            try:
+                with torch.enable_grad():
+                    (rel,) = torch.autograd.grad(self.logits, self.x, grad_outputs=seed,
+                                                 retain_graph=self.keep)
+            finally:
+                if not self.keep:
+                    self.logits = None
+        target_logit = logits.gather(1, target[:, None])[:, 0]
+        error = (rel.flatten(1).sum(1) - target_logit).abs() / target_logit.abs()
+        return Explanation(rel.detach(), error, chosen.summary(), self.unseen, self.unmerged,
+                           _conserving(self.shadow, composite, rules, self.unmerged))
+
+
+def _attach(shadow: nn.Module, merged: frozenset[int]) -> dict[int, _Slot]:
+    """A :class:`_Slot` (forward hook on the copy) on every module that any composite
+    gives a rule: activations, sums, average pools, unmerged BatchNorms, layers."""
+    probe = make_composite("epsilon", merged=merged)
+    slots: dict[int, _Slot] = {}
+    for module in shadow.modules():
+        if id(module) in slots or id(module) in merged:
+            continue
+        kind, _ = probe.choose({}, module)
+        if kind is None:
+            continue
+        slot = _Slot(module, layer=isinstance(module, (AnyLinear, BatchNorm)))
+        module.register_forward_hook(slot.hook, with_kwargs=True)
+        slots[id(module)] = slot
+    return slots
+
+
 def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite: str,
         **rules: Any) -> Explanation:
     """LRP of ``x`` for ``target`` with the named composite, checked and side-effect free.
@@ -539,52 +790,17 @@ def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite: str,
        merged into the conv/linear layer whose output it normalises (on the copy).
     2. Rules go on the copy; one modified forward/backward pass gives the relevance,
        and operations the rules cannot see are recorded (:func:`unseen_operations`).
-    3. The canonized logits must equal the plain ones (:func:`logits_close`).
-       Otherwise the merges that change them are found and left out (those BatchNorms
-       become layers with LRP-ε, exact for their affine map) and the pass is repeated
-       on a fresh copy; if the logits still differ, a ``RuntimeError`` names the
-       canonized blocks.
+    3. The canonized logits must equal the plain ones (see :meth:`Canonized.build`).
 
     The user's model is only read: nothing is registered, merged or flagged on it.
+    :class:`Canonized` keeps the copy and its forward pass for later calls.
 
     >>> net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.ReLU(),
     ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten())
     >>> lrp(net, torch.rand(1, 3, 8, 8), torch.tensor([1]), "epsilon").rules
     'AdaptiveAvgPool2d: norm; BatchNorm2d: merged; Conv2d: epsilon; ReLU: pass'
     """
-    shadow: nn.Module | None = shadow_copy(model)
-    plain = trace(shadow, x)
-    merges, unmerged = list(plain.pairs), []
-    for _ in range(3):
-        shadow = shadow or shadow_copy(model)
-        modules = dict(shadow.named_modules())
-        for layer, norm in merges:
-            merge_batchnorm(modules[layer], modules[norm])
-        built = make_composite(
-            composite, **rules, canonizers=block_canonizers(shadow),
-            first=modules.get(plain.first) if plain.first is not None else None,
-            merged=frozenset(id(modules[norm]) for _, norm in merges))
-        rel, logits, unseen = _backward(shadow, x, target, built, detect=True)
-        if logits_close(logits, plain.logits):
-            break
-        shadow = None  # start again from a fresh copy: nothing to undo
-        if not merges or _merges_keep_logits(model, x, merges, plain):
-            blocks = [name for name, m in model.named_modules()
-                      if isinstance(m, (BasicBlock, Bottleneck))]
-            raise RuntimeError(
-                "LRP's residual-block canonizer changes this model's output (max "
-                f"|Δlogit| {float((logits - plain.logits).abs().max()):.3g}) in the blocks "
-                f"{blocks[:5]}; their forward differs from torchvision's: use a "
-                "gradient method for this model, or rewrite the sum as a zennit Sum module")
-        bad = [pair for pair in merges if not _merges_keep_logits(model, x, [pair], plain)]
-        bad = bad or merges  # each merge alone is fine, all together are not
-        unmerged += [norm for _, norm in bad]
-        merges = [pair for pair in merges if pair not in bad]
-    target_logit = logits.gather(1, target[:, None])[:, 0]
-    total = rel.flatten(1).sum(1)
-    error = (total - target_logit).abs() / target_logit.abs()
-    result = Explanation(rel, error, built.summary(), unseen, unmerged,
-                         _conserving(shadow, composite, rules, unmerged))
+    result = Canonized.build(model, x).explain(target, composite, rules)
     _warn(result)
     return result
 
@@ -655,14 +871,14 @@ def input_bounds(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
     With a ``preprocess``: the preprocessed black and white images (elementwise min and
     max of the two, in case preprocessing flips signs). Without: each image's own
-    minimum and maximum, shape (N, 1, 1, 1).
+    minimum and maximum, shape (N, 1, 1, 1), or (N, 1, 1, 1, 1) for clips.
     """
     if ctx.preprocess is not None:
         black = ctx.preprocess(torch.zeros_like(ctx.images[:1]))
         white = ctx.preprocess(torch.ones_like(ctx.images[:1]))
         return torch.minimum(black, white), torch.maximum(black, white)
     flat = ctx.inputs.detach().flatten(1)
-    shape = (-1, 1, 1, 1)
+    shape = (-1,) + (1,) * (ctx.inputs.ndim - 1)
     return flat.amin(1).reshape(shape), flat.amax(1).reshape(shape)
 
 
@@ -687,10 +903,7 @@ class LRP(Method):
     """
 
     name = "lrp"
-    clip_refusal = (
-        "its rules, canonizers and conservation checks are validated on 2-D "
-        "layers only (Conv3d and 3-D pooling untested)"
-    )
+    target_from_pass = True  # the trace pass gives the predictions
     family = "lrp"
     default_reduce = "sum"
     signed = True
@@ -720,9 +933,33 @@ class LRP(Method):
     def attribute(self, ctx, target, layer, composite, epsilon, gamma, alpha,
                   beta) -> torch.Tensor:
         low, high = input_bounds(ctx) if composite == "epsilon_gamma_box" else (None, None)
-        result = lrp(ctx.model, ctx.inputs, target, composite, epsilon=epsilon, gamma=gamma,
-                     alpha=alpha, beta=beta, low=low, high=high)
+        kept = canonized(ctx)
+        ctx.valid_cache().setdefault("logits", kept.plain.logits)
+        target = ctx.pass_target(kept.plain.logits, target)
+        result = kept.explain(target, composite, dict(epsilon=epsilon, gamma=gamma,
+                                                      alpha=alpha, beta=beta, low=low, high=high))
+        _warn(result)
         ctx.record("conservation_error", result.conservation_error.tolist())
         ctx.record("lrp_rules", result.rules)
         ctx.record("lrp_unseen", describe_unseen(result.unseen))
         return result.relevance
+
+
+_BUILDING = threading.Lock()
+
+
+def canonized(ctx: Any) -> Canonized:
+    """The context's :class:`Canonized` copy of its model on its inputs, built on first
+    use and kept in its cache (so dropped with it: new weights, ``clear_cache``).
+
+    At most one kept forward graph per context: its images are fixed, any composite,
+    parameter or target is one backward pass on it.
+    """
+    cache = ctx.valid_cache()
+    kept = cache.get("lrp")
+    if kept is None:
+        with _BUILDING:  # two threads asking at once build one copy
+            kept = cache.get("lrp")
+            if kept is None:
+                kept = cache["lrp"] = Canonized.build(ctx.model, ctx.inputs, keep=True)
+    return kept
