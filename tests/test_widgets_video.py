@@ -16,6 +16,7 @@ from torch import nn
 import xaiwidgets as xw
 from xaiwidgets import metrics, rendering
 from xaiwidgets.core.registry import get_method, methods
+from xaiwidgets.widgets.controls import is_visible
 from xaiwidgets.widgets.figures import image_uri
 from xaiwidgets.widgets.live_scores import score_map
 
@@ -112,7 +113,7 @@ def test_frame_change_redraws_without_recomputing(model, clips, monkeypatch):
             assert_frame(w.grid, w.map_panel, result.values[0], frame, signed=result.xai.signed)
             assert w.grid.image(0).source == image_uri(clips[0, :, frame])
             assert w.grid.image(w.map_panel).source == w.grid.image(0).source
-            assert f"frame {frame + 1}/{FRAMES}" in w.figure.layout.annotations[0].text
+            assert f"frame {frame} of 0–{FRAMES - 1}" in w.figure.layout.annotations[0].text
             sources.add(w.grid.image(0).source)
         assert forwards == [] and explains == [] and w.result is result
         assert len(sources) == 3  # the clip moves: each frame its own picture
@@ -186,8 +187,8 @@ def test_compare_widget_on_clips_scores_volumes(model, ds, clips, monkeypatch):
         volume = w.results[name].values[0]
         for metric, ref in (("pcc", gfdm), ("sim", gfdm), ("nss", fixations)):
             per_frame = [getattr(metrics, metric)(volume[t], ref[t]) for t in range(FRAMES)]
-            expected = np.nanmean(per_frame)
-            assert float(w.scores.sel({"method": name, "metric": metric})) == pytest.approx(expected)
+            shown = float(w.scores.sel({"method": name, "metric": metric}))
+            assert shown == pytest.approx(np.nanmean(per_frame))
     forwards, handle = count_forwards(model)
     explains = count_calls(monkeypatch, xw.Explainer, "explain")
     try:
@@ -222,3 +223,4 @@ def test_live_scores_of_a_clip_use_the_gaze_volume(model, ds, clips):
     assert w.live.scores["pcc"] == pytest.approx(
         float(metrics.pcc(w.result.isel(image=0), xr.DataArray(gaze, dims=("t", "y", "x")))))
     assert "still images only" in w.live.table.value
+    assert w.error is None and not is_visible(w.live.figure_box)  # no curves: no plot

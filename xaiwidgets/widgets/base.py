@@ -273,11 +273,11 @@ class ExplorerBase(W.VBox):
             return {}
         last = int(self.images.shape[2]) - 1
         slider = W.IntSlider(value=0, min=0, max=last, step=1, description="frame",
-                             continuous_update=True, style=STYLE,
-                             layout=W.Layout(width="300px"))
+                             continuous_update=True, style={"description_width": "45px"},
+                             layout=W.Layout(width="250px"))
         self.play = W.Play(value=0, min=0, max=last, step=1, interval=PLAY_INTERVAL_MS,
                            repeat=True, tooltip="play the clip",
-                           layout=W.Layout(width="76px"))
+                           layout=W.Layout(width="136px", flex="0 0 auto"))
         self._frame_link = W.jslink((self.play, "value"), (slider, "value"))
         return {"frame": slider}
 

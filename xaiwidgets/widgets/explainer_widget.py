@@ -212,7 +212,7 @@ class ExplainerWidget(ExplorerBase):
                 self.grid.image(0).source = image
                 name = self.controls["image"].label or f"image {index}"
                 if self.is_clip:
-                    name += f" · frame {self.frame + 1}/{self.images.shape[2]}"
+                    name += f" · frame {self.frame} of 0–{self.images.shape[2] - 1}"
                 self.grid.set_title(0, name)
             self.grid.show(self.map_panel, self.frame_of(da).xai.map2d(), image=image,
                            title=title, signed=da.xai.signed, limits=self._limits(da))

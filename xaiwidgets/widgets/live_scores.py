@@ -29,7 +29,7 @@ import xarray as xr
 
 from ..evaluation import metrics, perturbation, sanity
 from ..explainer import Explainer
-from .controls import LAYOUT, STYLE
+from .controls import LAYOUT, STYLE, set_visible
 from .figures import LiveFigureWidget
 
 #: fraction of the pixels removed / inserted per step of the curves
@@ -114,7 +114,9 @@ class LiveScores(W.VBox):
             yaxis={"title": "probability", "range": [0, 1.02]},
             legend={"orientation": "h", "y": -0.35, "x": 0, "font": {"size": 9}},
             showlegend=True)
-        self.children = [self.table, self.figure]
+        #: the curves' plot in a box (plotly's ``layout`` is not a widget layout: hide the box)
+        self.figure_box = W.Box([self.figure])
+        self.children = [self.table, self.figure_box]
         self.clear()
 
     def clear(self, message: str = "scores: computing…") -> None:
@@ -192,6 +194,8 @@ class LiveScores(W.VBox):
                     x=[float(v) for v in x], y=[float(v) for v in y], mode="lines",
                     name=f"{label} {name}".strip(), line={"color": color, "dash": dash}))
         self.table.value = "<br>".join(lines)
+        # clips have no curves (deletion/insertion: still images only): no empty plot
+        set_visible(self.figure_box, any(len(c) for r in results.values() for c in r[1].values()))
         with self.figure.batch_update():
             self.figure.data = []
             self.figure.add_traces(traces)
