@@ -154,7 +154,7 @@ def test_occlusion_with_a_3d_window_matches_a_loop() -> None:
                                atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lime", "meaningful_perturbation", "lrp"])
+@pytest.mark.parametrize("method", ["lime", "meaningful_perturbation"])
 def test_unsupported_methods_refuse_clips_with_a_reason(method: str) -> None:
     ex = xw.Explainer(tiny_3d_net(), torch.rand(1, 3, 4, 8, 8))
     with pytest.raises(ValueError, match=r"does not support video clips \(N,C,T,H,W\): \w+"):
