@@ -45,7 +45,7 @@ from torchvision.models.video import resnet as _video_resnet
 from zennit.canonizers import AttributeCanonizer, Canonizer
 from zennit.core import BasicHook, Composite, ParamMod, Stabilizer
 from zennit.layer import Sum
-from zennit.rules import Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
+from zennit.rules import Epsilon, Flat, Gamma, NoMod, Norm, Pass, ZBox, ZPlus
 from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution
 from zennit.types import Linear as AnyLinear
@@ -608,13 +608,13 @@ class _Cut(torch.autograd.Function):
 
 
 def _identity_rule(hook: Any) -> bool:
-    """A zennit rule that evaluates the layer unmodified (LRP-ε, LRP-0): its
-    modified forward is the layer's own output, so the forward need not be redone."""
-    if not isinstance(hook, BasicHook) or len(hook.input_modifiers) != 1:
+    """zennit's LRP-ε (and our LRP-0) rule: it evaluates the layer unmodified (identity
+    input and output modifiers, ``NoMod`` parameters), so its modified forward is the
+    layer's own output and need not be redone."""
+    if type(hook) is not Epsilon:
         return False
-    identity = BasicHook._default_modifier
-    return (hook.input_modifiers[0] is identity and hook.output_modifiers[0] is identity
-            and hook.param_modifiers[0] is identity)
+    params = hook.param_modifiers[0]
+    return isinstance(params, NoMod) and not params.zero_params
 
 
 class _Slot:

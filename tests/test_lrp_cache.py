@@ -1,0 +1,240 @@
+"""LRP keeps its canonized copy and one forward graph per Context: every composite,
+parameter and target change is one backward pass on it, equal to a fresh computation;
+the kept graph goes with the images, the weights and ``clear_cache``."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.models.resnet import BasicBlock, ResNet
+
+import xaiwidgets as xw
+from xaiwidgets.families import lrp as lrp_module
+
+from .test_zoo import assert_model_unchanged, model_snapshot, randomise_batchnorms
+
+#: (composite, parameters) in the order a user moves the sliders
+CHANGES = [
+    ("epsilon", {"epsilon": 1e-6}), ("epsilon", {"epsilon": 0.1}), ("epsilon", {"epsilon": 3.0}),
+    ("epsilon_plus_flat", {"epsilon": 0.01}), ("epsilon_plus", {"epsilon": 1e-3}),
+    ("epsilon_gamma_box", {"gamma": 0.25}), ("epsilon_gamma_box", {"gamma": 1.5}),
+    ("alpha_beta", {"alpha": 2.0, "beta": 1.0}), ("alpha_beta", {"alpha": 3.0, "beta": 0.5}),
+    ("zero", {}), ("epsilon", {"epsilon": 1e-6}),
+]
+
+
+def small_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return randomise_batchnorms(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4).eval())
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+class CountCalls:
+    """Counts forward calls of the model (a pre-hook registered before the Explainer
+    exists travels into LRP's shadow copy, so its passes count too)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.calls = model, 0
+        model.register_forward_pre_hook(self.count)
+
+    def count(self, *_: object) -> None:
+        self.calls += 1
+
+
+class ConvCounter(TorchDispatchMode):
+    """Counts forward convolutions run by any code, backward passes included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.convolution:
+            self.convs += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_every_change_is_one_backward_and_equals_a_fresh_computation(images):
+    model = small_resnet()
+    counter = CountCalls(model)
+    ex = xw.Explainer(model, images, progress=False)
+    ex.explain("lrp", target=[1, 2])  # builds the canonized copy and keeps its forward
+    before = counter.calls
+    kept = [ex.explain("lrp", composite=c, target=[1, 2], reduce=None, **p) for c, p in CHANGES]
+    assert counter.calls == before, "a parameter change ran the model"
+    # a target change too: the forward graph does not depend on the target
+    other = ex.explain("lrp", composite="epsilon", target=[3, 0], reduce=None)
+    assert counter.calls == before
+    handle = model._forward_pre_hooks.popitem()  # fresh runs below are not counted
+    del handle
+    for (composite, params), result in zip(CHANGES, kept, strict=True):
+        fresh = xw.explain(model, images, "lrp", composite=composite, target=[1, 2],
+                           reduce=None, **params)
+        np.testing.assert_allclose(result.values, fresh.values, rtol=1e-5,
+                                   atol=1e-6 * np.abs(fresh.values).max(),
+                                   err_msg=f"{composite} {params}")
+        assert result.attrs["lrp_rules"] == fresh.attrs["lrp_rules"]
+        np.testing.assert_allclose(result.attrs["conservation_error"],
+                                   fresh.attrs["conservation_error"], rtol=1e-4, atol=1e-7)
+    fresh = xw.explain(model, images, "lrp", composite="epsilon", target=[3, 0], reduce=None)
+    np.testing.assert_allclose(other.values, fresh.values, rtol=1e-5,
+                               atol=1e-6 * np.abs(fresh.values).max())
+
+
+def test_epsilon_changes_re_evaluate_no_layer(images):
+    # LRP-ε reads the kept layer outputs and runs each layer's own backward; zennit's
+    # generic rule re-runs every convolution (z+ twice)
+    ex = xw.Explainer(small_resnet(), images, progress=False)
+    ex.explain("lrp", composite="epsilon", target=[1, 2])
+    with ConvCounter() as epsilon:
+        ex.explain("lrp", composite="epsilon", epsilon=0.5, target=[1, 2])
+    with ConvCounter() as zplus:
+        ex.explain("lrp", composite="epsilon_plus", target=[1, 2])
+    assert epsilon.convs == 0
+    assert zplus.convs >= 2 * 5  # α1β0 on every convolution but the first's special rule
+
+
+def test_kept_epsilon_equals_zennits_generic_rule(images):
+    # the shortcut against zennit's own Epsilon hook (rule re-run on the layer)
+    from zennit.composites import LayerMapComposite
+    from zennit.rules import Epsilon, Norm, Pass
+    from zennit.types import Activation, AvgPool, Convolution
+    from zennit.types import Linear as AnyLinear
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3, stride=2),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
+    torch.manual_seed(3)
+    composite = LayerMapComposite([(Activation, Pass()), (AvgPool, Norm()),
+                                   (Convolution, Epsilon(0.25)), (AnyLinear, Epsilon(0.25))])
+    reference = lrp_module.relevance(model, images, torch.tensor([0, 2]), composite)
+    ours = xw.explain(model, images, "lrp", composite="epsilon", epsilon=0.25, target=[0, 2],
+                      reduce=None)
+    np.testing.assert_allclose(ours.values, reference.numpy(), rtol=1e-5,
+                               atol=1e-6 * reference.abs().max().item())
+
+
+def test_in_place_change_of_a_layer_output_falls_back_to_the_rule():
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            z = self.conv(x)
+            z.mul_(2.0)  # changes the conv's output after the rule saw it
+            return self.head(torch.relu(z).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = InPlace().eval(), torch.rand(1, 3, 8, 8)
+    ex = xw.Explainer(model, x, progress=False)
+    with pytest.warns(lrp_module.LRPWarning):
+        kept = ex.explain("lrp", composite="epsilon", epsilon=0.3, target=1, reduce=None)
+    # the changed output cannot serve as z: the generic rule re-runs the conv
+    with pytest.warns(lrp_module.LRPWarning), ConvCounter() as again:
+        second = ex.explain("lrp", composite="epsilon", epsilon=0.3, target=1, reduce=None)
+    assert again.convs == 1
+    np.testing.assert_array_equal(kept.values, second.values)
+    with pytest.warns(lrp_module.LRPWarning):
+        fresh = xw.explain(model, x, "lrp", composite="epsilon", epsilon=0.3, target=1,
+                           reduce=None)
+    np.testing.assert_allclose(kept.values, fresh.values, rtol=1e-5, atol=1e-7)
+
+
+def test_weights_changed_in_place_rebuild_the_copy(images):
+    model = small_resnet()
+    ex = xw.Explainer(model, images, progress=False)
+    ex.explain("lrp", composite="epsilon_plus", target=[1, 2])
+    old = ex.context.valid_cache()["lrp"]
+    with torch.no_grad():  # what a model-randomisation sanity check does
+        model.fc.weight.normal_()
+        model.layer1[0].bn1.running_mean.add_(0.3)
+    changed = ex.explain("lrp", composite="epsilon_plus", target=[1, 2], reduce=None)
+    assert ex.context.valid_cache()["lrp"] is not old
+    fresh = xw.explain(model, images, "lrp", composite="epsilon_plus", target=[1, 2],
+                       reduce=None)
+    np.testing.assert_allclose(changed.values, fresh.values, rtol=1e-5,
+                               atol=1e-6 * np.abs(fresh.values).max())
+
+
+def test_the_kept_graph_is_released_with_the_cache_and_the_images(images):
+    model = small_resnet()
+    ex = xw.Explainer(model, images, progress=False)
+    ex.explain("lrp", target=[1, 2])
+    kept = ex.context.valid_cache()["lrp"]
+    assert kept.keep and kept.logits.grad_fn is not None  # one graph, on this Context
+    logits, leaf = weakref.ref(kept.logits), weakref.ref(kept.x)
+    del kept
+    ex.context.clear_cache()
+    assert logits() is None and leaf() is None, "clear_cache left the graph alive"
+    ex.explain("lrp", target=[1, 2])
+    logits = weakref.ref(ex.context.valid_cache()["lrp"].logits)
+    ex.set_images(images.flip(-1))  # new images: a new Context, the old graph goes
+    assert logits() is None
+    assert "lrp" not in ex.context.valid_cache()
+
+
+def test_one_call_without_a_context_keeps_nothing(images):
+    model = small_resnet()
+    kept = lrp_module.Canonized.build(model, images)
+    first = kept.explain(torch.tensor([0, 1]), "epsilon", {})
+    assert kept.logits is None and first.relevance.shape == images.shape
+    with pytest.raises(RuntimeError, match="keep=False"):
+        kept.explain(torch.tensor([0, 1]), "epsilon", {})
+
+
+def test_model_unchanged_by_kept_copies_also_after_a_failing_rule(images, monkeypatch):
+    from zennit import rules
+
+    model = small_resnet()
+    before = model_snapshot(model)
+    ex = xw.Explainer(model, images, progress=False)
+    good = ex.explain("lrp", composite="epsilon_plus", target=[1, 2]).values
+
+    def failing(self, module, grad_input, grad_output):
+        raise RuntimeError("injected rule failure")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rules.ZPlus, "backward", failing)
+        with pytest.raises(RuntimeError, match="injected rule failure"):
+            ex.explain("lrp", composite="epsilon_plus", target=[1, 2])
+    assert_model_unchanged(model, before, "lrp with a failing kept backward")
+    # the kept graph survives the failed backward pass
+    np.testing.assert_array_equal(
+        ex.explain("lrp", composite="epsilon_plus", target=[1, 2]).values, good)
+    assert_model_unchanged(model, before, "lrp on a kept copy")
+
+
+def test_threads_share_one_copy_one_at_a_time(images):
+    model = small_resnet()
+    ex = xw.Explainer(model, images, progress=False)
+    jobs = [c for c, _ in CHANGES[:6]] * 2
+    serial = [ex.explain("lrp", composite=c, target=[1, 2]).values for c in jobs]
+    ex.context.clear_cache()
+    seen = set()
+    real = lrp_module.Canonized.build.__func__
+
+    def build(cls, *args, **kwargs):
+        seen.add(threading.get_ident())
+        return real(cls, *args, **kwargs)
+
+    lrp_module.Canonized.build = classmethod(build)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            threaded = list(pool.map(
+                lambda c: ex.explain("lrp", composite=c, target=[1, 2]).values, jobs))
+    finally:
+        lrp_module.Canonized.build = classmethod(real)
+    assert len(seen) == 1, "each thread built its own copy"
+    for a, b in zip(serial, threaded, strict=True):
+        np.testing.assert_array_equal(a, b)
