@@ -37,6 +37,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "tests" / "browser" / "widget_demo.ipynb"
+VIDEO = ROOT / "tests" / "browser" / "video_demo.ipynb"
 APP = ROOT / "notebooks" / "app.ipynb"
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -131,11 +132,13 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"{proc.args[2]} did not answer at {url} within {timeout} s")
 
 
-def serve(kind: str, home: Path, notebook: Path) -> Iterator[str]:
-    """Run ``kind`` ("lab", "notebook", "voila") on a copy of ``notebook``; yield its URL."""
+def serve(kind: str, home: Path, notebook: Path, *more: Path) -> Iterator[str]:
+    """Run ``kind`` ("lab", "notebook", "voila") on a copy of ``notebook`` (and ``more``
+    notebooks beside it); yield its URL."""
     root = home / "root"
     root.mkdir()
-    shutil.copy(notebook, root / notebook.name)
+    for path in (notebook, *more):
+        shutil.copy(path, root / path.name)
     env = {**os.environ, "PYTHONPATH": str(ROOT),
            # keep the user's Jupyter settings and runtime files out of it
            "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_RUNTIME_DIR": str(home / "rt"),
@@ -180,7 +183,7 @@ def serve(kind: str, home: Path, notebook: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory) -> Iterator[str]:
-    yield from serve("lab", tmp_path_factory.mktemp("lab"), DEMO)
+    yield from serve("lab", tmp_path_factory.mktemp("lab"), DEMO, VIDEO)
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +319,43 @@ def test_widget_in_jupyter(frontend, request, chromium):
         check_widths(page, frontend)
     except Exception:
         page.screenshot(path=ARTIFACTS / f"{frontend}_failed.png", full_page=True)
+        raise
+    finally:
+        page.close()
+
+
+@browser
+@pytest.mark.timeout(300)
+def test_video_clip_plays_in_jupyterlab(lab, chromium):
+    """A clip: Play (jslinked to the frame slider, so it runs in the browser) moves the
+    picture and the map; dragging the slider back to frame 0 shows the first map again."""
+    page = new_page(chromium)
+    frame = """() => { const s = [...document.querySelectorAll('.widget-hslider')].find(
+      e => e.querySelector('label') && e.querySelector('label').textContent === 'frame');
+      return s ? Number(s.querySelector('.widget-readout').textContent) : null; }"""
+    try:
+        run_notebook(page, f"{lab}/lab/tree/{VIDEO.name}")
+        first = page.wait_for_function(HEATMAP, timeout=120_000).json_value()
+        plot = page.locator(".js-plotly-plot:visible", has=page.locator(".heatmaplayer")).first
+        plot.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        before = plot.screenshot(path=ARTIFACTS / "lab_video_1_frame0.png")
+        assert_drawn(before)
+        assert page.evaluate(frame) == 0
+        play = page.locator(".widget-play button:visible").first
+        play.click()
+        page.wait_for_function(changed(first), timeout=30_000)  # the kernel drew a new frame
+        play.click()  # pause (the play button toggles)
+        page.wait_for_timeout(1000)
+        assert page.evaluate(frame) > 0
+        later = plot.screenshot(path=ARTIFACTS / "lab_video_2_played.png")
+        assert np.abs(pixels(later) - pixels(before)).mean() > 1.0
+        drag_to_left(page, control(page, "hslider", "frame"))
+        page.wait_for_function(f"() => {{ const h = ({HEATMAP})(); return h && "
+                               f"Math.abs(h.sum - {first['sum']!r}) < 1e-6; }}", timeout=30_000)
+        assert page.evaluate(frame) == 0
+    except Exception:
+        page.screenshot(path=ARTIFACTS / "lab_video_failed.png", full_page=True)
         raise
     finally:
         page.close()
