@@ -161,6 +161,45 @@ def test_unsupported_methods_refuse_clips_with_a_reason(method: str) -> None:
         ex.explain(method)
 
 
+@pytest.mark.parametrize("arch", ["r3d_18", "mc3_18"])
+def test_lrp_on_video_resnets_conserves_through_conv3d_and_residual_sums(arch: str) -> None:
+    # random weights with torchvision's initialisation: BatchNorms with running mean 0
+    # and no fc bias, so the merged layers have no bias and the rules must conserve;
+    # the residual sums are canonized (no unseen add), 3-D average pooling has Norm
+    from tests.test_zoo import assert_model_unchanged, model_snapshot
+
+    torch.manual_seed(0)
+    model = getattr(video, arch)(num_classes=5).eval()
+    before = model_snapshot(model)
+    ex = xw.Explainer(model, torch.rand(*CLIP), progress=False)
+    for composite in ("zero", "epsilon", "epsilon_plus_flat", "epsilon_gamma_box"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no LRPWarning: nothing unseen, conserved
+            result = ex.explain("lrp", composite=composite, target=1)
+        assert result.dims == ("image", "t", "y", "x") and result.shape == (1, 4, 32, 32)
+        assert result.attrs["lrp_unseen"] == ""
+        assert "Sum: norm" in result.attrs["lrp_rules"]
+        assert "AdaptiveAvgPool3d: norm" in result.attrs["lrp_rules"]
+        tolerance = 1e-4 if composite == "zero" else 0.05
+        assert max(result.attrs["conservation_error"]) < tolerance, composite
+    assert_model_unchanged(model, before, f"lrp on {arch}")
+
+
+def test_lrp0_on_the_shipped_video_model_is_gradient_times_input() -> None:
+    # LRP-0 with ReLUs passing relevance is gradient x input (max pooling routes it
+    # like the gradient): an independent computation through Conv3d, BatchNorm3d
+    # merges and the canonized residual sums of the shipped shapes-video model
+    model, preprocess, _ = xw.models.load("shapes-video")
+    clips = torch.rand(2, 3, 8, 32, 32, generator=torch.Generator().manual_seed(0))
+    result = xw.explain(model, clips, "lrp", preprocess=preprocess, composite="zero",
+                        target=[0, 2], reduce=None)
+    x = preprocess(clips).requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(x)[[0, 1], [0, 2]].sum(), x)
+    expected = (grad * x).detach()
+    torch.testing.assert_close(torch.from_numpy(result.values), expected,
+                               rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
 def test_clip_inputs_are_validated() -> None:
     net = tiny_3d_net()
     with pytest.raises(ValueError, match="channels-last"):
