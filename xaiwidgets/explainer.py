@@ -24,7 +24,7 @@ from .core import layers as _layers
 from .core.context import Context, OutputSelector, ProgressCallback
 from .core.inputs import as_image_batch, channel_mismatch
 from .core.ops import attr_value, informative, map_dims, minmax, reduce_channels, upsample
-from .core.registry import Method, get_method
+from .core.registry import Method, get_method, methods
 from .core.scoped import model_guard
 
 REDUCTIONS = ("default", "sum", "sum_abs", "max_abs", None)
@@ -213,10 +213,10 @@ class Explainer:
             if layer is not None:
                 _layers.resolve_layer(self.model, layer)
         if ctx.is_clip and m.clip_refusal:
+            usable = [n for n in methods() if not get_method(n).clip_refusal]
             raise ValueError(
                 f"method {m.name!r} does not support video clips (N,C,T,H,W): "
-                f"{m.clip_refusal}; on clips use gradient, guided_backprop, "
-                "integrated_gradients, smoothgrad, gradcam, guided_gradcam, fem or mlfem"
+                f"{m.clip_refusal}; on clips use one of {', '.join(usable)}"
             )
         with model_guard(self.model, exclusive=m.changes_model), ctx.recording() as extra:
             m.check(ctx, layer, resolved)
