@@ -22,9 +22,14 @@ and checks the result (:func:`lrp`):
 >>> xw.explain(model, torch.rand(1, 3, 16, 16), "lrp", composite="epsilon").dims
 ('image', 'y', 'x')
 
-Slider cost: changing ``epsilon`` (or any LRP parameter) re-runs one traced forward,
-one modified forward and one modified backward pass on a fresh shadow copy (no tensor
-memory). Nothing is cached: the trace is cheap next to zennit's modified backward.
+Slider cost: the Explainer keeps one :class:`Canonized` copy per images, with its
+forward pass (:func:`canonized`). Any change of composite, ``epsilon``, ``gamma``,
+``alpha``/``beta`` or target is then one backward pass on the kept graph, no forward;
+each rule replaces its layer's ordinary backward (:class:`_Cut`), and LRP-ε/LRP-0 read
+the layer's kept output instead of re-running it. The graph goes with the cache (new
+images, weights changed in place, ``clear_cache``). Video clips (N, C, T, H, W) work
+the same way: zennit's rules cover Conv3d, BatchNorm3d and 3-D average pooling, and
+:class:`VideoBlockCanonizer` makes the video ResNets' residual sums visible.
 """
 
 from __future__ import annotations
