@@ -254,3 +254,94 @@ def test_grad_mode_is_restored_when_the_pass_fails_after_the_layer(tiny_resnet, 
                 ex.layer_gradient("2", torch.tensor([0, 1]))
             assert torch.is_grad_enabled() is outer
     assert all(not m._forward_hooks for m in model.modules())
+
+
+# ------------------------------- FEM: the pass stops at the layer once logits are cached
+class Calls:
+    """Counts the forward calls of each named module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.count: dict[str, int] = {}
+        self.handles = [module.register_forward_hook(
+            lambda _m, _i, _o, name=name: self.count.__setitem__(name, self.count.get(name, 0) + 1))
+            for name, module in model.named_modules() if name]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def last_output(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
+    """A whole pass without autograd; ``layer``'s last output (a copy, as recorded)."""
+    outputs: list[torch.Tensor] = []
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda _m, _i, output: outputs.append(output.clone()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return outputs[-1]
+
+
+@pytest.mark.parametrize("layer", ["layer1.0", "layer2.1.conv2", "layer4.1"])
+def test_fem_with_cached_logits_runs_the_network_only_up_to_its_layer(resnet18, layer):
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    ex = xw.Explainer(resnet18, x)
+    logits = ex.logits().clone()
+    calls = Calls(resnet18)
+    try:
+        result = ex.explain("fem", layer=layer)
+    finally:
+        calls.remove()
+    order = list(ex.context.shapes())  # modules in the order they finish
+    # nothing after the layer ran (a block's ReLU module also runs before its conv2)
+    after = {name for name in order[order.index(layer) + 1:] if not name.endswith("relu")}
+    assert layer in calls.count and not after & set(calls.count) and "fc" in after
+    np.testing.assert_allclose(ex.activations([layer])[layer].numpy(),
+                               last_output(resnet18, x, layer).numpy(), rtol=1e-6)
+    assert list(result.attrs["target"]) == logits.argmax(1).tolist()
+    # the prediction cache kept the whole pass's logits; the model has no hook left
+    assert torch.equal(ex.logits(), logits)
+    assert torch.allclose(logits, resnet18(x), rtol=1e-5, atol=1e-6)
+    assert all(not m._forward_hooks for m in resnet18.modules())
+
+
+def test_early_stop_waits_for_the_last_call_of_a_module_run_twice(tiny_resnet, images):
+    ex = xw.Explainer(tiny_resnet, images)
+    ex.logits()
+    calls = Calls(tiny_resnet)
+    try:
+        acts = ex.activations(["2.relu", "2.conv1"])
+    finally:
+        calls.remove()
+    assert calls.count["2.relu"] == 2 and "3" not in calls.count and "6" not in calls.count
+    for layer in ("2.relu", "2.conv1"):
+        np.testing.assert_allclose(acts[layer].numpy(),
+                                   last_output(tiny_resnet, images, layer).numpy(), rtol=1e-6)
+
+
+class OverwritesFirst(nn.Module):
+    """``a`` is changed in place before the second recorded layer runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv1(x)
+        a.mul_(3)
+        return self.head(self.conv2(a))
+
+
+def test_early_stopped_pass_still_detects_overwritten_records(images):
+    model = OverwritesFirst().eval()
+    ex = xw.Explainer(model, images)
+    ex.logits()
+    acts = ex.activations(["conv1", "conv2"])
+    for layer in ("conv1", "conv2"):
+        np.testing.assert_allclose(acts[layer].numpy(), last_output(model, images, layer).numpy(),
+                                   rtol=1e-6)

@@ -39,6 +39,10 @@ OutputSelector = int | str | Callable[[Any], torch.Tensor] | None
 PartialCallback = Callable[[int, int, Callable[[], torch.Tensor]], None]
 
 
+class _PassDone(Exception):
+    """Raised by a forward hook to end a pass whose remaining layers are not needed."""
+
+
 class Context:
     """Inputs and cached passes of one model on one batch of images.
 
@@ -83,6 +87,8 @@ class Context:
         self.binary = False
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._nonlinearities: Counter[str] = Counter()
+        #: how many times each module ran in the :meth:`shapes` pass
+        self._calls: Counter[str] = Counter()
         #: number of classes seen by the :meth:`shapes` pass (0 before it)
         self.probe_classes = 0
         #: set by callers that show first estimates (the widgets), see :meth:`report_partial`
@@ -161,20 +167,8 @@ class Context:
         it runs without autograd. Not cached: see :meth:`logits` and :meth:`activations`.
         """
         x = self.inputs if x is None else x
-        modules = {name: _layers.resolve_layer(self.model, name) for name in layers}
-        # without autograd the records are not copied (MLFEM records 16 blocks); a
-        # model that changes a recorded output in place gets a second, copying pass
-        copies = (True,) if grad or not modules else (False, True)
-        for copy in copies:
-            context = torch.enable_grad() if grad else torch.no_grad()
-            try:
-                with (model_guard(self.model), capture(modules, detach=not grad, copy=copy)
-                      as acts, context):
-                    logits = self.model(x)
-                break
-            except RecordOverwritten:
-                continue
-        logits = self.select_output(logits)
+        out, acts = self._pass(x, layers, grad)
+        logits = self.select_output(out)
         if grad and self.is_inputs(x):
             # a gradient pass on the images themselves fills the prediction and activation
             # cache, so the first explanation runs the model once, and predict() never
@@ -183,6 +177,53 @@ class Context:
             for name, activation in acts.items():
                 cache["acts"].setdefault(name, activation.detach())
         return logits, dict(acts)
+
+    def _pass(self, x: torch.Tensor, layers: Sequence[str], grad: bool,
+              stop: bool = False) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The model's raw output on ``x`` and the outputs of ``layers``.
+
+        ``stop=True`` (without autograd) ends the pass once the last of ``layers`` has
+        made its last output (as counted by the :meth:`shapes` pass): the rest of the
+        network does not run and the output is ``None``.
+        """
+        modules = {name: _layers.resolve_layer(self.model, name) for name in layers}
+        # without autograd the records are not copied (MLFEM records 16 blocks); a
+        # model that changes a recorded output in place gets a second, copying pass
+        copies = (True,) if grad or not modules else (False, True)
+        for copy in copies:
+            context = torch.enable_grad() if grad else torch.no_grad()
+            try:
+                with (model_guard(self.model), capture(modules, detach=not grad, copy=copy)
+                      as acts, context, Scope() as scope):
+                    stopper = self._stopper(modules) if stop and not grad else None
+                    if stopper is not None:  # after capture's hooks: the record comes first
+                        scope.handle(stopper[0].register_forward_hook(stopper[1]))
+                    try:
+                        out = self.model(x)
+                    except _PassDone:
+                        out = None
+                break
+            except RecordOverwritten:
+                continue
+        return out, dict(acts)
+
+    def _stopper(self, modules: dict[str, nn.Module]) -> tuple[nn.Module, Callable] | None:
+        """The last of ``modules`` to finish and a forward hook that ends the pass at its
+        last call, or ``None`` when the :meth:`shapes` pass cannot tell (not run yet,
+        or a module it did not see)."""
+        if self._shapes is None or not modules or not set(modules) <= self._shapes.keys():
+            return None
+        order = {name: position for position, name in enumerate(self._shapes)}
+        last = max(modules, key=order.__getitem__)
+        owner, calls, seen = threading.get_ident(), self._calls[last], [0]
+
+        def hook(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+            if threading.get_ident() == owner:
+                seen[0] += 1
+                if seen[0] == calls:
+                    raise _PassDone
+
+        return modules[last], hook
 
     def select_output(self, out: Any) -> torch.Tensor:
         """The logits ``(N, classes)`` in a model's output ``out``.
@@ -221,7 +262,7 @@ class Context:
                 if self.n_images == 1:  # the probe was the whole batch (widgets): keep it
                     self.valid_cache().setdefault("logits", logits)
 
-            self._shapes = _layers.output_shapes(self.model, probe)
+            self._shapes = _layers.output_shapes(self.model, probe, self._calls)
         return self._shapes
 
     def nonlinearities(self) -> Counter[str]:
@@ -257,10 +298,17 @@ class Context:
         return cache["logits"]
 
     def activations(self, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Cached outputs of ``layers`` (detached); runs the model only for missing layers."""
+        """Cached outputs of ``layers`` (detached); runs the model only for missing layers.
+
+        The pass also fills the prediction cache; when the logits are cached already,
+        it stops after the last missing layer (the rest of the network is not run).
+        """
         cache = self.valid_cache()
         missing = [name for name in layers if name not in cache["acts"]]
-        if missing:
+        if missing and "logits" in cache:
+            _, acts = self._pass(self.inputs, missing, grad=False, stop=True)
+            cache["acts"].update(acts)
+        elif missing:
             logits, acts = self.forward(layers=missing)
             cache["acts"].update(acts)
             cache.setdefault("logits", logits)

@@ -21,6 +21,7 @@ Rules (documented for users, used by :meth:`Explainer.layers`):
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -74,11 +75,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return unwrap(inner) if isinstance(inner, nn.Module) else model
 
 
-def output_shapes(model: nn.Module, run: Callable[[], Any]) -> dict[str, tuple[int, ...]]:
+def output_shapes(model: nn.Module, run: Callable[[], Any],
+                  calls: Counter[str] | None = None) -> dict[str, tuple[int, ...]]:
     """Output shape of every named module during ``run()``, in the order they finish.
 
     A module called several times keeps the shape and position of its last call;
-    modules that do not run are absent; non-tensor outputs are skipped.
+    modules that do not run are absent; non-tensor outputs are skipped. ``calls``,
+    if given, receives how many times each of those modules ran.
 
     >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
     >>> output_shapes(net, lambda: net(torch.zeros(1, 1, 5, 5)))
@@ -93,6 +96,8 @@ def output_shapes(model: nn.Module, run: Callable[[], Any]) -> dict[str, tuple[i
             if isinstance(output, torch.Tensor) and threading.get_ident() == owner:
                 shapes.pop(name, None)
                 shapes[name] = tuple(output.shape)
+                if calls is not None:
+                    calls[name] += 1
         return hook
 
     with Scope() as scope:
