@@ -59,13 +59,16 @@ def make_pool(count: int, size: int, fixations: int, ties: float,
 def scorer(names: tuple[str, ...], pool: dict[str, np.ndarray], n: int,
            batch: int) -> Callable[[], None]:
     """A function scoring ``n`` maps with the metrics ``names``, ``batch`` maps a call,
-    cycling through the pool (no metric caches anything, so re-used maps cost the same)."""
+    cycling through the pool (no metric caches anything, so re-used maps cost the same).
+
+    The pool holds a whole number of batches: each batch is a slice, not a copy."""
     count = len(pool["saliency"])
-    starts = [(i % count, min(batch, n - i)) for i in range(0, n, batch)]
+    if count % batch and count < n:
+        raise ValueError(f"the pool ({count} maps) must hold a whole number of batches")
+    batches = [slice(i % count, i % count + min(batch, n - i)) for i in range(0, n, batch)]
 
     def run() -> None:
-        for start, length in starts:
-            rows = np.arange(start, start + length) % count
+        for rows in batches:
             for name in names:
                 metric = metrics.METRICS[name]
                 reference = pool["fixations" if metric.needs == "fixations" else "gfdm"]
@@ -97,7 +100,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ties", type=float, default=0.0,
                    help="fraction of each saliency map set to 0 (default 0: no ties)")
     p.add_argument("--pool", type=int, default=200,
-                   help="distinct maps generated (the N maps cycle through them)")
+                   help="distinct maps generated, rounded up to whole batches (the N maps "
+                   "cycle through them)")
+    p.add_argument("--threads", type=int, default=metrics.THREADS,
+                   help="metrics.THREADS: threads that score a stack's chunks (default: "
+                   "%(default)s, the CPUs of this process)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     p.add_argument("--metrics", default=",".join(METRIC_NAMES), help="comma-separated")
     p.add_argument("--seed", type=int, default=0)
@@ -110,7 +117,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns (and with ``--out`` writes) the rows and the setup."""
     args = parse_args(argv)
     names = tuple(metrics.get(m).name for m in args.metrics.split(","))
-    pool = make_pool(min(args.pool, args.n), args.size, args.fixations, args.ties, args.seed)
+    metrics.THREADS = args.threads
+    count = min(-(-args.pool // args.batch) * args.batch, args.n)
+    pool = make_pool(count, args.size, args.fixations, args.ties, args.seed)
     fns = {name: scorer((name,), pool, args.n, args.batch) for name in names}
     fns["all seven" if names == METRIC_NAMES else "all"] = scorer(names, pool, args.n,
                                                                    args.batch)
@@ -123,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         wall = statistics.median(t[0] for t in times)
         cpu = statistics.median(t[1] for t in times)
         rows[name] = {"maps": args.n, "wall_s": wall, "cpu_s": cpu,
-                      "maps_per_s_wall": args.n / wall, "maps_per_s_cpu": args.n / cpu,
+                      "maps_per_s_wall": args.n / wall,
+                      "maps_per_s_cpu": args.n / cpu if cpu > 0 else None,  # clock tick
                       "samples": times}
     result = {"setup": {k: v for k, v in vars(args).items() if k not in ("out", "quiet")},
               "load_average": list(os.getloadavg()), "rows": rows}
@@ -138,11 +148,14 @@ def table(result: dict[str, Any]) -> str:
     """The rows as a Markdown table (maps per second on both clocks)."""
     s = result["setup"]
     lines = [f"{s['n']} maps of {s['size']}², batches of {s['batch']}, {s['fixations']} "
-             f"fixations per map, ties {s['ties']:g}; median of {s['repeats']} rounds; "
+             f"fixations per map, ties {s['ties']:g}, {s['threads']} thread(s); median of "
+             f"{s['repeats']} rounds; "
              f"load average {result['load_average'][0]:.1f}", "",
              "| metric | maps/s (elapsed) | maps/s (CPU) | ms/map (CPU) |", "|---|---|---|---|"]
     for name, row in result["rows"].items():
-        lines.append(f"| {name} | {row['maps_per_s_wall']:.0f} | {row['maps_per_s_cpu']:.0f} "
+        cpu = row["maps_per_s_cpu"]
+        lines.append(f"| {name} | {row['maps_per_s_wall']:.0f} | "
+                     f"{'n/a' if cpu is None else f'{cpu:.0f}'} "
                      f"| {1000 * row['cpu_s'] / row['maps']:.2f} |")
     return "\n".join(lines)
 

@@ -72,3 +72,24 @@ def test_memory_rows_and_markdown(result):
     for row in data["memory"]:
         assert row.get("error") is None and row["peak_mib"] >= 0, row
     assert "| gradient |" in table and "ours / limit" in table and "model calls" in table
+
+
+def test_metrics_benchmark_smoke(tmp_path, capsys):
+    from benchmarks import metrics as metrics_bench
+    from xaiwidgets.evaluation import metrics
+
+    threads = metrics.THREADS
+    out = tmp_path / "metrics.json"
+    try:
+        result = metrics_bench.main(["--n", "6", "--batch", "4", "--size", "24", "--repeats",
+                                     "2", "--ties", "0.5", "--threads", "2", "--out", str(out)])
+    finally:
+        metrics.THREADS = threads  # main() sets it for the whole process
+    assert json.loads(out.read_text())["setup"]["n"] == 6
+    rows = result["rows"]
+    assert list(rows) == [*metrics_bench.METRIC_NAMES, "all seven"]
+    for name, row in rows.items():
+        assert len(row["samples"]) == 2 and row["maps"] == 6, name
+        assert row["cpu_s"] >= 0 and row["wall_s"] > 0 and row["maps_per_s_wall"] > 0, name
+    table = capsys.readouterr().out
+    assert "| all seven |" in table and "maps/s (CPU)" in table

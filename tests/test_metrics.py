@@ -262,3 +262,112 @@ def test_vectorised_average_ranks_equal_scipy_rankdata_with_ties():
     rows = np.concatenate([rng.integers(0, 5, (6, 300)).astype(float),  # many ties
                            rng.random((2, 300)), np.zeros((1, 300))])
     np.testing.assert_array_equal(_average_ranks(rows), rankdata(rows, axis=1))
+
+
+# ------------------------------------------------- batched SSIM, ranks, AUC, chunks
+def skimage_ssim(s: np.ndarray, g: np.ndarray) -> float:
+    """scikit-image's SSIM with the settings ``metrics.ssim`` documents, one map."""
+    from skimage.metrics import structural_similarity
+
+    def minmax(a):
+        span = a.max() - a.min()
+        return (a - a.min()) / span if span > 0 else np.zeros_like(a)
+
+    return structural_similarity(minmax(s), minmax(g), data_range=1.0, gaussian_weights=True,
+                                 sigma=1.5, use_sample_covariance=False)
+
+
+@pytest.mark.parametrize("shape", [(6, 224, 224), (4, 11, 11), (3, 11, 17), (3, 40, 29)])
+def test_batched_ssim_equals_scikit_image(shape):
+    rng = np.random.default_rng(sum(shape))
+    s, g = rng.random(shape), ndimage.gaussian_filter(rng.random(shape), (0, 2, 2))
+    s[0] = 0.4  # constant map: all zeros after min-max
+    g[1] = 0.0
+    s[2] = np.round(s[2] * 3) - 1  # few values, negative ones too
+    got = metrics.ssim(s, g)
+    expected = np.array([skimage_ssim(a, b) for a, b in zip(s, g, strict=True)])
+    assert np.abs(got - expected).max() <= 1e-6
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)  # in fact to rounding
+
+
+def test_batched_ssim_on_video_volumes_equals_scikit_image_per_frame():
+    rng = np.random.default_rng(5)
+    dims = ("image", "t", "y", "x")
+    sal = xr.DataArray(rng.random((2, 3, 16, 20)), dims=dims)
+    gfdm = xr.DataArray(ndimage.gaussian_filter(rng.random((2, 3, 16, 20)), (0, 0, 2, 2)),
+                        dims=dims)
+    expected = [np.mean([skimage_ssim(sal.values[i, t], gfdm.values[i, t]) for t in range(3)])
+                for i in range(2)]
+    assert np.abs(metrics.ssim(sal, gfdm).values - expected).max() <= 1e-6
+
+
+def test_ranks_equal_rankdata_for_negatives_signed_zeros_and_near_ties():
+    from scipy.stats import rankdata
+
+    from xaiwidgets.evaluation.metrics import _average_ranks
+
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(4, 500))
+    base[0, :50] = 0.0
+    base[0, 50:100] = -0.0  # ties with +0.0 although the bits differ
+    base[1, 1::2] = np.nextafter(base[1, ::2], np.inf)  # 1 ulp apart: same sort keys
+    base[2, 1::2] = np.nextafter(base[2, ::2], -np.inf)
+    base[3, :10] = [np.inf, -np.inf, 1e-310, -1e-310, 1e308, -1e308, 5e-324, 0, 1, -1]
+    np.testing.assert_array_equal(_average_ranks(base), rankdata(base, axis=1))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_spearman_stack_with_ties_and_near_ties_equals_scipy(seed):
+    rng = np.random.default_rng(seed)
+    s = rng.normal(size=(5, 30, 30))
+    s[0] = np.maximum(s[0], 0)  # ReLU'd map: many ties at 0
+    s[1] = np.round(s[1])
+    s[2].flat[1::2] = np.nextafter(s[2].flat[::2], np.inf)
+    g = ndimage.gaussian_filter(rng.random((5, 30, 30)), (0, 2, 2))
+    g[3] = np.round(g[3], 2)
+    expected = [stats.spearmanr(a.ravel(), b.ravel())[0] for a, b in zip(s, g, strict=True)]
+    np.testing.assert_allclose(metrics.spearman(s, g), expected, rtol=1e-12)
+
+
+def test_auc_judd_stack_with_uneven_fixations_equals_slow_loop():
+    rng = np.random.default_rng(6)
+    s = np.round(rng.random((6, 20, 20)) * 6) / 6  # ties
+    f = (rng.random((6, 20, 20)) > np.array([0.99, 0.9, 0.5, 0.0, 1.0, 0.97])[:, None, None])
+    f[4, 3, 4] = True  # one fixation; row 3: every pixel fixated (no negatives: NaN)
+    got = metrics.auc_judd(s, f.astype(int))
+    for i in range(6):
+        if i == 3:
+            assert np.isnan(got[i])
+        else:
+            assert got[i] == pytest.approx(slow_auc_judd(s[i], f[i]), abs=1e-12), i
+
+
+def test_chunks_on_threads_give_the_same_scores(monkeypatch):
+    rng = np.random.default_rng(7)
+    s, g = rng.random((7, 24, 24)), rng.random((7, 24, 24))
+    f = (g > 0.9).astype(int)
+    whole = {name: metrics.METRICS[name](s, f if metrics.METRICS[name].needs == "fixations"
+                                         else g) for name in metrics.available()}
+    monkeypatch.setattr(metrics, "CHUNK_PIXELS", 2 * 24 * 24)  # chunks of two maps
+    monkeypatch.setattr(metrics, "THREADS", 3)
+    for name, expected in whole.items():
+        ref = f if metrics.METRICS[name].needs == "fixations" else g
+        np.testing.assert_allclose(metrics.METRICS[name](s, ref), expected, rtol=1e-14,
+                                   err_msg=name)
+    # the chunks do run on worker threads, each on its own rows, in order
+    import threading
+
+    seen = []
+
+    def core(a, b):
+        seen.append((threading.current_thread().name, len(a)))
+        return a[:, 0, 0]
+
+    out = metrics._in_chunks(core, s, g, {})
+    np.testing.assert_array_equal(out, s[:, 0, 0])
+    assert sorted(n for _, n in seen) == [1, 2, 2, 2]
+    assert all(name.startswith("xaiwidgets-metrics") for name, _ in seen)
+    monkeypatch.setattr(metrics, "THREADS", 1)
+    seen.clear()
+    metrics._in_chunks(core, s, g, {})
+    assert {name for name, _ in seen} == {threading.current_thread().name}

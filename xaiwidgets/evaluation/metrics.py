@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,11 @@ from ..core.ops import did_you_mean
 
 EPS = float(np.finfo(np.float64).eps)  # the MIT code's ``eps`` (KLD)
 BORJI_THRESHOLDS = np.round(np.arange(11) * 0.1, 10)  # 0, 0.1, ..., 1 (MIT: 0:0.1:max)
+#: a stack of maps is scored this many pixels a call (one map of 224²) ...
+CHUNK_PIXELS = 2**16
+#: ... and its chunks on this many threads (1: all on the calling thread)
+THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              else os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -129,9 +135,33 @@ def _stacked(s: Any, r: Any, core: Callable, needs: str, kwargs: dict) -> Any:
             "size (resize the saliency map to the reference first)"
         ) from None
     lead, hw = s.shape[:-2], s.shape[-2:]
-    out = np.asarray(core(s.reshape(-1, *hw), r.reshape(-1, *hw), **kwargs), dtype=np.float64)
-    out = out.reshape(lead)
+    out = _in_chunks(core, s.reshape(-1, *hw), r.reshape(-1, *hw), kwargs).reshape(lead)
     return float(out) if not lead else out
+
+
+def _in_chunks(core: Callable, s: np.ndarray, r: np.ndarray, kwargs: dict) -> np.ndarray:
+    """``core`` on (B, H, W) stacks, :data:`CHUNK_PIXELS` pixels a call, on up to
+    :data:`THREADS` threads (every metric scores each map on its own, so chunks are
+    independent; NumPy and SciPy release the GIL in the work that matters).
+
+    Chunks keep a metric's temporaries small enough to stay in the CPU caches.
+    """
+    step = max(1, CHUNK_PIXELS // (s.shape[1] * s.shape[2]))
+    if len(s) <= step:
+        return np.asarray(core(s, r, **kwargs), dtype=np.float64).reshape(-1)
+    starts = range(0, len(s), step)
+
+    def one(i: int) -> np.ndarray:
+        return np.asarray(core(s[i:i + step], r[i:i + step], **kwargs),
+                          dtype=np.float64).reshape(-1)
+
+    workers = min(THREADS, len(starts))
+    if workers <= 1:
+        return np.concatenate([one(i) for i in starts])
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="xaiwidgets-metrics") as pool:
+        return np.concatenate(list(pool.map(one, starts)))
 
 
 def _metric(higher_is_better: bool, needs: str = "map") -> Callable[[Callable], Callable]:
@@ -182,15 +212,21 @@ def _minmax(a: np.ndarray) -> np.ndarray:
     """Per-row min-max to [0, 1]; a constant row becomes zeros (docs/methods.md, "normalise")."""
     low, high = a.min(axis=1, keepdims=True), a.max(axis=1, keepdims=True)
     span = high - low
+    varies = span > 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(span > 0, (a - low) / np.where(span > 0, span, 1.0), 0.0)
+        out = a - low
+        out /= np.where(varies, span, 1.0)
+    out[~varies[:, 0]] = 0.0
+    return out
 
 
 def _distribution(a: np.ndarray) -> np.ndarray:
     """Per-row division by the sum; a row without mass becomes the uniform density."""
     total = a.sum(axis=1, keepdims=True)
-    uniform = np.full_like(a, 1.0 / a.shape[1])
-    return np.where(total > 0, a / np.where(total > 0, total, 1.0), uniform)
+    mass = total > 0
+    out = a / np.where(mass, total, 1.0)
+    out[~mass[:, 0]] = 1.0 / a.shape[1]
+    return out
 
 
 def _correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -301,7 +337,7 @@ def sim(saliency: Any, reference: Any) -> Any:
     """
     p = _distribution(_minmax(_flat(saliency)))
     q = _distribution(_minmax(_flat(reference)))
-    return np.minimum(p, q).sum(axis=1)
+    return np.minimum(p, q, out=p).sum(axis=1)
 
 
 @_metric(higher_is_better=False)
@@ -317,14 +353,18 @@ def kld(saliency: Any, reference: Any) -> Any:
     """
     p = _distribution(np.clip(_flat(saliency), 0, None))
     q = _distribution(np.clip(_flat(reference), 0, None))
-    return (q * np.log(EPS + q / (p + EPS))).sum(axis=1)
+    p += EPS  # in place, the MIT formula's order of operations: q·log(ε + q/(p + ε))
+    np.divide(q, p, out=p)
+    p += EPS
+    np.log(p, out=p)
+    p *= q
+    return p.sum(axis=1)
 
 
 #: SSIM's Gaussian window: scikit-image's ``gaussian_weights=True`` (σ = 1.5, truncated
 #: at 3.5 σ: radius 5, an 11×11 window), constants K1 = 0.01, K2 = 0.03, data_range 1
 SSIM_SIGMA, SSIM_TRUNCATE, SSIM_K1, SSIM_K2 = 1.5, 3.5, 0.01, 0.03
 SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
-SSIM_CHUNK = 32  # maps filtered at once: bounds the memory of a long stack
 
 
 def _gaussian_window() -> np.ndarray:
@@ -390,13 +430,8 @@ def ssim(saliency: Any, reference: Any) -> Any:
     h, w = saliency.shape[-2:]
     if min(h, w) < 2 * SSIM_RADIUS + 1:
         raise ValueError(f"SSIM needs maps of at least 11x11 pixels (its window); got {h}x{w}")
-    window = _gaussian_window()
-    out = np.empty(len(saliency))
-    for i in range(0, len(saliency), SSIM_CHUNK):
-        s, g = saliency[i:i + SSIM_CHUNK], reference[i:i + SSIM_CHUNK]
-        out[i:i + SSIM_CHUNK] = _ssim_rows(_minmax(_flat(s)).reshape(s.shape),
-                                           _minmax(_flat(g)).reshape(g.shape), window)
-    return out
+    return _ssim_rows(_minmax(_flat(saliency)).reshape(saliency.shape),
+                      _minmax(_flat(reference)).reshape(reference.shape), _gaussian_window())
 
 
 @_metric(higher_is_better=True)
