@@ -1,5 +1,6 @@
 """Any channel count (#14 item 5): grayscale (1), RGB and multispectral (C ≥ 1) inputs
-work for every method; 28×28 inputs too; rendering shows RGB, gray or a triplet."""
+work for every method; 28×28 inputs too (occlusion windows and LIME superpixels scale
+with the image); rendering shows RGB, gray or a triplet."""
 
 from __future__ import annotations
 
@@ -65,3 +66,76 @@ def test_rendering_rgb_gray_and_triplets():
     np.testing.assert_array_equal(display_image(bands), bands[:3].transpose(1, 2, 0))
     with pytest.raises(ValueError, match="three indices in 0..12"):
         display_image(bands, channels=(0, 1, 13))
+
+
+# ------------------------------------------- defaults that scale with the image (#14)
+class PixelSum(nn.Module):
+    """Logit 1 = sum of channel 0, logit 0 = its negative (cheap, any size)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x[:, 0].flatten(1).sum(1)
+        return torch.stack([-s, s], dim=1)
+
+
+@pytest.mark.parametrize("side, window, stride, segments", [
+    (28, 4, 2, 16), (32, 5, 2, 16), (224, 32, 16, 50)])
+def test_defaults_scale_with_the_image(side, window, stride, segments):
+    # the documented rules (docs/methods.md): window = side / 7 rounded, stride = half
+    # of it; one superpixel per 1000 px within [16, 200]
+    assert window == max(1, round(side / 7)) and stride == window // 2
+    assert segments == min(200, max(16, round(side * side / 1000)))
+    ex = xw.Explainer(PixelSum(), torch.rand(1, 1, side, side))
+    for method, expected in (("occlusion", {"window": window, "stride": stride}),
+                             ("lime", {"n_segments": segments})):
+        m = xw.get_method(method)
+        used = m.bind(ex.context, m.resolve_params({}))
+        assert {k: used[k] for k in expected} == expected
+    if side <= 32:  # what a result records is what was used
+        result = ex.explain("occlusion", target=1)
+        assert (result.attrs["window"], result.attrs["stride"]) == (window, stride)
+        lime = ex.explain("lime", target=1, n_samples=8)
+        assert lime.attrs["n_segments"] == segments
+
+
+def test_explicit_window_wins_and_the_stride_follows_it():
+    ex = xw.Explainer(PixelSum(), torch.rand(1, 1, 28, 28))
+    assert ex.explain("occlusion", target=1, window=6).attrs["stride"] == 3
+    r = ex.explain("occlusion", target=1, window=6, stride=4)
+    assert (r.attrs["window"], r.attrs["stride"]) == (6, 4)
+    assert ex.explain("lime", target=1, n_samples=8, n_segments=9).attrs["n_segments"] == 9
+
+
+def digits_explainer(n: int = 2) -> xw.Explainer:
+    from xaiwidgets.models import digits
+
+    model, preprocess, _ = xw.models.load("digits")
+    images, _ = digits.held_out(n)
+    return xw.Explainer(model, images, preprocess=preprocess)
+
+
+def test_occlusion_on_the_digits_model_is_a_fine_map():
+    ex = digits_explainer()
+    target = ex.logits().argmax(1)
+    result = ex.explain("occlusion", target=target.tolist())
+    assert (result.attrs["window"], result.attrs["stride"]) == (5, 2)
+    raw = ex.explain("occlusion", target=target.tolist(), reduce=None)
+    for image in range(2):
+        values = result.values[image]
+        assert np.isfinite(values).all() and values.std() > 0.05  # not constant
+        # 15 × 15 windows: far more distinct values than the 3 × 3 windows a
+        # 224²-sized 16-px window would give on 32² (at most 5 × 5 regions)
+        assert len(np.unique(raw.values[image].round(6))) > 100
+
+
+def test_lime_on_grayscale_digits_uses_16_superpixels():
+    from xaiwidgets.families.lime import superpixels
+
+    ex = digits_explainer(1)
+    result = ex.explain("lime", target=int(ex.logits().argmax()), n_samples=64)
+    assert result.attrs["n_segments"] == 16 and result.shape == (1, 32, 32)
+    labels = superpixels(ex.images[0], 16)  # the 1-channel display image
+    assert 4 <= labels.max() + 1 <= 32
+    values = result.values[0]
+    assert np.isfinite(values).all() and values.std() > 0
+    for label in np.unique(labels):  # one coefficient per superpixel
+        assert np.ptp(values[labels == label]) == pytest.approx(0.0, abs=1e-6)

@@ -1,6 +1,7 @@
 """LIME for images (Ribeiro et al. 2016): a weighted linear surrogate over superpixels.
 
-1. SLIC superpixels of the display image (scikit-image);
+1. SLIC superpixels of the display image (scikit-image), by default one per
+   :data:`SEGMENT_PIXELS` pixels (:func:`default_segments`);
 2. ``n_samples`` random on/off masks over the superpixels (the first one all on),
    drawn per image from a generator seeded by ``seed`` and the image's content (an
    image gets the same masks alone or in any batch);
@@ -20,6 +21,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from skimage.segmentation import slic
@@ -33,6 +36,22 @@ RIDGE = 1.0
 #: on textured images SLIC's colour term fragments the superpixels and the connectivity
 #: step then merges them into a handful, so a squarer, more compact setting is retried
 COMPACTNESS = (10.0, 100.0, 1000.0)
+#: default superpixel area (px): 50 superpixels on a 224² image
+SEGMENT_PIXELS = 1000
+#: bounds of the default superpixel count (small images still get a usable map; large
+#: ones do not need many more samples than ``n_samples``)
+SEGMENTS_RANGE = (16, 200)
+
+
+def default_segments(size: tuple[int, ...]) -> int:
+    """The default ``n_segments`` for an (H, W) image: one superpixel per
+    :data:`SEGMENT_PIXELS` pixels, rounded, kept within :data:`SEGMENTS_RANGE`.
+
+    >>> default_segments((224, 224)), default_segments((32, 32)), default_segments((512, 512))
+    (50, 16, 200)
+    """
+    low, high = SEGMENTS_RANGE
+    return min(high, max(low, round(size[-2] * size[-1] / SEGMENT_PIXELS)))
 
 
 def superpixels(image: torch.Tensor, n_segments: int) -> np.ndarray:
@@ -99,14 +118,21 @@ class Lime(Method):
     quick_params = {"n_samples": 16, "n_segments": 8}
     params = (
         Param("n_samples", 500, kind="int", low=2, high=100_000, doc="random masks"),
-        Param("n_segments", 50, kind="int", low=2, high=10_000,
-              doc="SLIC superpixels asked for (SLIC may return a few more or less)"),
+        Param("n_segments", None, kind="int", low=2, high=10_000,
+              doc="SLIC superpixels asked for (SLIC may return a few more or less); "
+                  "default: one per 1000 px of the image, within [16, 200] (50 at 224², "
+                  "16 at 32² and 28²)"),
         Param("kernel_width", 0.25, low=0.01, high=10.0, step=0.01,
               doc="width of the exp(-d²/width²) proximity kernel"),
         Param("seed", 0, kind="int", low=0,
               doc="random seed of the masks (combined with each image's content)"),
         Param("batch_size", 64, kind="int", low=1, doc="masked images per model call"),
     )
+
+    def bind(self, ctx, params: dict[str, Any]) -> dict[str, Any]:
+        # SLIC cuts the display image: its size sets the default (recorded in attrs)
+        size = (ctx.images if ctx.preprocess is not None else ctx.inputs).shape[-2:]
+        return {**params, "n_segments": params["n_segments"] or default_segments(size)}
 
     def attribute(self, ctx, target, layer, n_samples, n_segments, kernel_width, seed,
                   batch_size) -> torch.Tensor:

@@ -135,14 +135,17 @@ def is_visible(control: W.Widget) -> bool:
     return control.layout.display != "none"
 
 
-def effective_defaults(m: Method) -> dict[str, Any]:
+def effective_defaults(m: Method, context: Any = None) -> dict[str, Any]:
     """Each parameter's default after the method's cross-parameter rules.
 
     An optional parameter declared with default ``None`` ("derive me from the
-    others", e.g. LRP's β = α − 1) gets the value the method would actually use.
+    others", e.g. LRP's β = α − 1) gets the value the method would actually use;
+    with the images' ``context``, so do defaults that scale with the image
+    (occlusion's window and stride, LIME's n_segments: ``Method.bind``).
     """
     try:
-        return m.resolve_params({})
+        params = m.resolve_params({})
+        return params if context is None else m.bind(context, params)
     except Exception:  # a method whose defaults need an explainer: use the declarations
         return {p.name: p.default for p in m.params}
 
@@ -166,7 +169,8 @@ class ParamControls:
     'max'
     """
 
-    def __init__(self, methods: Iterable[str | Method], only: Sequence[str] | None = None) -> None:
+    def __init__(self, methods: Iterable[str | Method], only: Sequence[str] | None = None,
+                 context: Any = None) -> None:
         self.controls: dict[str, W.ValueWidget] = {}
         #: method -> {parameter name -> control key}
         self.keys: dict[str, dict[str, str]] = {}
@@ -178,7 +182,7 @@ class ParamControls:
         self.current: str | None = None
         for method in methods:
             m = get_method(method) if isinstance(method, str) else method
-            defaults = effective_defaults(m)
+            defaults = effective_defaults(m, context)
             self.keys[m.name] = {}
             for p in m.params:
                 if only is not None and p.name not in only:

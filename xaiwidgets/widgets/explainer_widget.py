@@ -76,7 +76,7 @@ class ExplainerWidget(ExplorerBase):
         ex = self.explainer()
         self.randomizer = Randomizer(model, ex.inputs[:1])  # the sanity toggle
         self.live = LiveScores(enabled=self.background)  # the drawn map: faithfulness, gaze
-        self.params = ParamControls(names)
+        self.params = ParamControls(names, context=ex.context)  # size-scaled defaults
         self._add_controls({
             "image": self._image_control(),
             **self._frame_controls(),
