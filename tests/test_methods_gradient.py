@@ -48,6 +48,24 @@ def test_integrated_gradients_spec_example_right_riemann():
     assert exact.values[0, :2, 0, 0] == pytest.approx([3.0, 3.0], rel=1e-3)
 
 
+def test_integrated_gradients_first_estimates_only_when_shown(monkeypatch):
+    ex = xw.Explainer(Product(), product_input(), progress=False)
+    offered = []
+    monkeypatch.setattr(ex.context, "report_partial", lambda *args: offered.append(args))
+    ex.explain("integrated_gradients", target=0, steps=4, batch_size=1)
+    ex.explain("smoothgrad", target=0, n=4, batch_size=1)
+    assert offered == []  # nobody draws estimates: no snapshot of the running sum
+    monkeypatch.undo()
+    shown = []
+    ex.context.partial = lambda done, total, estimate: shown.append(
+        (done, total, estimate()[0, :2, 0, 0].tolist()))
+    final = ex.explain("integrated_gradients", target=0, steps=4, batch_size=1, reduce=None)
+    # by hand: f = x0·x1 at (2, 3), ∇f(αx) = α(3, 2); steps in spread order α = 1/4,
+    # 3/4, 2/4: the mean α so far is 1/4, 1/2, 1/2, so (x − 0)·mean ∇ = α·(6, 6)
+    assert shown == [(1, 4, [1.5, 1.5]), (2, 4, [3.0, 3.0]), (3, 4, [3.0, 3.0])]
+    assert final.values[0, :2, 0, 0].tolist() == [3.75, 3.75]
+
+
 def test_integrated_gradients_completeness_on_a_cnn(tiny_resnet, images):
     ex = xw.Explainer(tiny_resnet, images)
     with torch.no_grad():

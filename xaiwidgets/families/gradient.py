@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -148,6 +149,19 @@ def spread_order(n: int) -> list[int]:
     return [r for r in (int(f"{i:0{bits}b}"[::-1], 2) for i in range(2**bits)) if r < n]
 
 
+def partial_estimate(ctx, estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """``estimate`` when someone shows first estimates (``ctx.partial``), else ``None``:
+    then no snapshot of the running sum is taken after each chunk.
+
+    >>> import torch, xaiwidgets as xw
+    >>> ctx = xw.Explainer(torch.nn.Flatten(), torch.rand(1, 3, 2, 2)).context
+    >>> partial_estimate(ctx, lambda part, count: part / count) is None
+    True
+    """
+    return estimate if ctx.partial is not None else None
+
+
 BASELINE = Param("baseline", 0.0, kind="any", doc="reference input: number, tensor or 'black'")
 
 
@@ -171,12 +185,15 @@ class IntegratedGradients(Method):
         base = baseline_tensor(ctx, baseline)
         delta = x - base
         # path points are built chunk by chunk: memory does not grow with steps; they
-        # come in spread order, so the sum after any chunk gives a first estimate
+        # come in spread order, so the sum after any chunk gives a first estimate.
+        # Each point is one product and one in-place add (base + α·δ, same values)
         order = spread_order(steps)
         summed = ctx.summed_input_gradient(
-            lambda k: base + ((order[k] + 1) / steps) * delta, steps, target,
-            batch_size=batch_size, estimate=lambda part, count: delta * part / count)
-        return delta * summed / steps
+            lambda k: torch.mul(delta, (order[k] + 1) / steps).add_(base), steps, target,
+            batch_size=batch_size,
+            estimate=partial_estimate(ctx, lambda part, count: delta * part / count))
+        # the running sum is ours: scale it in place (delta * summed / steps)
+        return summed.mul_(delta).div_(steps)
 
 
 @register
@@ -206,5 +223,7 @@ class SmoothGrad(Method):
             # batch_size, and never more than a chunk of noise in memory
             return x + per_image_randn(generators, x) * (sigma * span)
 
-        return ctx.summed_input_gradient(noisy, n, target, batch_size=batch_size,
-                                         estimate=lambda part, count: part / count) / n
+        summed = ctx.summed_input_gradient(
+            noisy, n, target, batch_size=batch_size,
+            estimate=partial_estimate(ctx, lambda part, count: part / count))
+        return summed.div_(n)
