@@ -278,11 +278,14 @@ def _ranks_in_order(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return (order + np.arange(0, n * p, p)[:, None]).ravel(), ranks
     a = np.ascontiguousarray(a, dtype=np.float64)
     low = np.uint64(2**bits - 1)
-    key = a.view(np.uint64) >> np.uint64(63)
     # IEEE order as unsigned order: flip every bit of negatives, only the sign of the rest
-    key *= np.uint64(2**63 - 1)
-    key |= np.uint64(2**63)
-    key ^= a.view(np.uint64)
+    if a.min(initial=0.0) >= 0:  # (NaN: not >=) the common case, in one pass; -0.0 becomes +0.0
+        key = a.view(np.uint64) | np.uint64(2**63)
+    else:
+        key = a.view(np.uint64) >> np.uint64(63)
+        key *= np.uint64(2**63 - 1)
+        key |= np.uint64(2**63)
+        key ^= a.view(np.uint64)
     key &= ~low
     key |= np.arange(p, dtype=np.uint64)
     key.sort(axis=1)
