@@ -21,6 +21,10 @@ PCC/Spearman/NSS 0 and AUC 0.5, a map with no mass is the uniform density for SI
 and KLD. Only a fixation map without fixations gives NaN (NSS, AUC), as the
 question has no answer.
 
+Speed: a stack is scored a chunk of about one 224² map at a time (:data:`CHUNK_PIXELS`)
+on :data:`THREADS` threads; every metric is vectorised over the chunk (SSIM's Gaussian
+filters, Spearman's ranks, AUC-Judd's sort). ``python -m benchmarks.metrics`` times them.
+
 Each metric describes itself in :data:`METRICS` (direction, what it needs):
 
 >>> import numpy as np
