@@ -58,6 +58,8 @@ class Occlusion(Method):
     family = "perturbation"
     default_reduce = "map"
     signed = True
+    #: a quick run (tests, previews) on the small images they use: few, disjoint windows
+    quick_params = {"window": 8, "stride": 8}
     params = (
         Param("window", None, kind="int", low=1, high=1024,
               doc="side of the square patch (px); default: the image's shorter side / 7, "
