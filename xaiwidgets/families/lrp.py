@@ -991,9 +991,6 @@ class LRP(Method):
         return result.relevance
 
 
-_BUILDING = threading.Lock()
-
-
 def canonized(ctx: Any) -> Canonized:
     """The context's :class:`Canonized` copy of its model on its inputs, built on first
     use and kept in its cache (so dropped with it: new weights, ``clear_cache``).
@@ -1004,7 +1001,8 @@ def canonized(ctx: Any) -> Canonized:
     cache = ctx.valid_cache()
     kept = cache.get("lrp")
     if kept is None:
-        with _BUILDING:  # two threads asking at once build one copy
+        # two threads asking at once build one copy (dict.setdefault is atomic)
+        with cache.setdefault("lrp_building", threading.Lock()):
             kept = cache.get("lrp")
             if kept is None:
                 kept = cache["lrp"] = Canonized.build(ctx.model, ctx.inputs, keep=True)
