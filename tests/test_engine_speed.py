@@ -345,3 +345,16 @@ def test_early_stopped_pass_still_detects_overwritten_records(images):
     for layer in ("conv1", "conv2"):
         np.testing.assert_allclose(acts[layer].numpy(), last_output(model, images, layer).numpy(),
                                    rtol=1e-6)
+
+
+
+def test_explicit_targets_need_no_prediction_pass(tiny_resnet, images):
+    """The class count comes from the construction probe: checking explicit targets
+    runs nothing, so a fresh Explainer's IG makes only its own steps·N rows of calls."""
+    ex = xw.Explainer(tiny_resnet, images)
+    rows = Rows(tiny_resnet)
+    ex.explain("integrated_gradients", target=1, steps=2)
+    rows.handle.remove()
+    assert sum(rows.sizes) == 2 * len(images)
+    with pytest.raises(ValueError, match="out of range"):
+        ex.explain("integrated_gradients", target=4, steps=2)

@@ -316,7 +316,10 @@ class Context:
 
     @property
     def num_classes(self) -> int:
-        return int(self.logits().shape[1])
+        """Number of classes (the logits' width): from the construction probe, no pass."""
+        if not self.probe_classes:
+            self.shapes()
+        return self.probe_classes
 
     def layers(self) -> list[str]:
         """Names usable as ``layer=``, in forward order: convolutions and block outputs."""
