@@ -783,8 +783,8 @@ class Canonized:
                 continue
             chosen.applied.setdefault(type(module).__name__, set()).add(kind)
             slot = self.slots.get(id(module))
-            if slot is not None:
-                slot.rule = hook.copy() if hook is not None else None
+            if slot is not None and hook is not None:  # merged BatchNorms keep Pass
+                slot.rule = hook.copy()
         return chosen
 
     def explain(self, target: torch.Tensor, composite: str,
@@ -813,16 +813,19 @@ class Canonized:
 
 def _attach(shadow: nn.Module, merged: frozenset[int]) -> dict[int, _Slot]:
     """A :class:`_Slot` (forward hook on the copy) on every module that any composite
-    gives a rule: activations, sums, average pools, unmerged BatchNorms, layers."""
+    gives a rule: activations, sums, average pools, unmerged BatchNorms, layers; and
+    on merged BatchNorms (identities now), whose relevance passes unchanged."""
     probe = make_composite("epsilon", merged=merged)
     slots: dict[int, _Slot] = {}
     for module in shadow.modules():
-        if id(module) in slots or id(module) in merged:
+        if id(module) in slots:
             continue
         kind, _ = probe.choose({}, module)
         if kind is None:
             continue
         slot = _Slot(module, layer=isinstance(module, (AnyLinear, BatchNorm)))
+        if id(module) in merged:  # now the identity: relevance passes, no BN backward
+            slot.layer, slot.rule = False, Pass()
         module.register_forward_hook(slot.hook, with_kwargs=True)
         slots[id(module)] = slot
     return slots
