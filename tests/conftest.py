@@ -11,6 +11,7 @@ import pytest
 import torch
 import xarray as xr
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 import xaiwidgets as xw
 
@@ -92,3 +93,28 @@ def assert_netcdf_round_trip(ds: xr.Dataset, path: Path) -> None:
     part = ds.isel(image=slice(0, 2))
     part.to_netcdf(path, engine="h5netcdf")
     xr.testing.assert_identical(xr.load_dataset(path, engine="h5netcdf"), part)
+
+
+def count_forwards(model: nn.Module) -> tuple[list[int], RemovableHandle]:
+    """Count the passes ``model`` starts (a forward pre-hook: a FEM pass that stops after
+    its layer counts too); the list's length is the count, remove the handle when done.
+
+    Example: ``forwards, handle = count_forwards(model)``, later ``handle.remove()``.
+    """
+    calls: list[int] = []
+    return calls, model.register_forward_pre_hook(lambda *_: calls.append(1))
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> list[int]:
+    """Wrap ``cls.name`` (undone by ``monkeypatch``) so every call is counted (the count is
+    the list's length). Example: ``calls = count_calls(monkeypatch, xw.Explainer, "explain")``.
+    """
+    calls: list[int] = []
+    original = getattr(cls, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cls, name, wrapper)
+    return calls

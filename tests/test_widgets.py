@@ -19,28 +19,9 @@ from xaiwidgets.core.registry import Param
 from xaiwidgets.widgets import controls as C
 from xaiwidgets.widgets.figures import colorscale, display_values
 
-from .conftest import make_tiny_resnet
+from .conftest import count_calls, count_forwards, make_tiny_resnet
 
 IMAGES = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-def count_calls(monkeypatch, cls, name: str) -> list[int]:
-    """Wrap ``cls.name`` so every call is counted (the count is the list's length)."""
-    calls: list[int] = []
-    original = getattr(cls, name)
-
-    def wrapper(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(cls, name, wrapper)
-    return calls
-
-
-def count_forwards(model: torch.nn.Module) -> list[int]:
-    calls: list[int] = []
-    model.register_forward_pre_hook(lambda *_: calls.append(1))  # started passes
-    return calls
 
 
 def shown_map(w, panel: int | None = None) -> np.ndarray:
@@ -197,7 +178,7 @@ def test_signed_maps_get_a_diverging_colormap_centred_at_zero(widget):
 
 def test_fem_parameters_reuse_the_cached_forward_pass(model):
     w = xw.ExplainerWidget(model, IMAGES, method="fem")
-    forwards = count_forwards(model)
+    forwards, _ = count_forwards(model)
     for K in (0.5, 2.0, 3.0):
         w.controls["K"].value = K
         assert w.result.attrs["K"] == K
@@ -303,7 +284,7 @@ def test_fem_stack_widget(model, monkeypatch):
     shown, heat = shown_map(grid, 0), grid.heatmap(0)
     assert shown.shape == (44, 44) and (heat.dx, heat.x0) == (3, 1.0)
     assert shown[0, 0] == pytest.approx(np.arange(130.0 * 130).reshape(130, 130)[:3, :3].mean())
-    forwards = count_forwards(model)
+    forwards, _ = count_forwards(model)
     stacks = count_calls(monkeypatch, xw.Explainer, "fem_stack")
     w.controls["operator"].value = "add"
     w.controls["alpha"].value = 0.8

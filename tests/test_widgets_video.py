@@ -20,6 +20,8 @@ from xaiwidgets.widgets.controls import is_visible
 from xaiwidgets.widgets.figures import image_uri
 from xaiwidgets.widgets.live_scores import score_map
 
+from .conftest import count_calls, count_forwards
+
 FRAMES = 4
 
 
@@ -45,23 +47,6 @@ def ds() -> xr.Dataset:
 @pytest.fixture(scope="module")
 def clips(ds) -> torch.Tensor:
     return torch.from_numpy(ds.image.values)
-
-
-def count_forwards(model: nn.Module) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
-    calls: list[int] = []
-    return calls, model.register_forward_pre_hook(lambda *_: calls.append(1))
-
-
-def count_calls(monkeypatch, cls, name: str) -> list[int]:
-    calls: list[int] = []
-    original = getattr(cls, name)
-
-    def wrapper(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(cls, name, wrapper)
-    return calls
 
 
 def heat(grid, panel: int) -> np.ndarray:
