@@ -76,8 +76,11 @@ def test_every_change_is_one_backward_and_equals_a_fresh_computation(images):
     # a target change too: the forward graph does not depend on the target
     other = ex.explain("lrp", composite="epsilon", target=[3, 0], reduce=None)
     assert counter.calls == before
-    handle = model._forward_pre_hooks.popitem()  # fresh runs below are not counted
-    del handle
+    model._forward_pre_hooks.popitem()  # fresh runs below are not counted
+    # the changes do change the map (a rule reading stale parameters would not)
+    assert not np.allclose(kept[1].values, kept[2].values)
+    assert not np.allclose(kept[5].values, kept[6].values)
+    assert not np.allclose(kept[7].values, kept[8].values)
     for (composite, params), result in zip(CHANGES, kept, strict=True):
         fresh = xw.explain(model, images, "lrp", composite=composite, target=[1, 2],
                            reduce=None, **params)

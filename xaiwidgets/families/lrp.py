@@ -708,6 +708,7 @@ class Canonized:
     bearing module gets a :class:`_Slot` whose rule is set before each backward. One
     thread at a time uses it (:attr:`lock`). The user's model is never touched.
 
+    >>> _ = torch.manual_seed(0)
     >>> net = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1))
     >>> kept = Canonized.build(net, torch.ones(1, 2), keep=True)
     >>> a = kept.explain(torch.tensor([0]), "epsilon", {"epsilon": 0.1})
