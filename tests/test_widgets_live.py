@@ -63,6 +63,20 @@ class Calls:
             time.sleep(0.02)
 
 
+def idle_widget(model: torch.nn.Module, method: str) -> xw.ExplainerWidget:
+    """A background ExplainerWidget on ``IMAGES`` whose first ``method`` map is done."""
+    w = xw.ExplainerWidget(model, IMAGES, method=method, background=True)
+    assert w.wait(60)
+    return w
+
+
+def record_statuses(w) -> list[str]:
+    """Every status line the widget shows from now on, in order."""
+    statuses: list[str] = []
+    w.status.observe(lambda change: statuses.append(change["new"]), "value")
+    return statuses
+
+
 def record_draws(w) -> list[tuple[str, bool, np.ndarray]]:
     """Every map the ExplainerWidget draws: (method, first estimate?, values)."""
     drawn: list[tuple[str, bool, np.ndarray]] = []
@@ -76,10 +90,15 @@ def record_draws(w) -> list[tuple[str, bool, np.ndarray]]:
     return drawn
 
 
-def start_slow_ig(w) -> None:
+def start_slow_ig(w, model: torch.nn.Module, chunks: int = 1) -> Calls:
+    """Switch the (idle) background widget ``w`` on ``model`` to a slow IG; return once
+    ``chunks`` IG chunks have run, with the passes recorded from before the switch."""
+    calls = Calls(model)
     with w.hold():
         w.controls["method"].value = "integrated_gradients"
         w.controls["steps"].value = SLOW_STEPS
+    calls.wait_for_chunks(chunks)
+    return calls
 
 
 # ------------------------------------------------------------------ the worker
@@ -158,12 +177,9 @@ def test_a_change_returns_while_the_work_runs_and_wait_gets_the_result(tiny):
 
 
 def test_a_newer_change_stops_integrated_gradients_at_its_next_chunk(resnet18):
-    w = xw.ExplainerWidget(resnet18, IMAGES, method="gradcam", background=True)
-    assert w.wait(60)
+    w = idle_widget(resnet18, "gradcam")
     drawn = record_draws(w)
-    calls = Calls(resnet18)
-    start_slow_ig(w)
-    calls.wait_for_chunks(2)
+    calls = start_slow_ig(w, resnet18, chunks=2)
     mark = len(calls.log)
     w.controls["method"].value = "gradcam"
     assert w.wait(120)
@@ -179,11 +195,8 @@ def test_a_newer_change_stops_integrated_gradients_at_its_next_chunk(resnet18):
 
 
 def test_cancel_stops_the_work_and_keeps_the_last_map(resnet18):
-    w = xw.ExplainerWidget(resnet18, IMAGES, method="gradient", background=True)
-    assert w.wait(60)
-    calls = Calls(resnet18)
-    start_slow_ig(w)
-    calls.wait_for_chunks(1)
+    w = idle_widget(resnet18, "gradient")
+    calls = start_slow_ig(w, resnet18)
     assert C.is_visible(w.busy_box)           # the Cancel button shows while computing
     w.cancel_button.click()
     mark = len(calls.log)
@@ -199,11 +212,8 @@ def test_cancel_stops_the_work_and_keeps_the_last_map(resnet18):
 
 
 def test_restyles_draw_at_once_without_stopping_the_computation(resnet18):
-    w = xw.ExplainerWidget(resnet18, IMAGES, method="gradcam", background=True)
-    assert w.wait(60)
-    calls = Calls(resnet18)
-    start_slow_ig(w)
-    calls.wait_for_chunks(1)
+    w = idle_widget(resnet18, "gradcam")
+    calls = start_slow_ig(w, resnet18)
     w.controls["opacity"].value = 0.3
     assert w.grid.heatmap(w.map_panel).opacity == 0.3   # drawn before the change returned
     assert w.busy                                        # ... and IG goes on
@@ -215,8 +225,7 @@ def test_restyles_draw_at_once_without_stopping_the_computation(resnet18):
 
 
 def test_errors_show_inline_in_the_background_and_the_widget_keeps_working(tiny):
-    w = xw.ExplainerWidget(tiny, IMAGES, method="mlfem", background=True)
-    assert w.wait(60)
+    w = idle_widget(tiny, "mlfem")
     good = w.result
     w.controls["operator"].value = "net"  # no trained NET for this model
     assert w.wait(60)
@@ -229,11 +238,9 @@ def test_errors_show_inline_in_the_background_and_the_widget_keeps_working(tiny)
 
 # ------------------------------------------------------------------ first estimates
 def test_smoothgrad_draws_first_estimates_with_the_count(tiny):
-    w = xw.ExplainerWidget(tiny, IMAGES, method="gradient", background=True)
-    assert w.wait(60)
+    w = idle_widget(tiny, "gradient")
     drawn = record_draws(w)
-    statuses: list[str] = []
-    w.status.observe(lambda change: statuses.append(change["new"]), "value")
+    statuses = record_statuses(w)
     with w.hold():
         w.controls["method"].value = "smoothgrad"
         w.controls["n"].value = 3 * BACKGROUND_BATCH
@@ -253,8 +260,7 @@ def test_smoothgrad_draws_first_estimates_with_the_count(tiny):
 
 
 def test_integrated_gradients_estimates_converge_to_the_result(tiny):
-    w = xw.ExplainerWidget(tiny, IMAGES, method="gradient", background=True)
-    assert w.wait(60)
+    w = idle_widget(tiny, "gradient")
     drawn = record_draws(w)
     with w.hold():
         w.controls["method"].value = "integrated_gradients"
@@ -420,8 +426,7 @@ def test_in_a_kernel_the_widget_computes_in_the_background_and_updates_reach_the
 def test_widget_latency_benchmark_rows(tiny):
     from benchmarks.slider import time_widget_changes, widget_markdown
 
-    w = xw.ExplainerWidget(tiny, IMAGES, method="gradcam", background=True)
-    assert w.wait(60)
+    w = idle_widget(tiny, "gradcam")
     second = w.controls["target"].options[1][1]  # "target" 1: the second most probable
     rows = time_widget_changes(w, (("opacity", 0.4), ("target", 1),
                                    ("method", "integrated_gradients")))
@@ -440,11 +445,9 @@ def test_widget_latency_benchmark_rows(tiny):
     ("meaningful_perturbation", {"steps": 6}, "steps"),
 ])
 def test_perturbation_methods_draw_first_estimates(tiny, method, params, unit):
-    w = xw.ExplainerWidget(tiny, IMAGES, method="gradient", background=True)
-    assert w.wait(60)
+    w = idle_widget(tiny, "gradient")
     drawn = record_draws(w)
-    statuses: list[str] = []
-    w.status.observe(lambda change: statuses.append(change["new"]), "value")
+    statuses = record_statuses(w)
     with w.hold():
         w.controls["method"].value = method
         for name, value in params.items():
