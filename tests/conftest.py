@@ -32,6 +32,22 @@ class TinyBlock(nn.Module):
         return self.relu(out)
 
 
+class Activated(nn.Module):
+    """conv -> activation -> conv -> activation -> pool -> linear, the activation given
+    as a callable (a module or any function)."""
+
+    def __init__(self, act) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.act = act
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.act(self.conv2(self.act(self.conv1(x))))
+        return self.head(x.mean((2, 3)))
+
+
 def make_tiny_cnn(seed: int = 0, classes: int = 4) -> nn.Module:
     """Plain conv stack with in-place ReLUs, BatchNorm and a linear head."""
     torch.manual_seed(seed)

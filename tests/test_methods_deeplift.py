@@ -14,6 +14,8 @@ from torchvision.models import resnet18
 import xaiwidgets as xw
 from xaiwidgets.families.deeplift import rescale_rule
 
+from .conftest import Activated
+
 
 def spec_net() -> nn.Sequential:
     """SPEC's example as 1x1 convolutions: z = (x1 + 2x2, -x1 + x2), y = a1 - 2a2."""
@@ -174,20 +176,6 @@ def test_summation_to_delta_on_the_shipped_models(name):
     assert_sums_to_delta(model, x, 0.0, target)
 
 
-class Net(nn.Module):
-    """conv -> act -> conv -> act -> mean -> linear with the activation as any callable."""
-
-    def __init__(self, act) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
-        self.act = act
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.head(self.act(self.conv2(self.act(self.conv1(x)))).mean((2, 3)))
-
-
 def strongest_target(model, x) -> list[int]:
     with torch.no_grad():
         return (model(x) - model(torch.zeros_like(x))).abs().argmax(1).tolist()
@@ -200,7 +188,7 @@ def strongest_target(model, x) -> list[int]:
 ], ids=["hardswish", "hardsigmoid", "mish", "softplus", "selu", "Tensor.relu",
         "torch.relu", "clamp", "Tensor.sigmoid", "threshold"])
 def test_every_way_to_call_an_activation_sums_to_delta_without_warnings(act):
-    model = Net(act)
+    model = Activated(act)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no DeepLiftWarning

@@ -9,6 +9,8 @@ from torch import nn
 
 import xaiwidgets as xw
 
+from .conftest import Activated
+
 
 class Product(nn.Module):
     """Logit 0 = x[0,0,0] * x[1,0,0] (the SPEC's IG example); logit 1 = 0."""
@@ -212,22 +214,6 @@ def test_occlusion_of_a_pixel_sum_model():
             total[y:y + 4, x0:x0 + 4] += 2 * x[0, 0, y:y + 4, x0:x0 + 4].sum().item()
             count[y:y + 4, x0:x0 + 4] += 1
     np.testing.assert_allclose(occ, total / count, rtol=1e-5)
-
-
-class Activated(nn.Module):
-    """conv -> activation -> conv -> activation -> pool -> linear, the activation given
-    as a callable (a module or any function)."""
-
-    def __init__(self, act) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
-        self.act = act
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x):
-        x = self.act(self.conv2(self.act(self.conv1(x))))
-        return self.head(x.mean((2, 3)))
 
 
 RELU_RULE_METHODS = ["guided_backprop", "deconvnet", "guided_gradcam"]
