@@ -7,7 +7,7 @@
 * every public name is listed in the API reference (``docs/api.md``), and every name the
   reference lists exists;
 * the definitions page that docstrings cite exists, and no docstring cites a file outside
-  the repository (``SPEC.md``);
+  the repository (the planning files);
 * every page of the site is reachable from a table of contents, and relative links
   between pages point at existing files.
 
@@ -177,14 +177,23 @@ Some prose under the table.
         "xaiwidgets.metrics.pcc"}
 
 
-def test_docstrings_cite_the_docs_not_files_outside_the_repository():
+def test_nothing_cites_files_outside_the_repository():
+    """Code, tests, notebooks and pages cite docs/methods.md, never the planning files."""
     assert (DOCS / "methods.md").exists()
+    outside = ("SPEC" + ".md", "API" + ".md", "STYLE" + ".md", "../" + "shared")
+    roots = [Path(xw.__file__).parent, ROOT / "tests", ROOT / "notebooks", ROOT / "benchmarks",
+             DOCS, ROOT / "README.md", ROOT / "binder"]
     offenders = []
-    package = Path(xw.__file__).parent
-    for path in package.rglob("*.py"):
-        if "SPEC.md" in path.read_text(encoding="utf-8"):
-            offenders.append(str(path.relative_to(ROOT)))
-    assert not offenders, f"cite docs/methods.md instead of SPEC.md in {offenders}"
+    for root in roots:
+        files = [root] if root.is_file() else root.rglob("*")
+        for path in files:
+            copied = DOCS / "_build", DOCS / "notebooks"  # build outputs, untracked copies
+            if (path.suffix not in {".py", ".md", ".ipynb", ".txt", ".yml", ".toml"}
+                    or any(path.is_relative_to(c) for c in copied)):
+                continue
+            text = path.read_text(encoding="utf-8")
+            offenders += [f"{path.relative_to(ROOT)}: {word}" for word in outside if word in text]
+    assert not offenders, f"cite docs/methods.md instead: {offenders}"
 
 
 def pages() -> set[str]:

@@ -17,7 +17,7 @@ from xaiwidgets.core.ops import minmax
 from xaiwidgets.families.fem import fem_map
 from xaiwidgets.net import FusionNet
 
-# SPEC.md worked examples (K = 1, no upsampling)
+# docs/methods.md worked examples (K = 1, no upsampling)
 F_2x2 = [[[0, 0], [0, 4]], [[2, 2], [2, 2]]]
 A_3x3 = [[[0, 0, 0], [0, 4, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 2], [3, 1, 2]]]
 MAP_3x3_DDOF0 = [[0, 0, 0], [0, 0.5, 1], [1, 0, 1]]

@@ -1,4 +1,4 @@
-"""MLFEM fusion: SPEC.md's worked example, operator identities, the order of
+"""MLFEM fusion: docs/methods.md's worked example, operator identities, the order of
 normalisation, the closed-form add weights, and the NET operator."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from xaiwidgets.net import FusionNet, apply_net, load_net, save_net
 
 A = torch.tensor([[0.0, 1.0], [0.5, 0.2]])
 B = torch.tensor([[1.0, 0.0], [0.2, 0.6]])
-EXPECTED = {  # SPEC.md, alpha = 0.5
+EXPECTED = {  # docs/methods.md, alpha = 0.5
     "max": [[1.0, 1.0], [0.5, 0.6]],
     "add": [[0.5, 0.5], [0.35, 0.4]],
     "top": [[0.5, 0.5], [0.25, 0.4]],

@@ -1,4 +1,4 @@
-"""LRP: SPEC.md's worked example, conservation, rule properties, agreement with zennit's
+"""LRP: docs/methods.md's worked example, conservation, rule properties, agreement with zennit's
 own composites (reference used only here) and clean-up of the model."""
 
 from __future__ import annotations

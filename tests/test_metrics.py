@@ -1,4 +1,4 @@
-"""Saliency metrics: SPEC.md worked examples, independent re-computations, properties."""
+"""Saliency metrics: docs/methods.md worked examples, independent re-computations, properties."""
 
 from __future__ import annotations
 
@@ -56,13 +56,13 @@ def test_auc_judd_worked_example():
 
 
 def test_nss_uses_sample_std():
-    # ddof=0 would give 0.857143 (SPEC.md)
+    # ddof=0 would give 0.857143 (docs/methods.md)
     assert metrics.nss(E, F) != pytest.approx(0.857143, abs=1e-3)
 
 
 # ------------------------------------------------- independent computations
 def slow_auc_judd(s: np.ndarray, f: np.ndarray) -> float:
-    """SPEC.md's text, one threshold at a time."""
+    """docs/methods.md's text, one threshold at a time."""
     s, f = s.ravel(), f.ravel() > 0
     fpr, tpr = [0.0], [0.0]
     for t in sorted(s[f], reverse=True):

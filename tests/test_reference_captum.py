@@ -68,7 +68,7 @@ def test_gradcam(setup):
     theirs = captum.LayerAttribution.interpolate(theirs, (64, 64), "bilinear")[:, 0]
     low = theirs.amin(dim=(1, 2), keepdim=True)
     theirs = (theirs - low) / (theirs.amax(dim=(1, 2), keepdim=True) - low)
-    theirs = theirs.nan_to_num(0.0)  # an all-zero CAM: ours is defined as zeros (SPEC.md)
+    theirs = theirs.nan_to_num(0.0)  # an all-zero CAM: ours is defined as zeros (docs/methods.md)
     close(ours, theirs, rtol=1e-3)
 
 

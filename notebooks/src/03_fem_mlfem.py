@@ -46,7 +46,7 @@ print("blocks:", ex.block_layers(), "| default layer:", layer)
 K = 1.0
 act = ex.activations([layer])[layer]  # (N, D, h, w), cached: no new forward pass
 mu = act.mean(dim=(2, 3))
-sigma = act.std(dim=(2, 3), correction=0)  # population std, as in SPEC.md
+sigma = act.std(dim=(2, 3), correction=0)  # population std, as in docs/methods.md
 k = int(mu[0].argmax())
 channel = act[0, k].numpy()
 threshold = float(mu[0, k] + K * sigma[0, k])
