@@ -29,7 +29,14 @@ from torch import nn
 
 from . import layers as _layers
 from .ops import pick_logits
-from .scoped import RecordOverwritten, Scope, capture, counting_nonlinearities, model_guard
+from .scoped import (
+    RecordOverwritten,
+    Scope,
+    capture,
+    counting_nonlinearities,
+    model_guard,
+    own_output,
+)
 
 ProgressCallback = Callable[[int, int], None]
 #: which part of a model's output holds the logits: an index, a key or a callable
@@ -488,13 +495,9 @@ class Context:
         leaves: list[torch.Tensor] = []
 
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor | None:
-            if threading.get_ident() != owner:  # another thread's pass on the same model
+            output = own_output(owner, layer, output)
+            if output is None:  # another thread's pass on the same model
                 return None
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(
-                    f"layer {layer!r} returns {type(output).__name__}, not a tensor; "
-                    "pick a layer whose output is a single feature map"
-                )
             leaves.append(output.detach().requires_grad_())
             torch.set_grad_enabled(True)  # this thread only; undone by no_grad's exit
             return leaves[-1].clone()

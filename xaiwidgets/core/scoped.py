@@ -212,6 +212,24 @@ class RecordOverwritten(RuntimeError):
     """A recorded output was changed in place later in the pass (see :func:`capture`)."""
 
 
+def own_output(owner: int, layer: Any, output: Any) -> torch.Tensor | None:
+    """What a forward hook on ``layer`` should handle: ``output`` when the hook runs in
+    thread ``owner``, ``None`` for another thread's pass on the same model (left alone).
+    An output that is not a tensor is a ``TypeError`` naming the layer.
+
+    >>> own_output(threading.get_ident(), "conv", torch.ones(2)).shape
+    torch.Size([2])
+    """
+    if threading.get_ident() != owner:
+        return None
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"layer {layer!r} returns {type(output).__name__}, not a tensor; "
+            "pick a layer whose output is a single feature map"
+        )
+    return output
+
+
 @contextlib.contextmanager
 def capture(
     modules: dict[str, nn.Module], detach: bool = False, copy: bool = True
@@ -237,14 +255,10 @@ def capture(
     owner = threading.get_ident()
 
     def make_hook(name: str) -> Callable:
-        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if threading.get_ident() != owner:  # another thread's pass on the same model
+        def hook(_module: nn.Module, _inputs: tuple, output: Any) -> torch.Tensor | None:
+            output = own_output(owner, name, output)
+            if output is None:
                 return None
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(
-                    f"layer {name!r} returns {type(output).__name__}, not a tensor; "
-                    "pick a layer whose output is a single feature map"
-                )
             records[name] = output.detach() if detach else output
             if not copy:
                 versions[name] = output._version  # shared with the detached record
