@@ -141,3 +141,11 @@ def test_upsampling_never_invents_contrast():
     big = upsample(rough, (40, 40))
     assert torch.all(big.amax((1, 2)) <= rough.amax((1, 2)))
     assert torch.all(big.amin((1, 2)) >= rough.amin((1, 2)))
+
+
+def test_a_loaded_model_bundle_is_refused_with_how_to_unpack_it():
+    bundle = xw.models.load("shapes-vgg")
+    with pytest.raises(TypeError, match=r"model, preprocess, classes = xw.models.load"):
+        xw.Explainer(bundle, torch.rand(1, 3, 64, 64))
+    with pytest.raises(TypeError, match=r"torch.nn.Module, got str$"):
+        xw.Explainer("resnet18", torch.rand(1, 3, 64, 64))

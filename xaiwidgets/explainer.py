@@ -85,7 +85,12 @@ class Explainer:
         output: OutputSelector = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            hint = ("; xw.models.load returns (model, preprocess, classes): unpack it, "
+                    "`model, preprocess, classes = xw.models.load(...)`, and pass "
+                    "preprocess= and classes= too" if isinstance(getattr(model, "model", None),
+                                                                nn.Module) else "")
+            raise TypeError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
         self.model = _layers.unwrap(model)
         self.preprocess = preprocess
         self.classes = list(classes) if classes is not None else None
