@@ -407,9 +407,13 @@ class ExplorerBase(W.VBox):
             yield self
         finally:
             state.held -= 1
-            if not state.held and state.pending:
-                changed, state.pending = state.pending, set()
-                self._request(changed)
+            self._flush(state)
+
+    def _flush(self, state: threading.local) -> None:
+        """Once no hold is left (``state.held`` 0), request the changes gathered meanwhile."""
+        if not state.held and state.pending:
+            changed, state.pending = state.pending, set()
+            self._request(changed)
 
     def _on_value(self, name: str) -> None:
         state = self._state()
@@ -439,9 +443,7 @@ class ExplorerBase(W.VBox):
             self.worker.submit(self._job)
         finally:
             state.held -= 1
-        if not state.held and state.pending:
-            changed, state.pending = state.pending, set()
-            self._request(changed)
+        self._flush(state)
 
     def _job(self, token: Token) -> None:
         """One computation of everything changed since the last drawn result."""
