@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -272,3 +273,19 @@ def test_deeplift_on_the_shipped_video_model_sums_to_delta() -> None:
         result = ex.explain("deeplift")
     assert result.dims == ("image", "t", "y", "x") and result.shape == (2, 8, 64, 64)
     assert max(result.attrs["delta_error"]) < 1e-4
+
+
+@pytest.mark.parametrize("method, params", [("smoothgrad", {"n": 3, "batch_size": 2}),
+                                            ("integrated_gradients", {"steps": 3, "batch_size": 2})])
+def test_sampling_methods_on_several_clips_equal_each_clip_alone(method, params) -> None:
+    """Per-clip noise scale, seeds and first estimates broadcast over (C, T, H, W)."""
+    model = tiny_3d_net()
+    clips = torch.rand(3, 3, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    together = xw.Explainer(model, clips, progress=False)
+    estimates = []
+    together.context.partial = lambda done, total, estimate: estimates.append(estimate())
+    batch = together.explain(method, **params)
+    assert estimates and all(e.shape[-3:] == (4, 8, 8) for e in estimates)
+    for i in range(len(clips)):
+        alone = xw.Explainer(model, clips[i:i + 1], progress=False).explain(method, **params)
+        np.testing.assert_allclose(batch.values[i], alone.values[0], rtol=1e-5, atol=1e-6)

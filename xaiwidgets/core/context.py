@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import layers as _layers
-from .ops import pick_logits
+from .ops import per_image, pick_logits
 from .scoped import (
     RecordOverwritten,
     Scope,
@@ -450,7 +450,7 @@ class Context:
             row += take
             if estimate is not None and done < n_chunks:
                 counts = ((row - torch.arange(n_img, device=xb.device) + n_img - 1) // n_img)
-                counts = counts.clamp(min=1).to(summed.dtype).view(-1, 1, 1, 1)
+                counts = per_image(counts.clamp(min=1).to(summed.dtype), summed)
                 # a snapshot of the running sum, turned into a map only if someone draws it
                 self.report_partial(row // n_img, n,
                                     functools.partial(estimate, summed.clone(), counts))

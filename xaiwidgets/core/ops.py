@@ -68,6 +68,27 @@ def value_span(maps: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.Te
     return maps.amax(dim=dims) - maps.amin(dim=dims)
 
 
+def per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One value per image ``(N,)`` shaped to broadcast against a batch ``like``
+    (images (N,C,H,W) or clips (N,C,T,H,W)).
+
+    >>> per_image(torch.tensor([1.0, 2.0]), torch.zeros(2, 3, 8, 4, 4)).shape
+    torch.Size([2, 1, 1, 1, 1])
+    """
+    return values.reshape(-1, *[1] * (like.ndim - 1))
+
+
+def image_span(x: torch.Tensor) -> torch.Tensor:
+    """Each image's (or clip's) ``max - min`` over all its values, shaped to broadcast
+    against ``x``.
+
+    >>> image_span(torch.tensor([[[[0.0, 2.0]]], [[[1.0, 1.5]]]])).flatten().tolist()
+    [2.0, 0.5]
+    """
+    flat = x.flatten(1)
+    return per_image(flat.amax(1) - flat.amin(1), x)
+
+
 def map_dims(size: Sequence[int]) -> tuple[int, ...]:
     """The trailing dims of one map for an input of spatial ``size``: (-2, -1) for
     images (H, W), (-3, -2, -1) for clips (T, H, W).

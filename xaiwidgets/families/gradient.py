@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..core.ops import image_generators, per_image_randn
+from ..core.ops import image_generators, image_span, per_image_randn
 from ..core.registry import Method, Param, register
 from ..core.scoped import (
     OTHER_ACTIVATIONS,
@@ -213,7 +213,7 @@ class SmoothGrad(Method):
 
     def attribute(self, ctx, target, layer, n, sigma, seed, batch_size) -> torch.Tensor:
         x = ctx.inputs
-        span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).reshape(-1, 1, 1, 1)
+        span = image_span(x)
         # one generator per image, seeded by (seed, the image's content): the same
         # image gets the same noise alone or in any batch (docs/methods.md)
         generators = image_generators(x, seed)

@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..core.ops import image_generators, per_image_randn, upsample
+from ..core.ops import image_generators, image_span, per_image_randn, upsample
 from ..core.registry import Method, Param, register
 
 LEARNING_RATE = 0.1
@@ -103,7 +103,7 @@ class MeaningfulPerturbation(Method):
         mask = torch.ones((n, 1, *side), device=x.device, dtype=x.dtype, requires_grad=True)
         optimizer = torch.optim.Adam([mask], lr=LEARNING_RATE)
         generators = image_generators(x, seed)
-        span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).reshape(-1, 1, 1, 1)
+        span = image_span(x)
         for step in ctx.progress_bar(range(steps), steps, "meaningful perturbation"):
             keep = upsample(mask, (h, w))
             noise = per_image_randn(generators, x)
