@@ -30,6 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -217,10 +218,20 @@ PATIENT_ANYWIDGET = """(() => { const timeout = AbortSignal.timeout.bind(AbortSi
   AbortSignal.timeout = ms => timeout(ms === 2000 ? 120000 : ms); })()"""
 
 
-def new_page(browser, width: int = WIDTHS[0]):
+@contextmanager
+def open_page(browser, failed: str, width: int = WIDTHS[0]) -> Iterator:
+    """A new page for the block, closed after it; if the block fails, a full-page
+    screenshot is saved as ``ARTIFACTS / failed`` first.
+    Example: ``with open_page(chromium, "lab_failed.png") as page: ...``"""
     page = browser.new_page(viewport={"width": width, "height": 1000})
     page.add_init_script(PATIENT_ANYWIDGET)
-    return page
+    try:
+        yield page
+    except Exception:
+        page.screenshot(path=ARTIFACTS / failed, full_page=True)
+        raise
+    finally:
+        page.close()
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -310,18 +321,12 @@ def run_notebook(page, url: str) -> None:
 def test_widget_in_jupyter(frontend, request, chromium):
     server = request.getfixturevalue(frontend)
     path = "lab/tree" if frontend == "lab" else "notebooks"
-    page = new_page(chromium)
-    try:
+    with open_page(chromium, f"{frontend}_failed.png") as page:
         run_notebook(page, f"{server}/{path}/{DEMO.name}")
         if frontend == "lab":  # the file browser off: a narrow window gives the notebook room
             page.evaluate("window.jupyterapp.shell.collapseLeft()")
         exercise_explainer(page, frontend)
         check_widths(page, frontend)
-    except Exception:
-        page.screenshot(path=ARTIFACTS / f"{frontend}_failed.png", full_page=True)
-        raise
-    finally:
-        page.close()
 
 
 @browser
@@ -329,11 +334,10 @@ def test_widget_in_jupyter(frontend, request, chromium):
 def test_video_clip_plays_in_jupyterlab(lab, chromium):
     """A clip: Play (jslinked to the frame slider, so it runs in the browser) moves the
     picture and the map; dragging the slider back to frame 0 shows the first map again."""
-    page = new_page(chromium)
     frame = """() => { const s = [...document.querySelectorAll('.widget-hslider')].find(
       e => e.querySelector('label') && e.querySelector('label').textContent === 'frame');
       return s ? Number(s.querySelector('.widget-readout').textContent) : null; }"""
-    try:
+    with open_page(chromium, "lab_video_failed.png") as page:
         run_notebook(page, f"{lab}/lab/tree/{VIDEO.name}")
         first = page.wait_for_function(HEATMAP, timeout=120_000).json_value()
         plot = page.locator(".js-plotly-plot:visible", has=page.locator(".heatmaplayer")).first
@@ -354,20 +358,14 @@ def test_video_clip_plays_in_jupyterlab(lab, chromium):
         page.wait_for_function(f"() => {{ const h = ({HEATMAP})(); return h && "
                                f"Math.abs(h.sum - {first['sum']!r}) < 1e-6; }}", timeout=30_000)
         assert page.evaluate(frame) == 0
-    except Exception:
-        page.screenshot(path=ARTIFACTS / "lab_video_failed.png", full_page=True)
-        raise
-    finally:
-        page.close()
 
 
 @browser
 @pytest.mark.timeout(300)
 def test_class_app_in_voila(voila, chromium):
-    page = new_page(chromium)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    try:
+    with open_page(chromium, "voila_failed.png") as page:
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
         # Voilà streams the page while the kernel runs the notebook: don't wait for "load"
         page.goto(voila, wait_until="commit", timeout=120_000)
         exercise_explainer(page, "voila_explain", method=False)
@@ -384,11 +382,6 @@ def test_class_app_in_voila(voila, chromium):
             check_widths(page, f"voila_{slug}")
             page.set_viewport_size({"width": WIDTHS[0], "height": 1000})
         assert not errors, errors
-    except Exception:
-        page.screenshot(path=ARTIFACTS / "voila_failed.png", full_page=True)
-        raise
-    finally:
-        page.close()
 
 
 def test_late_page_gets_the_current_figure():
