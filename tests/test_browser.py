@@ -309,7 +309,12 @@ def exercise_explainer(page, prefix: str, method: bool = True) -> None:
 
 
 def run_notebook(page, url: str) -> None:
-    """JupyterLab / Notebook 7: wait for the kernel, run every cell."""
+    """JupyterLab / Notebook 7: wait for the kernel, run every cell.
+
+    JupyterLab restores the tabs an earlier test opened (its workspace) and could run
+    that notebook instead: ``?reset`` opens ``url`` alone."""
+    if "/lab/" in url:
+        url += "&reset" if "?" in url else "?reset"
     page.goto(url)
     page.wait_for_function(KERNEL_READY, timeout=90_000)
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
