@@ -275,8 +275,10 @@ def test_deeplift_on_the_shipped_video_model_sums_to_delta() -> None:
     assert max(result.attrs["delta_error"]) < 1e-4
 
 
-@pytest.mark.parametrize("method, params", [("smoothgrad", {"n": 3, "batch_size": 2}),
-                                            ("integrated_gradients", {"steps": 3, "batch_size": 2})])
+@pytest.mark.parametrize("method, params", [
+    ("smoothgrad", {"n": 3, "batch_size": 2}),
+    ("integrated_gradients", {"steps": 3, "batch_size": 2}),
+])
 def test_sampling_methods_on_several_clips_equal_each_clip_alone(method, params) -> None:
     """Per-clip noise scale, seeds and first estimates broadcast over (C, T, H, W)."""
     model = tiny_3d_net()
