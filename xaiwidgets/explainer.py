@@ -62,7 +62,9 @@ class Explainer:
 
     A model compiled with ``torch.compile`` is explained through the module it wraps
     (``_orig_mod``: same weights, layer names without the prefix). One pass on the
-    first image checks the output and records the layers' shapes at construction.
+    first image checks the output and records the layers' shapes at construction;
+    a model already probed with images of this shape is not run again (the facts are
+    remembered per model: :mod:`xaiwidgets.core.probe`).
 
     The forward pass (logits and activations of the layers asked for) is cached,
     so predictions, FEM and MLFEM parameter changes never run the model again.

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import layers as _layers
+from . import probe as _probe
 from .ops import per_image, pick_logits
 from .scoped import (
     RecordOverwritten,
@@ -256,21 +257,38 @@ class Context:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Output shape of every module, in the order they finish (one pass on one image).
 
-        Cached; the default layer and the FEM stack are chosen from these shapes.
+        Cached, and remembered per model and input shape (:mod:`~xaiwidgets.core.probe`):
+        a new Context on a model already probed with inputs of this shape runs no pass.
+        The default layer and the FEM stack are chosen from these shapes.
         Modules that do not run (auxiliary heads in eval mode) are absent.
         """
         if self._shapes is None:
-            def probe() -> None:
-                # the same pass also counts the non-linearities (methods' preconditions)
-                with counting_nonlinearities() as found:
-                    logits, _ = self.forward(self.inputs[:1])
-                self._nonlinearities = found
-                self.probe_classes = int(logits.shape[1])
-                if self.n_images == 1:  # the probe was the whole batch (widgets): keep it
-                    self.valid_cache().setdefault("logits", logits)
-
-            self._shapes = _layers.output_shapes(self.model, probe, self._calls)
+            # a model already probed with inputs of this shape is not run again
+            key = _probe.probe_key(self.model, self.inputs, self.output)
+            known = _probe.recall(self.model, key)
+            if known is None:
+                known = self._probe()
+                _probe.remember(self.model, key, known)
+            self._calls, self._nonlinearities = known.calls, known.nonlinearities
+            self.probe_classes, self.binary = known.classes, known.binary
+            self._shapes = known.shapes
         return self._shapes
+
+    def _probe(self) -> _probe.Probe:
+        """One pass on the first image: shapes, calls, non-linearities and classes."""
+        calls: Counter[str] = Counter()
+        seen: dict[str, Any] = {}
+
+        def run() -> None:
+            # the same pass also counts the non-linearities (methods' preconditions)
+            with counting_nonlinearities() as found:
+                logits, _ = self.forward(self.inputs[:1])
+            seen.update(found=found, classes=int(logits.shape[1]), binary=self.binary)
+            if self.n_images == 1:  # the probe was the whole batch (widgets): keep it
+                self.valid_cache().setdefault("logits", logits)
+
+        shapes = _layers.output_shapes(self.model, run, calls)
+        return _probe.Probe(shapes, calls, seen["found"], seen["classes"], seen["binary"])
 
     def nonlinearities(self) -> Counter[str]:
         """The non-linearities the model calls, by name and count (from :meth:`shapes`'s
