@@ -254,6 +254,18 @@ class Context:
         """
         return torch.sigmoid(logits) if self.binary else torch.softmax(logits, dim=1)
 
+    def log_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """log :meth:`probabilities`, computed stably (log-softmax, or log-sigmoid of a
+        binary model's logit): finite for classes whose probability underflows.
+
+        >>> ctx = Context(torch.nn.Flatten(), torch.rand(1, 3, 1, 1))
+        >>> ctx.log_probabilities(torch.tensor([[0.0, 200.0]]))[0, 0].item()
+        -200.0
+        """
+        if self.binary:  # logits are [-z, z]: p(1) = sigmoid(z), p(0) = sigmoid(-z)
+            return torch.nn.functional.logsigmoid(logits)
+        return torch.log_softmax(logits, dim=1)
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Output shape of every module, in the order they finish (one pass on one image).
 

@@ -15,7 +15,9 @@ sigmoid of its logit (the softmax of one logit is constant). A little Gaussian n
 against adversarial masks, drawn per image from a generator seeded by ``seed`` and
 the image's content, so an image gets the same map alone or in any batch. All
 images are optimised together (their losses are independent). The map is 1 − m: 1
-where deleting the pixels removes the evidence.
+where deleting the pixels removes the evidence. The class term's gradient is
+computed as p·∂ log p (:func:`score_gradient`): the same number, without denormal
+floats for improbable classes.
 
 >>> import torch, xaiwidgets as xw
 >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
@@ -32,7 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..core.ops import image_generators, image_span, per_image_randn, upsample
+from ..core.ops import image_generators, image_span, per_image, per_image_randn, upsample
 from ..core.registry import Method, Param, register
 
 LEARNING_RATE = 0.1
@@ -74,6 +76,25 @@ def total_variation(mask: torch.Tensor, beta: float = TV_BETA) -> torch.Tensor:
     return (dy.mean(1) if dy.shape[1] else zero) + (dx.mean(1) if dx.shape[1] else zero)
 
 
+def score_gradient(log_score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """∂ p / ∂ mask for per-image class probabilities ``p = exp(log_score)``, computed as
+    p · ∂ log p / ∂ mask.
+
+    The same gradient as backpropagating p itself, but through the network only
+    ``log p`` travels, at the logits' scale: for an improbable class (p ≈ 1e-38, a
+    random or confident model) p's own gradients are denormal floats, which CPUs
+    process 10–20× slower (ResNet50: 33 s instead of 2 s for 3 steps). Images are
+    independent (eval mode), so each image's gradient is scaled by its own p.
+
+    >>> m = torch.ones(2, 1, 1, 1, requires_grad=True)
+    >>> logp = torch.log(torch.tensor([0.5, 0.25])) + 2 * m.flatten()   # p = p0·e^(2m)
+    >>> score_gradient(logp, m).flatten()                               # 2p at m = 1
+    tensor([7.3891, 3.6945])
+    """
+    (gradient,) = torch.autograd.grad(log_score.sum(), mask)
+    return per_image(log_score.detach().exp(), gradient) * gradient
+
+
 @register
 class MeaningfulPerturbation(Method):
     """Deletion mask learnt by gradient descent; map = 1 − mask (docs/methods.md)."""
@@ -109,10 +130,11 @@ class MeaningfulPerturbation(Method):
             noise = per_image_randn(generators, x)
             perturbed = x * keep + blurred * (1 - keep) + NOISE * span * noise
             logits, _ = ctx.forward(perturbed, grad=True)
-            score = ctx.probabilities(logits).gather(1, target[:, None])[:, 0]
-            loss = l1 * (1 - mask).abs().flatten(1).mean(1) + tv * total_variation(mask) + score
-            # gradient of the mask only: the model's parameters never collect .grad
-            (mask.grad,) = torch.autograd.grad(loss.sum(), mask)
+            log_score = ctx.log_probabilities(logits).gather(1, target[:, None])[:, 0]
+            regulariser = l1 * (1 - mask).abs().flatten(1).mean(1) + tv * total_variation(mask)
+            # gradients of the mask only (the model's parameters never collect .grad)
+            mask.grad = score_gradient(log_score, mask) + torch.autograd.grad(
+                regulariser.sum(), mask)[0]
             optimizer.step()
             with torch.no_grad():
                 mask.clamp_(0.0, 1.0)
