@@ -662,39 +662,65 @@ class _Slot:
 def _layer_rule(rule: BasicHook, module: nn.Module, call: _Call,
                 grad: torch.Tensor) -> torch.Tensor:
     """zennit's ``BasicHook.backward`` for a linear or convolution layer, without the
-    terms that are zero: a modified input that is all zeros (x⁻ after a ReLU in z⁺,
-    α/β, γ) gives the modified layer's bias as output and nothing to the relevance,
-    so its layer evaluation and backward are skipped (same numbers, half the work)."""
+    work whose result is known (same numbers):
+
+    * a modified input that is all zeros (x⁻ after a ReLU in z⁺, α/β, γ) gives the
+      modified layer's bias as output and nothing to the relevance: no evaluation,
+      no backward;
+    * the unmodified term (identity input and output, ``NoMod`` parameters; γ's
+      fifth term, read for the sign of z) is the layer's kept output ``z``;
+    * a term whose mapped gradient is all zeros (γ's fifth) gets no backward.
+    """
     x = call.args[0].clone()  # as zennit: a modifier may work in place
-    inputs, outputs, live = [], [], []
+    kept = call.z._version == call.version
+    inputs, outputs, state = [], [], []  # state: "zero", "plain" (z, no graph) or "graph"
     for in_mod, param_mod, out_mod in zip(rule.input_modifiers, rule.param_modifiers,
                                           rule.output_modifiers, strict=True):
         modified_input = in_mod(x)
-        zero = not bool(modified_input.any())
-        with ParamMod.ensure(param_mod)(module) as modified, torch.enable_grad():
-            if zero:
-                output = torch.zeros_like(call.z)
+        if not bool(modified_input.any()):
+            output = torch.zeros_like(call.z)
+            with ParamMod.ensure(param_mod)(module) as modified:
                 if modified.bias is not None:  # the layer of a zero input: its bias
                     shape = (-1,) if isinstance(module, nn.Linear) else (
                         -1, *([1] * (call.z.ndim - 2)))
                     output = output + modified.bias.detach().reshape(shape)
-            else:
-                modified_input = modified_input.detach().requires_grad_()
-                output = modified.forward(modified_input)
-            output = out_mod(output)
-        inputs.append(modified_input)
-        outputs.append(output)
-        live.append(not zero)
+            inputs.append(modified_input)
+            outputs.append(out_mod(output))
+            state.append("zero")
+        elif (kept and modified_input is x and type(param_mod) is NoMod
+              and not param_mod.zero_params and out_mod(call.z) is call.z):
+            inputs.append(modified_input)
+            outputs.append(call.z)
+            state.append("plain")
+        else:
+            inputs.append(modified_input.detach().requires_grad_())
+            outputs.append(_modified_output(module, param_mod, out_mod, inputs[-1]))
+            state.append("graph")
     grad_outputs = rule.gradient_mapper(grad, outputs)
     if isinstance(grad_outputs, torch.Tensor):
         grad_outputs = [grad_outputs]
-    pick = [i for i, keep in enumerate(live) if keep]
+    gradients = [torch.zeros_like(x)] * len(inputs)
+    pick = []
+    for i, kind in enumerate(state):
+        if kind == "zero" or not bool(grad_outputs[i].any()):
+            continue  # nothing flows back through this term
+        if kind == "plain":  # its gradient is needed after all: evaluate it with a graph
+            inputs[i] = inputs[i].detach().requires_grad_()
+            outputs[i] = _modified_output(module, rule.param_modifiers[i],
+                                          rule.output_modifiers[i], inputs[i])
+        pick.append(i)
     found = torch.autograd.grad([outputs[i] for i in pick], [inputs[i] for i in pick],
                                 grad_outputs=[grad_outputs[i] for i in pick]) if pick else ()
-    gradients = [torch.zeros_like(x)] * len(inputs)
     for i, gradient in zip(pick, found, strict=True):
         gradients[i] = gradient
     return rule.reducer([t.detach() for t in inputs], gradients)
+
+
+def _modified_output(module: nn.Module, param_mod: Any, out_mod: Any,
+                     modified_input: torch.Tensor) -> torch.Tensor:
+    """The layer with modified parameters on ``modified_input``, with autograd."""
+    with ParamMod.ensure(param_mod)(module) as modified, torch.enable_grad():
+        return out_mod(modified.forward(modified_input))
 
 
 class Canonized:
