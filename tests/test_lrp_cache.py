@@ -108,6 +108,21 @@ def test_epsilon_changes_re_evaluate_no_layer(images):
     assert zplus.convs >= 2 * 5  # α1β0 on every convolution but the first's special rule
 
 
+def test_alpha_beta_and_zplus_layers_are_evaluated_once_per_kept_forward(images):
+    # their modified layers (x⁺w⁺, x⁺w⁻, ...) do not depend on α, β or ε: a change
+    # re-runs no convolution, only the backward (equality: the test above)
+    ex = xw.Explainer(small_resnet(), images, progress=False)
+    ex.explain("lrp", composite="alpha_beta", alpha=2.0, beta=1.0, target=[1, 2])
+    with ConvCounter() as alpha_beta:
+        ex.explain("lrp", composite="alpha_beta", alpha=3.0, beta=2.0, target=[3, 0])
+    with ConvCounter() as switched:  # another rule: its layers are evaluated, once
+        ex.explain("lrp", composite="epsilon_plus", epsilon=0.1, target=[1, 2])
+    with ConvCounter() as zplus:
+        ex.explain("lrp", composite="epsilon_plus", epsilon=0.3, target=[1, 2])
+    assert alpha_beta.convs == 0 and zplus.convs == 0
+    assert switched.convs >= 5
+
+
 def test_kept_epsilon_equals_zennits_generic_rule(images):
     # the shortcut against zennit's own Epsilon hook (rule re-run on the layer)
     from zennit.composites import LayerMapComposite

@@ -583,7 +583,7 @@ class _Call:
     output (and its version, to notice in-place changes) and, for layers, the
     module's own autograd graph from its input to its output (LRP-ε reads it)."""
 
-    __slots__ = ("args", "kwargs", "x", "z", "version", "own")
+    __slots__ = ("args", "kwargs", "x", "z", "version", "own", "terms")
 
     def __init__(self, args: tuple, kwargs: dict, x: torch.Tensor, output: torch.Tensor,
                  own: bool) -> None:
@@ -593,6 +593,8 @@ class _Call:
         self.z = output.detach()
         self.version = output._version
         self.own = output if own else None
+        #: the modified layer evaluations of the last fixed rule (see :func:`_layer_rule`)
+        self.terms: dict[tuple, tuple[list, list, list]] = {}
 
 
 class _Cut(torch.autograd.Function):
@@ -669,22 +671,87 @@ def _layer_rule(rule: BasicHook, module: nn.Module, call: _Call,
       no backward;
     * the unmodified term (identity input and output, ``NoMod`` parameters; γ's
       fifth term, read for the sign of z) is the layer's kept output ``z``;
-    * a term whose mapped gradient is all zeros (γ's fifth) gets no backward.
+    * a term whose mapped gradient is all zeros (γ's fifth) gets no backward;
+    * z⁺ and α/β terms, which no parameter changes, are evaluated once per kept
+      forward (:data:`_FIXED_TERMS`): a later backward reuses them.
     """
-    x = call.args[0].clone()  # as zennit: a modifier may work in place
+    key = _fixed_terms_key(rule)
+    if key is not None and key in call.terms:
+        inputs, outputs, state = (list(part) for part in call.terms[key])
+    else:
+        inputs, outputs, state = _evaluate_terms(rule, module, call, fixed=key is not None)
+        if key is not None:  # one rule's terms at a time: memory stays bounded
+            call.terms = {key: (list(inputs), list(outputs), list(state))}
+    grad_outputs = rule.gradient_mapper(grad, outputs)
+    if isinstance(grad_outputs, torch.Tensor):
+        grad_outputs = [grad_outputs]
+    gradients = [torch.zeros_like(call.args[0])] * len(inputs)
+    pick = []
+    for i, kind in enumerate(state):
+        if kind == "zero" or not bool(grad_outputs[i].any()):
+            continue  # nothing flows back through this term
+        if kind == "plain":  # its gradient is needed after all: evaluate it with a graph
+            inputs[i] = inputs[i].detach().requires_grad_()
+            outputs[i] = _modified_output(module, rule.param_modifiers[i],
+                                          rule.output_modifiers[i], inputs[i])
+        pick.append(i)
+    # kept terms keep their graph for the next backward on this kept forward
+    found = torch.autograd.grad([outputs[i] for i in pick], [inputs[i] for i in pick],
+                                grad_outputs=[grad_outputs[i] for i in pick],
+                                retain_graph=key is not None) if pick else ()
+    for i, gradient in zip(pick, found, strict=True):
+        gradients[i] = gradient
+    return rule.reducer([t.detach() for t in inputs], gradients)
+
+
+#: rules whose modified layers no rule parameter changes (ε, α, β and the stabiliser act
+#: in the gradient mapper or the reducer), so their evaluations are kept per call: a
+#: parameter change on a kept forward then costs only the backward of each term
+_FIXED_TERMS = (ZPlus, AlphaBeta)
+
+
+def _fixed_terms_key(rule: BasicHook) -> tuple | None:
+    """What the modified layers of ``rule`` depend on, or ``None`` (not kept)."""
+    if type(rule) not in _FIXED_TERMS:
+        return None
+    zeroed = tuple(tuple(getattr(mod, "zero_params", None) or ()) for mod in rule.param_modifiers)
+    return (type(rule), zeroed)
+
+
+def _evaluate_terms(rule: BasicHook, module: nn.Module, call: _Call,
+                    fixed: bool = False) -> tuple[list, list, list[str]]:
+    """Each term's modified input and modified layer output, and how it was made:
+    ``"zero"`` (all-zero input: the bias), ``"plain"`` (the kept output, no graph) or
+    ``"graph"`` (evaluated with autograd).
+
+    Zero terms are broadcast views (no memory). ``fixed`` rules (:data:`_FIXED_TERMS`,
+    whose evaluations are kept) use clamps that work out of place: their input is not
+    copied, each input modifier runs once, and a modified input equal to the input
+    (x⁺ of a non-negative x) is the input itself, so what is kept is the outputs.
+    """
+    x = call.args[0] if fixed else call.args[0].clone()  # zennit's modifiers may work in place
     kept = call.z._version == call.version
-    inputs, outputs, state = [], [], []  # state: "zero", "plain" (z, no graph) or "graph"
+    made: dict[int, torch.Tensor] = {}
+    inputs, outputs, state = [], [], []
     for in_mod, param_mod, out_mod in zip(rule.input_modifiers, rule.param_modifiers,
                                           rule.output_modifiers, strict=True):
-        modified_input = in_mod(x)
+        modified_input = made.get(id(in_mod)) if fixed else None
+        if modified_input is None:
+            modified_input = in_mod(x)
+            if fixed and modified_input is not x and torch.equal(modified_input, x):
+                modified_input = x
+            made[id(in_mod)] = modified_input
         if not bool(modified_input.any()):
-            output = torch.zeros_like(call.z)
             with ParamMod.ensure(param_mod)(module) as modified:
-                if modified.bias is not None:  # the layer of a zero input: its bias
+                bias = modified.bias
+                # the layer of a zero input: its bias, broadcast
+                if bias is None:
+                    output = call.z.new_zeros(()).expand_as(call.z)
+                else:
                     shape = (-1,) if isinstance(module, nn.Linear) else (
                         -1, *([1] * (call.z.ndim - 2)))
-                    output = output + modified.bias.detach().reshape(shape)
-            inputs.append(modified_input)
+                    output = bias.detach().reshape(shape).expand_as(call.z)
+            inputs.append(x.new_zeros(()).expand_as(x))
             outputs.append(out_mod(output))
             state.append("zero")
         elif (kept and modified_input is x and type(param_mod) is NoMod
@@ -696,24 +763,7 @@ def _layer_rule(rule: BasicHook, module: nn.Module, call: _Call,
             inputs.append(modified_input.detach().requires_grad_())
             outputs.append(_modified_output(module, param_mod, out_mod, inputs[-1]))
             state.append("graph")
-    grad_outputs = rule.gradient_mapper(grad, outputs)
-    if isinstance(grad_outputs, torch.Tensor):
-        grad_outputs = [grad_outputs]
-    gradients = [torch.zeros_like(x)] * len(inputs)
-    pick = []
-    for i, kind in enumerate(state):
-        if kind == "zero" or not bool(grad_outputs[i].any()):
-            continue  # nothing flows back through this term
-        if kind == "plain":  # its gradient is needed after all: evaluate it with a graph
-            inputs[i] = inputs[i].detach().requires_grad_()
-            outputs[i] = _modified_output(module, rule.param_modifiers[i],
-                                          rule.output_modifiers[i], inputs[i])
-        pick.append(i)
-    found = torch.autograd.grad([outputs[i] for i in pick], [inputs[i] for i in pick],
-                                grad_outputs=[grad_outputs[i] for i in pick]) if pick else ()
-    for i, gradient in zip(pick, found, strict=True):
-        gradients[i] = gradient
-    return rule.reducer([t.detach() for t in inputs], gradients)
+    return inputs, outputs, state
 
 
 def _modified_output(module: nn.Module, param_mod: Any, out_mod: Any,
