@@ -593,8 +593,9 @@ class _Call:
         self.z = output.detach()
         self.version = output._version
         self.own = output if own else None
-        #: the modified layer evaluations of the last fixed rule (see :func:`_layer_rule`)
-        self.terms: dict[tuple, tuple[list, list, list]] = {}
+        #: the modified layer evaluations of the last fixed rule (see :func:`_layer_rule`);
+        #: ``None`` after its first backward (kept from the second on)
+        self.terms: dict[tuple, tuple[list, list, list] | None] = {}
 
 
 class _Cut(torch.autograd.Function):
@@ -672,16 +673,20 @@ def _layer_rule(rule: BasicHook, module: nn.Module, call: _Call,
     * the unmodified term (identity input and output, ``NoMod`` parameters; γ's
       fifth term, read for the sign of z) is the layer's kept output ``z``;
     * a term whose mapped gradient is all zeros (γ's fifth) gets no backward;
-    * z⁺ and α/β terms, which no parameter changes, are evaluated once per kept
-      forward (:data:`_FIXED_TERMS`): a later backward reuses them.
+    * z⁺ and α/β terms, which no parameter changes (:data:`_FIXED_TERMS`), are kept
+      from the rule's second backward on a kept forward (a slider moving; a one-shot
+      call keeps nothing extra) and reused by every later one.
     """
     key = _fixed_terms_key(rule)
-    if key is not None and key in call.terms:
+    if key is not None and call.terms.get(key) is not None:
         inputs, outputs, state = (list(part) for part in call.terms[key])
     else:
         inputs, outputs, state = _evaluate_terms(rule, module, call, fixed=key is not None)
-        if key is not None:  # one rule's terms at a time: memory stays bounded
-            call.terms = {key: (list(inputs), list(outputs), list(state))}
+        # kept from this rule's second backward on the kept forward (a slider moving):
+        # a one-shot call keeps nothing beyond its graph; one rule's terms at a time
+        if key is not None:
+            seen = key in call.terms
+            call.terms = {key: (list(inputs), list(outputs), list(state)) if seen else None}
     grad_outputs = rule.gradient_mapper(grad, outputs)
     if isinstance(grad_outputs, torch.Tensor):
         grad_outputs = [grad_outputs]
