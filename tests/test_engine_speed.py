@@ -116,7 +116,8 @@ def test_summed_input_gradient_matches_stacked_gradients(tiny_resnet, images):
     assert built == [0, 1, 2, 3, 4] and seen == [2, 3, 5, 5]
 
 
-@pytest.mark.parametrize("method", ["gradient", "guided_backprop", "gradcam", "guided_gradcam"])
+@pytest.mark.parametrize("method", ["gradient", "guided_backprop", "gradcam", "guided_gradcam",
+                                    "deeplift"])
 @pytest.mark.parametrize("explicit", [False, True])
 def test_first_gradient_call_runs_the_model_once_and_fills_the_prediction_cache(
         tiny_resnet, images, method, explicit):

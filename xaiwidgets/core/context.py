@@ -327,6 +327,18 @@ class Context:
             return logits.detach().argmax(dim=1)
         return Context.check_target(target, logits.shape[1])
 
+    def keep_logits(self, logits: torch.Tensor) -> None:
+        """Offer the images' logits from a method's own pass (e.g. DeepLIFT's image rows
+        of its image + reference batch) to the prediction cache, kept unless logits are
+        cached already: :meth:`predict` then runs nothing.
+
+        >>> ctx = Context(torch.nn.Flatten(), torch.rand(1, 3, 1, 1))
+        >>> ctx.keep_logits(torch.tensor([[0.0, 1.0, 2.0]]))
+        >>> ctx.logits().tolist()
+        [[0.0, 1.0, 2.0]]
+        """
+        self.valid_cache().setdefault("logits", logits.detach())
+
     def logits(self) -> torch.Tensor:
         """Cached logits (N, classes) of the images (one forward pass, no autograd)."""
         cache = self.valid_cache()

@@ -302,6 +302,7 @@ class DeepLift(Method):
 
     name = "deeplift"
     family = "deeplift"
+    target_from_pass = True  # its image rows give the predictions
     default_reduce = "sum"
     signed = True
     params = (
@@ -317,6 +318,10 @@ class DeepLift(Method):
         both = torch.cat([x, reference]).detach().requires_grad_(True)
         with rescale_rule(rows=2 * n) as unhandled:
             logits, _ = ctx.forward(both, grad=True)
+            # the image rows are the model's logits (the rule changes only the backward):
+            # they give the predicted classes and fill the prediction cache
+            target = ctx.pass_target(logits[:n], target)
+            ctx.keep_logits(logits[:n])
             score = logits.gather(1, torch.cat([target, target])[:, None])[:, 0]
             (multipliers,) = torch.autograd.grad(score[:n].sum(), both)
         attribution = (x - reference) * multipliers[:n]
