@@ -137,6 +137,29 @@ def test_first_gradient_call_runs_the_model_once_and_fills_the_prediction_cache(
     np.testing.assert_allclose(result.values, expected.values, rtol=1e-5, atol=1e-6)
 
 
+def test_occlusion_scores_the_images_once_through_the_prediction_cache(tiny_resnet, images):
+    n, windows = len(images), 4  # a 32² image, window 16, stride 16: 4 windows
+    expected = xw.Explainer(tiny_resnet, images).explain(
+        "occlusion", target=[1, 2], window=16, stride=16, batch_size=1)  # one row a call
+    for target in ([1, 2], None):
+        ex = xw.Explainer(tiny_resnet, images)
+        rows = Rows(tiny_resnet)
+        result = ex.explain("occlusion", target=target, window=16, stride=16,
+                            batch_size=n * windows)
+        ex.predict()
+        rows.handle.remove()
+        # the clean images once (the base scores, then the predictions, from one pass;
+        # with target=None that pass comes first), then every window in one call
+        assert rows.sizes == [n, n * windows], target
+        if target is not None:  # the same map as with the scores of a pass of their own
+            np.testing.assert_allclose(result.values, expected.values, rtol=1e-5, atol=1e-6)
+    # the clean scores against a forward of the model itself
+    with torch.no_grad():
+        clean = tiny_resnet(images)[[0, 1], [1, 2]]
+    ex = xw.Explainer(tiny_resnet, images)
+    torch.testing.assert_close(ex.context.scores(ex.inputs, torch.tensor([1, 2])), clean)
+
+
 def test_explicit_targets_out_of_range_fail_in_the_first_pass(tiny_resnet, images):
     ex = xw.Explainer(tiny_resnet, images)
     with pytest.raises(ValueError, match="out of range"):

@@ -564,9 +564,14 @@ class Context:
         """Target logits (or probabilities) of many inputs ``x`` without autograd, in chunks.
 
         ``target`` is one class per row of ``x`` (or a single class for all rows).
+        The images themselves are scored from the cached logits (a pass fills the cache).
         """
         if target.ndim == 0 or len(target) == 1:
             target = target.reshape(1).expand(len(x))
+        if self.is_inputs(x):
+            logits = self.logits()
+            logits = self.probabilities(logits) if softmax else logits
+            return logits.gather(1, target[:, None])[:, 0]
         out = []
         chunks = range(0, len(x), batch_size)
         for done, start in enumerate(chunks, 1):
