@@ -297,7 +297,7 @@ class Context:
                 logits, _ = self.forward(self.inputs[:1])
             seen.update(found=found, classes=int(logits.shape[1]), binary=self.binary)
             if self.n_images == 1:  # the probe was the whole batch (widgets): keep it
-                self.valid_cache().setdefault("logits", logits)
+                self.keep_logits(logits)
 
         shapes = _layers.output_shapes(self.model, run, calls)
         return _probe.Probe(shapes, calls, seen["found"], seen["classes"], seen["binary"])
@@ -329,8 +329,8 @@ class Context:
 
     def keep_logits(self, logits: torch.Tensor) -> None:
         """Offer the images' logits from a method's own pass (e.g. DeepLIFT's image rows
-        of its image + reference batch) to the prediction cache, kept unless logits are
-        cached already: :meth:`predict` then runs nothing.
+        of its image + reference batch, LRP's canonized pass) to the prediction cache,
+        kept unless logits are cached already: :meth:`predict` then runs nothing.
 
         >>> ctx = Context(torch.nn.Flatten(), torch.rand(1, 3, 1, 1))
         >>> ctx.keep_logits(torch.tensor([[0.0, 1.0, 2.0]]))

@@ -1065,7 +1065,7 @@ class LRP(Method):
                   beta) -> torch.Tensor:
         low, high = input_bounds(ctx) if composite == "epsilon_gamma_box" else (None, None)
         kept = canonized(ctx)
-        ctx.valid_cache().setdefault("logits", kept.plain.logits)
+        ctx.keep_logits(kept.plain.logits)
         target = ctx.pass_target(kept.plain.logits, target)
         result = kept.explain(target, composite, dict(epsilon=epsilon, gamma=gamma,
                                                       alpha=alpha, beta=beta, low=low, high=high))
