@@ -128,6 +128,31 @@ def test_alpha_beta_and_zplus_layers_are_evaluated_once_per_kept_forward(images)
     assert counts[2] == 0 and counts[5] == 0
 
 
+def test_fused_stabiliser_and_sum_layout_give_zennits_numbers(images, monkeypatch):
+    # LRP-ε layers, residual sums and the average pool (Norm) take the fused path:
+    # kept sign, one addcmul, summand-major sums. With it switched off, zennit's own
+    # rule code runs on every module instead: the maps must agree bit for bit
+    model = small_resnet()
+    changes = [0.1, 0.2, 0.1, 1e-6]  # the third and fourth read the kept signs
+    fused_ex = xw.Explainer(model, images, progress=False)
+    fused = [fused_ex.explain("lrp", composite="epsilon", epsilon=e, target=[1, 2],
+                              reduce=None).values for e in changes]
+    calls = []
+    real_shift = lrp_module._shift
+    monkeypatch.setattr(lrp_module, "_shift", lambda hook: calls.append(real_shift(hook)))
+    generic_ex = xw.Explainer(model, images, progress=False)
+    for e, ours in zip(changes, fused, strict=True):
+        generic = generic_ex.explain("lrp", composite="epsilon", epsilon=e, target=[1, 2],
+                                     reduce=None).values
+        np.testing.assert_array_equal(ours, generic)
+    # every conv, the linear head, the sums and the pool were fused-path candidates
+    n_sums = sum(isinstance(m, BasicBlock) for m in model.modules())
+    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    assert sum(c is not None for c in calls) == len(changes) * (n_layers + n_sums + 1)
+    np.testing.assert_array_equal(fused[0], fused[2])
+    assert not np.array_equal(fused[0], fused[1])
+
+
 def test_kept_epsilon_equals_zennits_generic_rule(images):
     # the shortcut against zennit's own Epsilon hook (rule re-run on the layer)
     from zennit.composites import LayerMapComposite

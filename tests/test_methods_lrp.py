@@ -517,7 +517,11 @@ def test_two_composites_in_a_row_leave_torchvision_resnet_exactly_as_before():
     for composite in ("epsilon_gamma_box", "zero", "alpha_beta", "epsilon_plus"):
         last = xw.explain(model, x, "lrp", composite=composite, target=1).values
         assert_model_unchanged(model, before, composite)
-    np.testing.assert_array_equal(first, last)
+    # the model's tensors are checked bit for bit above; the maps only to round-off:
+    # torch's own CPU convolution backward is not bitwise reproducible with more
+    # threads than cores (a plain autograd gradient of this ResNet18 differs in ~2,900
+    # of 3,072 input pixels between two identical calls at 8 threads on 2 cores)
+    np.testing.assert_allclose(first, last, rtol=1e-5, atol=1e-6 * np.abs(first).max())
 
 
 def test_concurrent_lrp_in_threads_equals_serial():

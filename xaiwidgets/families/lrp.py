@@ -121,6 +121,45 @@ class AlphaBeta(BasicHook):
         return AlphaBeta(self.alpha, self.beta, self.stabilizer)
 
 
+class _ShiftedDenominator:
+    """Mixin for zennit rules whose only modification is the division of the output
+    gradient by ``z + ε·sign(z)`` (sign 0 → +1): it remembers ε, a float, so the kept
+    engine can evaluate that stabiliser with a kept sign in one fused op
+    (:meth:`_Slot.relevance`); the numbers are zennit's, bit for bit."""
+
+    epsilon: float
+
+    def copy(self) -> Any:
+        copy = super().copy()  # zennit's copy keeps the closures, not our attributes
+        copy.epsilon = self.epsilon
+        return copy
+
+
+class EpsilonRule(_ShiftedDenominator, Epsilon):
+    """zennit's LRP-ε (``epsilon`` a float) that remembers ε.
+
+    >>> EpsilonRule(0.25).copy().epsilon
+    0.25
+    """
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        super().__init__(epsilon=float(epsilon))
+        self.epsilon = float(epsilon)
+
+
+class NormRule(_ShiftedDenominator, Norm):
+    """zennit's ``Norm`` (relevance split in proportion to the summands or pooled
+    values; ``stabilizer`` a float) that remembers its stabiliser.
+
+    >>> NormRule(1e-6).copy().epsilon
+    1e-06
+    """
+
+    def __init__(self, stabilizer: float = STABILIZER) -> None:
+        super().__init__(stabilizer=float(stabilizer))
+        self.epsilon = float(stabilizer)
+
+
 class LRPWarning(UserWarning):
     """An LRP map that is not what its rules promise (see :func:`lrp`)."""
 
@@ -131,12 +170,12 @@ def rule(kind: str, *, epsilon: float = 1e-6, gamma: float = 0.25, alpha: float 
     (= α1β0), ``alpha_beta``, ``flat`` or ``zbox`` (needs ``low``/``high`` input bounds).
 
     >>> rule("epsilon", epsilon=0.1)  # doctest: +ELLIPSIS
-    <zennit.rules.Epsilon object at ...>
+    <xaiwidgets.families.lrp.EpsilonRule object at ...>
     """
     if kind == "zero":
-        return Epsilon(epsilon=ZERO_STABILIZER)
+        return EpsilonRule(ZERO_STABILIZER)
     if kind == "epsilon":
-        return Epsilon(epsilon=epsilon)
+        return EpsilonRule(epsilon)
     if kind == "gamma":
         return Gamma(gamma=gamma, stabilizer=STABILIZER)
     if kind == "zplus":
@@ -349,8 +388,8 @@ class RuleComposite(Composite):
         self.kinds = {"first": first_kind, "conv": conv, "dense": dense,
                       "batchnorm": "zero" if name == "zero" else "epsilon"}
         self.rules = rules
-        self.base = [(Activation, "pass", Pass()), (Sum, "norm", Norm(stabilizer)),
-                     (AvgPool, "norm", Norm(stabilizer))]
+        self.base = [(Activation, "pass", Pass()), (Sum, "norm", NormRule(stabilizer)),
+                     (AvgPool, "norm", NormRule(stabilizer))]
         self.first, self.merged = first, merged
         self.applied: dict[str, set[str]] = {}
         #: ids of the modules that got a rule (or were merged) in the last registration
@@ -583,7 +622,7 @@ class _Call:
     output (and its version, to notice in-place changes) and, for layers, the
     module's own autograd graph from its input to its output (LRP-ε reads it)."""
 
-    __slots__ = ("args", "kwargs", "x", "z", "version", "own", "terms")
+    __slots__ = ("args", "kwargs", "x", "z", "version", "own", "terms", "sign", "signs_made")
 
     def __init__(self, args: tuple, kwargs: dict, x: torch.Tensor, output: torch.Tensor,
                  own: bool) -> None:
@@ -596,6 +635,20 @@ class _Call:
         #: the modified layer evaluations of the last fixed rule (see :func:`_layer_rule`);
         #: ``None`` after its first backward (kept from the second on)
         self.terms: dict[tuple, tuple[list, list, list] | None] = {}
+        #: zennit's sign of ``z`` (0 → +1), kept from the second backward on
+        self.sign: torch.Tensor | None = None
+        self.signs_made = 0
+
+    def shifted(self, epsilon: float) -> torch.Tensor:
+        """zennit's stabilised denominator ``z + ε·sign(z)`` (sign 0 → +1), bit for bit:
+        ``ε·sign`` is exact, so one fused ``addcmul`` rounds as zennit's two ops do."""
+        sign = self.sign
+        if sign is None:
+            sign = (self.z == 0).to(self.z).add_(self.z.sign())
+            self.signs_made += 1
+            if self.signs_made > 1:  # a slider moving on a kept forward: keep it
+                self.sign = sign
+        return torch.addcmul(self.z, sign, sign.new_tensor(epsilon))
 
 
 class _Cut(torch.autograd.Function):
@@ -615,22 +668,28 @@ class _Cut(torch.autograd.Function):
         return None, None, ctx.slot.relevance(ctx.call, grad), None
 
 
-def _identity_rule(hook: Any) -> bool:
-    """zennit's LRP-ε (and our LRP-0) rule: it evaluates the layer unmodified (identity
-    input and output modifiers, ``NoMod`` parameters), so its modified forward is the
-    layer's own output and need not be redone."""
-    if type(hook) is not Epsilon:
-        return False
+def _shift(hook: Any) -> float | None:
+    """ε of a rule whose only modification is the denominator ``z + ε·sign(z)``: our
+    LRP-ε / LRP-0 (:class:`EpsilonRule`) and ``Norm`` (:class:`NormRule`), which
+    evaluate the module unmodified (identity input and output modifiers, ``NoMod``
+    parameters), so their modified forward is the module's own output and need not be
+    redone; ``None`` for any other rule."""
+    if type(hook) not in (EpsilonRule, NormRule):
+        return None
     params = hook.param_modifiers[0]
-    return isinstance(params, NoMod) and not params.zero_params
+    if not isinstance(params, NoMod) or params.zero_params:
+        return None
+    return hook.epsilon
 
 
 class _Slot:
     """The rule of one module of a :class:`Canonized` copy, chosen before each backward
     pass (:meth:`Canonized.configure`), so the kept forward graph serves any rule."""
 
-    def __init__(self, module: nn.Module, layer: bool) -> None:
-        self.module, self.layer = module, layer
+    def __init__(self, module: nn.Module, own: bool) -> None:
+        #: ``own``: keep the module's own graph from input to output (layers, sums,
+        #: average pools), which the LRP-ε and Norm rules pull the relevance back through
+        self.module, self.own = module, own
         self.rule: Any = None
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -638,19 +697,28 @@ class _Slot:
         if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad
                 and isinstance(output, torch.Tensor)):
             return None
-        call = _Call(args, kwargs, x, output, own=self.layer)
+        call = _Call(args, kwargs, x, output, own=self.own)
         return _Cut.apply(self, call, x, [output.detach()])
 
     def relevance(self, call: _Call, grad: torch.Tensor) -> torch.Tensor:
         """Relevance of the module's input from its output's (zennit's rule code)."""
         rule = self.rule
-        if call.own is not None and call.z._version == call.version and _identity_rule(rule):
-            # LRP-ε: the rule's own gradient mapper on the kept output z, then the
-            # module's own backward: one transposed layer instead of a forward and two
-            mapped = rule.gradient_mapper(grad, [call.z])
-            mapped = mapped[0] if isinstance(mapped, (list, tuple)) else mapped
+        if type(rule) is Pass:  # activations, merged BatchNorms: relevance passes as is
+            return grad
+        epsilon = _shift(rule)
+        if epsilon is not None and call.own is not None and call.z._version == call.version:
+            # LRP-ε and Norm: grad / (z + ε·sign z) on the kept output z, then the
+            # module's own backward (one transposed layer instead of a forward and two),
+            # times the input: zennit's gradient mapper and reducer, with fewer ops
+            shifted = call.shifted(epsilon)
+            mapped = torch.div(grad, shifted, out=shifted)  # its own buffer: no new one
+            if isinstance(self.module, Sum):
+                return _summands_times(call, mapped, self.module.dim)
             (gradient,) = torch.autograd.grad(call.own, call.x, mapped, retain_graph=True)
-            return rule.reducer([call.args[0]], [gradient])
+            x = call.args[0]
+            if gradient._base is None and gradient.shape == x.shape and gradient.is_contiguous():
+                return gradient.mul_(x)  # a fresh tensor of the backward: no new buffer
+            return x * gradient
         if (isinstance(rule, BasicHook) and type(rule).backward is BasicHook.backward
                 and isinstance(self.module, (nn.Linear, ConvolutionStandard))):
             return _layer_rule(rule, self.module, call, grad)
@@ -660,6 +728,28 @@ class _Slot:
             return rule.backward(self.module, (call.args[0],), (grad,))[0]
         finally:
             rule.stored_tensors.clear()
+
+
+def _summands_times(call: _Call, mapped: torch.Tensor, dim: int) -> torch.Tensor:
+    """The Norm rule's relevance of a zennit ``Sum``: its stacked summands times
+    ``mapped`` (a sum's gradient is ``mapped`` for every summand), laid out
+    summand-major, so each summand's relevance is a contiguous slice for the stack's
+    backward. The kept summands are re-laid summand-major once (same values; the
+    stacked original is dropped), so later products read them contiguously too.
+
+    >>> call = _Call((torch.ones(2, 3, 2),), {}, torch.ones(2, 3, 2), torch.ones(2, 3), own=False)
+    >>> _summands_times(call, torch.arange(6.).reshape(2, 3), -1)[..., 1]
+    tensor([[0., 1., 2.],
+            [3., 4., 5.]])
+    """
+    moved = call.args[0].movedim(dim, 0)
+    if not moved.is_contiguous():
+        moved = moved.contiguous()
+        call.args = (moved.movedim(0, dim), *call.args[1:])
+        call.x = None  # only the graph input of the module's own backward, unused for sums
+    out = torch.empty(moved.shape, dtype=mapped.dtype, device=mapped.device)
+    torch.mul(moved, mapped, out=out)
+    return out.movedim(0, dim)
 
 
 def _layer_rule(rule: BasicHook, module: nn.Module, call: _Call,
@@ -905,9 +995,9 @@ def _attach(shadow: nn.Module, merged: frozenset[int]) -> dict[int, _Slot]:
         kind, _ = probe.choose({}, module)
         if kind is None:
             continue
-        slot = _Slot(module, layer=isinstance(module, (AnyLinear, BatchNorm)))
+        slot = _Slot(module, own=isinstance(module, (AnyLinear, BatchNorm, Sum, AvgPool)))
         if id(module) in merged:  # now the identity: relevance passes, no BN backward
-            slot.layer, slot.rule = False, Pass()
+            slot.own, slot.rule = False, Pass()
         module.register_forward_hook(slot.hook, with_kwargs=True)
         slots[id(module)] = slot
     return slots
