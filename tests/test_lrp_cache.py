@@ -153,6 +153,47 @@ def test_fused_stabiliser_and_sum_layout_give_zennits_numbers(images, monkeypatc
     assert not np.array_equal(fused[0], fused[1])
 
 
+def test_gamma_by_linearity_equals_zennits_rule_and_reruns_no_convolution(images, monkeypatch):
+    # layers after a ReLU take z + γ·P (P, N kept); the one whose input has negative
+    # values (conv after conv, no ReLU between) must fall back to zennit's own terms
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3), nn.ReLU(),
+                          nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, bias=False), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4), nn.ReLU(),
+                          nn.Linear(4, 3)).eval()
+    gammas = [0.25, 1.5, 0.0, 0.25]
+    used = []
+    real = lrp_module._gamma_layer
+
+    def spy(*args):
+        result = real(*args)
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(lrp_module, "_gamma_layer", spy)
+    ex = xw.Explainer(model, images, progress=False)
+    fast = []
+    for i, gamma in enumerate(gammas):
+        with ConvCounter() as counter:
+            fast.append(ex.explain("lrp", composite="epsilon_gamma_box", gamma=gamma,
+                                   target=[0, 2], reduce=None).values)
+        if i >= 2:  # P and N kept from the second change: the fast layers run no conv;
+            # left: the z^B first layer's 3 terms and the fallback conv's 4 (x⁺/x⁻ × w)
+            assert counter.convs == 3 + 4
+    # per change, in backward order: conv 4 and 3 fast, conv 2 falls back (its input
+    # has negatives); conv 1 is the z^B first layer, the Linear layers get LRP-ε
+    assert used == [True, True, False] * len(gammas)
+    monkeypatch.setattr(lrp_module, "_gamma_layer", lambda *args: None)
+    generic = xw.Explainer(model, images, progress=False)
+    for gamma, ours in zip(gammas, fast, strict=True):
+        theirs = generic.explain("lrp", composite="epsilon_gamma_box", gamma=gamma,
+                                 target=[0, 2], reduce=None).values
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6 * np.abs(theirs).max())
+    assert not np.allclose(fast[0], fast[1])
+    np.testing.assert_allclose(fast[0], fast[3], rtol=1e-6, atol=0)
+
+
 def test_kept_epsilon_equals_zennits_generic_rule(images):
     # the shortcut against zennit's own Epsilon hook (rule re-run on the layer)
     from zennit.composites import LayerMapComposite

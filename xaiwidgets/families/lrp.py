@@ -160,6 +160,22 @@ class NormRule(_ShiftedDenominator, Norm):
         self.epsilon = float(stabilizer)
 
 
+class GammaRule(Gamma):
+    """zennit's generalised LRP-γ that remembers γ and its stabiliser (floats), so the
+    kept engine can use its linearity in γ (:func:`_gamma_layer`).
+
+    >>> GammaRule(0.5).copy().gamma
+    0.5
+    """
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = STABILIZER) -> None:
+        super().__init__(gamma=float(gamma), stabilizer=float(stabilizer))
+        self.gamma, self.stabilizer = float(gamma), float(stabilizer)
+
+    def copy(self) -> GammaRule:
+        return GammaRule(self.gamma, self.stabilizer)
+
+
 class LRPWarning(UserWarning):
     """An LRP map that is not what its rules promise (see :func:`lrp`)."""
 
@@ -177,7 +193,7 @@ def rule(kind: str, *, epsilon: float = 1e-6, gamma: float = 0.25, alpha: float 
     if kind == "epsilon":
         return EpsilonRule(epsilon)
     if kind == "gamma":
-        return Gamma(gamma=gamma, stabilizer=STABILIZER)
+        return GammaRule(gamma, STABILIZER)
     if kind == "zplus":
         return ZPlus(stabilizer=STABILIZER)
     if kind == "alpha_beta":
@@ -721,6 +737,10 @@ class _Slot:
             return x * gradient
         if (isinstance(rule, BasicHook) and type(rule).backward is BasicHook.backward
                 and isinstance(self.module, (nn.Linear, ConvolutionStandard))):
+            if type(rule) is GammaRule:
+                relevance = _gamma_layer(rule, self.module, call, grad)
+                if relevance is not None:
+                    return relevance
             return _layer_rule(rule, self.module, call, grad)
         rule.stored_tensors["input"] = call.args
         rule.stored_tensors["kwargs"] = call.kwargs
@@ -750,6 +770,74 @@ def _summands_times(call: _Call, mapped: torch.Tensor, dim: int) -> torch.Tensor
     out = torch.empty(moved.shape, dtype=mapped.dtype, device=mapped.device)
     torch.mul(moved, mapped, out=out)
     return out.movedim(0, dim)
+
+
+def _gamma_layer(rule: GammaRule, module: nn.Module, call: _Call,
+                 grad: torch.Tensor) -> torch.Tensor | None:
+    """zennit's generalised LRP-γ on a layer whose input is non-negative (after a
+    ReLU), by linearity in γ; ``None`` where that does not apply (the caller then runs
+    zennit's rule code).
+
+    With x ≥ 0 only two of zennit's five terms carry relevance: the layer with weights
+    w + γw⁺ (bias b + γb⁺) on z > 0, and with w + γw⁻ (b + γb⁻) on z < 0. Their
+    outputs are z + γ·P and z + γ·N, with P = layer(x; w⁺, b⁺) and N = layer(x; w⁻, b⁻),
+    which no γ changes: kept from the rule's second backward on a kept forward, a γ
+    change then runs no forward convolution, and each term's backward is one transposed
+    layer with the modified weights. Same numbers as zennit's rule up to float
+    round-off (z + γ·P is summed in another order than layer(x; w + γw⁺)); tested.
+    """
+    x, z = call.args[0], call.z
+    if (rule.gamma < 0 or rule.stabilizer < 0 or z._version != call.version or call.kwargs
+            or (isinstance(module, ConvolutionStandard)
+                and (module.padding_mode != "zeros" or isinstance(module.padding, str)))
+            or bool((x < 0).any())):
+        return None
+    key = (GammaRule,)
+    parts = call.terms.get(key)
+    if parts is None:
+        weight, bias = module.weight.detach(), module.bias
+        bias = bias.detach() if bias is not None else None
+        with torch.no_grad():
+            parts = tuple(
+                _layer_with(module, x, weight.clamp(**side),
+                            bias.clamp(**side) if bias is not None else None)
+                for side in ({"min": 0}, {"max": 0}))
+        # kept from the rule's second backward on the kept forward, as fixed terms are
+        seen = key in call.terms
+        call.terms = {key: parts if seen else None}
+    gamma, stabilizer = rule.gamma, rule.stabilizer
+    weight = module.weight.detach()
+    relevance = None
+    for added, positive in zip(parts, (True, False), strict=True):
+        carries, shift = (z > 0, stabilizer) if positive else (z < 0, -stabilizer)
+        side = {"min": 0} if positive else {"max": 0}
+        # where z > 0, z + γP ≥ z > 0 and zennit's stabiliser adds +ε (−ε on z < 0);
+        # elsewhere the mapped gradient is 0 (denominator set to 1 to avoid 0/0)
+        denominator = torch.add(z, added, alpha=gamma).add_(shift).masked_fill_(~carries, 1.0)
+        mapped = (carries * grad).div_(denominator)
+        pulled = _layer_input_gradient(module, x, weight + gamma * weight.clamp(**side), mapped)
+        relevance = pulled if relevance is None else relevance.add_(pulled)
+    return relevance.mul_(x)
+
+
+def _layer_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """The linear or convolution layer ``module`` on ``x`` with other weights and bias."""
+    if isinstance(module, nn.Linear):
+        return nn.functional.linear(x, weight, bias)
+    return module._conv_forward(x, weight, bias)
+
+
+def _layer_input_gradient(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                          grad: torch.Tensor) -> torch.Tensor:
+    """Gradient of the layer with ``weight`` at ``x`` for output gradient ``grad``: one
+    transposed layer (``grad @ weight``, or a transposed convolution), no forward."""
+    if isinstance(module, nn.Linear):
+        return grad @ weight
+    conv_input = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
+                  3: torch.nn.grad.conv3d_input}[x.ndim - 2]
+    return conv_input(x.shape, weight, grad, module.stride, module.padding, module.dilation,
+                      module.groups)
 
 
 def _layer_rule(rule: BasicHook, module: nn.Module, call: _Call,
