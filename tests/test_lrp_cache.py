@@ -108,24 +108,32 @@ def test_epsilon_changes_re_evaluate_no_layer(images):
     assert zplus.convs >= 2 * 5  # α1β0 on every convolution but the first's special rule
 
 
-def test_alpha_beta_and_zplus_layers_are_evaluated_once_per_kept_forward(images):
-    # their modified layers (x⁺w⁺, x⁺w⁻, ...) do not depend on α, β or ε: a change
-    # re-runs no convolution, only the backward (equality: the test above); they are
-    # kept from a rule's second backward, so a one-shot call keeps nothing extra
-    ex = xw.Explainer(small_resnet(), images, progress=False)
+def test_alpha_beta_zplus_and_gamma_layers_are_evaluated_once_per_kept_forward(images):
+    # their parts x⁺w⁺ and x⁺w⁻ (after a ReLU x⁻ = 0) depend on no α, β, γ or ε: a change
+    # re-runs no convolution, only the backward (equality: the tests above and below);
+    # they are kept from a rule's second backward, so a one-shot call keeps nothing
+    # extra, and one rule's at a time (z⁺ and α/β share theirs: the same stabilised parts)
+    model = small_resnet()
+    n = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    ex = xw.Explainer(model, images, progress=False)
     counts = []
     for composite, params in [("alpha_beta", {"alpha": 2.0, "beta": 1.0}),
                               ("alpha_beta", {"alpha": 3.0, "beta": 2.0}),
                               ("alpha_beta", {"alpha": 1.5, "beta": 0.5}),
-                              ("epsilon_plus", {"epsilon": 0.1}),  # another rule
+                              ("epsilon_plus", {"epsilon": 0.1}),  # z⁺: α/β's parts
                               ("epsilon_plus", {"epsilon": 0.2}),
-                              ("epsilon_plus", {"epsilon": 0.3})]:
+                              ("epsilon_gamma_box", {"gamma": 0.5}),  # γ: parts of its own
+                              ("epsilon_gamma_box", {"gamma": 1.0}),
+                              ("epsilon_gamma_box", {"gamma": 2.0}),
+                              ("alpha_beta", {"alpha": 2.0, "beta": 1.0})]:
         with ConvCounter() as counter:
             ex.explain("lrp", composite=composite, target=[1, 2], **params)
         counts.append(counter.convs)
-    # first backward: evaluated, not kept; second: evaluated and kept; then reused
-    assert min(counts[0], counts[1], counts[3], counts[4]) >= 5
-    assert counts[2] == 0 and counts[5] == 0
+    # the first call also runs the forward pass; z^B (γ's first layer) evaluates its
+    # 3 terms on every call; α/β after γ: γ's parts replaced α/β's, except on the
+    # first layer (z^B under γ), which still holds α/β's
+    assert counts[0] > 2 * n
+    assert counts[1:] == [2 * n, 0, 0, 0, 2 * (n - 1) + 3, 2 * (n - 1) + 3, 3, 2 * (n - 1)]
 
 
 def test_fused_stabiliser_and_sum_layout_give_zennits_numbers(images, monkeypatch):
@@ -153,42 +161,50 @@ def test_fused_stabiliser_and_sum_layout_give_zennits_numbers(images, monkeypatc
     assert not np.array_equal(fused[0], fused[1])
 
 
-def test_gamma_by_linearity_equals_zennits_rule_and_reruns_no_convolution(images, monkeypatch):
-    # layers after a ReLU take z + γ·P (P, N kept); the one whose input has negative
-    # values (conv after conv, no ReLU between) must fall back to zennit's own terms
+@pytest.mark.parametrize("composite, param, values, used_per_call, convs_per_change", [
+    # z^B first layer (3 terms), the conv after a conv falls back (4 γ terms, not kept)
+    ("epsilon_gamma_box", "gamma", [0.25, 1.5, 0.0, 0.25], [True, True, False], 3 + 4),
+    # the first layer sees the images (≥ 0); the fallback's α/β terms are kept too
+    ("alpha_beta", "alpha", [2.0, 1.0, 3.0, 2.0], [True, True, False, True], 0),
+    ("epsilon_plus", "epsilon", [0.1, 0.5, 1e-6, 0.1], [True, True, False, True], 0),
+])
+def test_nonnegative_input_path_equals_the_rules_own_terms(images, monkeypatch, composite, param,
+                                                           values, used_per_call,
+                                                           convs_per_change):
+    # layers after a ReLU take the kept parts P = x⁺w⁺, N = x⁺w⁻ (γ: z + γ·P by
+    # linearity); the one whose input has negative values (conv after conv, no ReLU
+    # between) must fall back to the rule's own terms
     torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3), nn.ReLU(),
                           nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, bias=False), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4), nn.ReLU(),
                           nn.Linear(4, 3)).eval()
-    gammas = [0.25, 1.5, 0.0, 0.25]
     used = []
-    real = lrp_module._gamma_layer
+    real = lrp_module._nonnegative_layer
 
     def spy(*args):
         result = real(*args)
         used.append(result is not None)
         return result
 
-    monkeypatch.setattr(lrp_module, "_gamma_layer", spy)
+    monkeypatch.setattr(lrp_module, "_nonnegative_layer", spy)
     ex = xw.Explainer(model, images, progress=False)
     fast = []
-    for i, gamma in enumerate(gammas):
+    for i, value in enumerate(values):
         with ConvCounter() as counter:
-            fast.append(ex.explain("lrp", composite="epsilon_gamma_box", gamma=gamma,
-                                   target=[0, 2], reduce=None).values)
-        if i >= 2:  # P and N kept from the second change: the fast layers run no conv;
-            # left: the z^B first layer's 3 terms and the fallback conv's 4 (x⁺/x⁻ × w)
-            assert counter.convs == 3 + 4
-    # per change, in backward order: conv 4 and 3 fast, conv 2 falls back (its input
-    # has negatives); conv 1 is the z^B first layer, the Linear layers get LRP-ε
-    assert used == [True, True, False] * len(gammas)
-    monkeypatch.setattr(lrp_module, "_gamma_layer", lambda *args: None)
+            fast.append(ex.explain("lrp", composite=composite, target=[0, 2], reduce=None,
+                                   **{param: value}).values)
+        if i >= 2:  # the parts kept from the second change: the fast layers run no conv
+            assert counter.convs == convs_per_change
+    # per call, in backward order: conv 4 and 3 fast, conv 2 falls back (its input has
+    # negatives), then conv 1 unless it is γ's z^B first layer; the Linears get LRP-ε
+    assert used == used_per_call * len(values)
+    monkeypatch.setattr(lrp_module, "_nonnegative_layer", lambda *args: None)
     generic = xw.Explainer(model, images, progress=False)
-    for gamma, ours in zip(gammas, fast, strict=True):
-        theirs = generic.explain("lrp", composite="epsilon_gamma_box", gamma=gamma,
-                                 target=[0, 2], reduce=None).values
+    for value, ours in zip(values, fast, strict=True):
+        theirs = generic.explain("lrp", composite=composite, target=[0, 2], reduce=None,
+                                 **{param: value}).values
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6 * np.abs(theirs).max())
     assert not np.allclose(fast[0], fast[1])
     np.testing.assert_allclose(fast[0], fast[3], rtol=1e-6, atol=0)

@@ -160,9 +160,25 @@ class NormRule(_ShiftedDenominator, Norm):
         self.epsilon = float(stabilizer)
 
 
+class ZPlusRule(ZPlus):
+    """zennit's LRP-z⁺ that remembers its stabiliser (a float), for the kept engine's
+    path on non-negative inputs (:func:`_nonnegative_layer`).
+
+    >>> ZPlusRule(1e-6).copy().stabilizer
+    1e-06
+    """
+
+    def __init__(self, stabilizer: float = STABILIZER) -> None:
+        super().__init__(stabilizer=float(stabilizer))
+        self.stabilizer = float(stabilizer)
+
+    def copy(self) -> ZPlusRule:
+        return ZPlusRule(self.stabilizer)
+
+
 class GammaRule(Gamma):
     """zennit's generalised LRP-γ that remembers γ and its stabiliser (floats), so the
-    kept engine can use its linearity in γ (:func:`_gamma_layer`).
+    kept engine can use its linearity in γ (:func:`_nonnegative_layer`).
 
     >>> GammaRule(0.5).copy().gamma
     0.5
@@ -195,7 +211,7 @@ def rule(kind: str, *, epsilon: float = 1e-6, gamma: float = 0.25, alpha: float 
     if kind == "gamma":
         return GammaRule(gamma, STABILIZER)
     if kind == "zplus":
-        return ZPlus(stabilizer=STABILIZER)
+        return ZPlusRule(STABILIZER)
     if kind == "alpha_beta":
         return AlphaBeta(alpha=alpha, beta=beta, stabilizer=STABILIZER)
     if kind == "flat":
@@ -638,7 +654,8 @@ class _Call:
     output (and its version, to notice in-place changes) and, for layers, the
     module's own autograd graph from its input to its output (LRP-ε reads it)."""
 
-    __slots__ = ("args", "kwargs", "x", "z", "version", "own", "terms", "sign", "signs_made")
+    __slots__ = ("args", "kwargs", "x", "z", "version", "own", "terms", "sign", "signs_made",
+                 "_nonnegative")
 
     def __init__(self, args: tuple, kwargs: dict, x: torch.Tensor, output: torch.Tensor,
                  own: bool) -> None:
@@ -654,6 +671,13 @@ class _Call:
         #: zennit's sign of ``z`` (0 → +1), kept from the second backward on
         self.sign: torch.Tensor | None = None
         self.signs_made = 0
+        self._nonnegative: bool | None = None
+
+    def nonnegative(self) -> bool:
+        """Whether the module's input has no negative value (checked once)."""
+        if self._nonnegative is None:
+            self._nonnegative = not bool((self.args[0] < 0).any())
+        return self._nonnegative
 
     def shifted(self, epsilon: float) -> torch.Tensor:
         """zennit's stabilised denominator ``z + ε·sign(z)`` (sign 0 → +1), bit for bit:
@@ -737,8 +761,8 @@ class _Slot:
             return x * gradient
         if (isinstance(rule, BasicHook) and type(rule).backward is BasicHook.backward
                 and isinstance(self.module, (nn.Linear, ConvolutionStandard))):
-            if type(rule) is GammaRule:
-                relevance = _gamma_layer(rule, self.module, call, grad)
+            if type(rule) in (ZPlusRule, AlphaBeta, GammaRule):
+                relevance = _nonnegative_layer(rule, self.module, call, grad)
                 if relevance is not None:
                     return relevance
             return _layer_rule(rule, self.module, call, grad)
@@ -772,52 +796,85 @@ def _summands_times(call: _Call, mapped: torch.Tensor, dim: int) -> torch.Tensor
     return out.movedim(0, dim)
 
 
-def _gamma_layer(rule: GammaRule, module: nn.Module, call: _Call,
-                 grad: torch.Tensor) -> torch.Tensor | None:
-    """zennit's generalised LRP-γ on a layer whose input is non-negative (after a
-    ReLU), by linearity in γ; ``None`` where that does not apply (the caller then runs
-    zennit's rule code).
+def _nonnegative_layer(rule: BasicHook, module: nn.Module, call: _Call,
+                       grad: torch.Tensor) -> torch.Tensor | None:
+    """zennit's z⁺ (:class:`ZPlusRule`), our α/β (:class:`AlphaBeta`) and zennit's
+    generalised γ (:class:`GammaRule`) on a layer whose input x is non-negative (after
+    a ReLU); ``None`` where that does not apply (the caller then runs the rule's own
+    terms).
 
-    With x ≥ 0 only two of zennit's five terms carry relevance: the layer with weights
-    w + γw⁺ (bias b + γb⁺) on z > 0, and with w + γw⁻ (b + γb⁻) on z < 0. Their
-    outputs are z + γ·P and z + γ·N, with P = layer(x; w⁺, b⁺) and N = layer(x; w⁻, b⁻),
-    which no γ changes: kept from the rule's second backward on a kept forward, a γ
-    change then runs no forward convolution, and each term's backward is one transposed
-    layer with the modified weights. Same numbers as zennit's rule up to float
-    round-off (z + γ·P is summed in another order than layer(x; w + γw⁺)); tested.
+    With x ≥ 0 every x⁻ term of these rules is zero and what is left are two parts
+    that no rule parameter changes: P = layer(x; w⁺, b⁺) and N = layer(x; w⁻, b⁻),
+    kept (stabilised for z⁺ and α/β) from the rule's second backward on a kept
+    forward, like :func:`_layer_rule`'s fixed terms. Then, with m = grad:
+
+    * z⁺: R = x · w⁺ᵀ(m / s(P)); α/β: R = α·x·w⁺ᵀ(m / s(P)) − β·x·w⁻ᵀ(m / s(N)),
+      with zennit's stabiliser s; the same operations as the rules' own terms;
+    * γ, by linearity: the terms' outputs are z + γP (on z > 0) and z + γN (on
+      z < 0), R = x · ((w + γw⁺)ᵀ(m / s(z + γP)) + (w + γw⁻)ᵀ(m / s(z + γN))): same
+      numbers as zennit's rule up to float round-off (z + γP is summed in another
+      order than layer(x; w + γw⁺)).
+
+    A parameter change then runs no forward convolution: each term is one transposed
+    layer. Tested against the rules' own terms.
     """
     x, z = call.args[0], call.z
-    if (rule.gamma < 0 or rule.stabilizer < 0 or z._version != call.version or call.kwargs
+    epsilon = rule.stabilizer
+    if (not isinstance(epsilon, float) or epsilon < 0 or getattr(rule, "gamma", 0.0) < 0
+            or z._version != call.version or call.kwargs
             or (isinstance(module, ConvolutionStandard)
                 and (module.padding_mode != "zeros" or isinstance(module.padding, str)))
-            or bool((x < 0).any())):
+            or not call.nonnegative()):
         return None
-    key = (GammaRule,)
-    parts = call.terms.get(key)
-    if parts is None:
-        weight, bias = module.weight.detach(), module.bias
-        bias = bias.detach() if bias is not None else None
-        with torch.no_grad():
-            parts = tuple(
-                _layer_with(module, x, weight.clamp(**side),
-                            bias.clamp(**side) if bias is not None else None)
-                for side in ({"min": 0}, {"max": 0}))
+    gamma_rule = type(rule) is GammaRule
+    key = (_nonnegative_layer, gamma_rule, epsilon)
+    kept = call.terms.get(key)
+    if kept is None:
+        positive, negative, weights = _signed_parts(module, x)
+        if gamma_rule:  # z ± ε where z > 0 (z < 0), +∞ elsewhere: there m / (… + γP) is 0
+            positive = ((z + epsilon).masked_fill_(~(z > 0), torch.inf), positive)
+            negative = ((z - epsilon).masked_fill_(~(z < 0), torch.inf), negative)
+        else:
+            positive, negative = _stabilised(positive, epsilon), _stabilised(negative, epsilon)
+        kept = (positive, negative, weights)
         # kept from the rule's second backward on the kept forward, as fixed terms are
         seen = key in call.terms
-        call.terms = {key: parts if seen else None}
-    gamma, stabilizer = rule.gamma, rule.stabilizer
-    weight = module.weight.detach()
-    relevance = None
-    for added, positive in zip(parts, (True, False), strict=True):
-        carries, shift = (z > 0, stabilizer) if positive else (z < 0, -stabilizer)
-        side = {"min": 0} if positive else {"max": 0}
+        call.terms = {key: kept if seen else None}
+    positive, negative, (w_plus, w_minus) = kept
+    if not gamma_rule:
+        up = _layer_input_gradient(module, x, w_plus, grad / positive)
+        if type(rule) is ZPlusRule:
+            return up.mul_(x)
+        down = _layer_input_gradient(module, x, w_minus, grad / negative)
+        return up.mul_(x).mul_(rule.alpha).sub_(down.mul_(x).mul_(rule.beta))
+    weight, relevance = module.weight.detach(), None
+    for (shifted, added), w_part in ((positive, w_plus), (negative, w_minus)):
         # where z > 0, z + γP ≥ z > 0 and zennit's stabiliser adds +ε (−ε on z < 0);
-        # elsewhere the mapped gradient is 0 (denominator set to 1 to avoid 0/0)
-        denominator = torch.add(z, added, alpha=gamma).add_(shift).masked_fill_(~carries, 1.0)
-        mapped = (carries * grad).div_(denominator)
-        pulled = _layer_input_gradient(module, x, weight + gamma * weight.clamp(**side), mapped)
+        # elsewhere the denominator is +∞ and the mapped gradient 0
+        mapped = grad / torch.add(shifted, added, alpha=rule.gamma)
+        modified = torch.add(weight, w_part, alpha=rule.gamma)
+        pulled = _layer_input_gradient(module, x, modified, mapped)
         relevance = pulled if relevance is None else relevance.add_(pulled)
     return relevance.mul_(x)
+
+
+def _signed_parts(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                               tuple[torch.Tensor, torch.Tensor]]:
+    """``layer(x; w⁺, b⁺)``, ``layer(x; w⁻, b⁻)`` (without autograd) and ``(w⁺, w⁻)``."""
+    weight, bias = module.weight.detach(), module.bias
+    bias = bias.detach() if bias is not None else None
+    sides = ({"min": 0}, {"max": 0})
+    weights = tuple(weight.clamp(**side) for side in sides)
+    with torch.no_grad():
+        positive, negative = (
+            _layer_with(module, x, part, bias.clamp(**side) if bias is not None else None)
+            for part, side in zip(weights, sides, strict=True))
+    return positive, negative, weights
+
+
+def _stabilised(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """zennit's stabiliser ``z + ε·sign(z)`` (sign 0 → +1), in place on ``z``."""
+    return z.addcmul_((z == 0).to(z).add_(z.sign()), z.new_tensor(epsilon))
 
 
 def _layer_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
@@ -890,7 +947,7 @@ def _layer_rule(rule: BasicHook, module: nn.Module, call: _Call,
 #: rules whose modified layers no rule parameter changes (ε, α, β and the stabiliser act
 #: in the gradient mapper or the reducer), so their evaluations are kept per call: a
 #: parameter change on a kept forward then costs only the backward of each term
-_FIXED_TERMS = (ZPlus, AlphaBeta)
+_FIXED_TERMS = (ZPlusRule, AlphaBeta)
 
 
 def _fixed_terms_key(rule: BasicHook) -> tuple | None:
