@@ -212,14 +212,14 @@ def markdown(result: dict[str, Any]) -> str:
     if notes:
         lines += ["", "Peers that differ: " + "; ".join(notes)]
     if result.get("slider"):
-        lines += ["", "| slider (batch 1) | median latency (ms) | model calls | values |",
-                  "|---|---|---|---|"]
+        lines += ["", "| slider (batch 1) | median latency (ms) | / fresh gradient | model calls "
+                  "| values |", "|---|---|---|---|---|"]
         for row in result["slider"]:
             ms = "n/a" if row["median_ms"] is None else f"{row['median_ms']:.1f}"
             calls = row.get("model_calls")
             calls = "n/a" if calls is None else f"{calls} in {row['changes']} changes"
-            lines.append(f"| {row['slider']} | {ms} | {calls} | "
-                         f"{row.get('note') or ', '.join(map(str, row['values']))} |")
+            lines.append(f"| {row['slider']} | {ms} | {fmt_ratio(row.get('vs_fresh_gradient'))} "
+                         f"| {calls} | {row.get('note') or ', '.join(map(str, row['values']))} |")
     if result.get("memory"):
         lines += ["", "| memory | impl | n | batch_size | peak increase (MiB) |",
                   "|---|---|---|---|---|"]

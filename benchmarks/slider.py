@@ -55,6 +55,10 @@ SLIDERS = (
     Slider("method: gradient → gradcam", "switch", "method", ("gradient", "gradcam")),
 )
 
+#: the yardstick of the LRP sliders (issue #14: a parameter change ≤ 0.7× this): a
+#: gradient from a new Explainer on the same image, construction included
+REFERENCE = "reference: gradient, fresh Explainer"
+
 
 class CallCounter:
     """Counts forward calls of ``model`` while active (a pre-hook, removed on exit)."""
@@ -126,7 +130,31 @@ def run_sliders(model: nn.Module, x: torch.Tensor, target: int, repeats: int,
         except Exception as err:  # a failing slider is reported, the others still run
             row["note"] = f"error: {type(err).__name__}: {err}".splitlines()[0][:200]
         rows.append(row)
+    rows.append(_fresh_gradient(model, x[:1], target, repeats))
+    reference = rows[-1]["median_ms"]
+    for row in rows:
+        if row["median_ms"] is not None:
+            row["vs_fresh_gradient"] = row["median_ms"] / reference
     return rows
+
+
+def _fresh_gradient(model: nn.Module, x: torch.Tensor, target: int,
+                    repeats: int) -> dict[str, Any]:
+    """The :data:`REFERENCE` row: a fresh Explainer's gradient, timed like a slider."""
+    def call() -> Any:
+        return xw.Explainer(model, x, progress=False).explain("gradient", target=target)
+
+    times, counter = [], CallCounter(model)
+    with counter:
+        # warm, not counted: the construction probe is remembered per model and hooks
+        # (the counter's included), as in a widget given new images
+        call()
+        counter.calls = 0
+        for _ in range(repeats * 4):
+            times.append(time_once(call, x.device))
+    return {"slider": REFERENCE, "values": ["gradient"],
+            "median_ms": 1e3 * statistics.median(times), "model_calls": counter.calls,
+            "changes": len(times)}
 
 
 # ------------------------------------------------------------- widget latency

@@ -67,6 +67,14 @@ def test_fem_sliders_reuse_the_cached_forward(result):
         assert sliders[name]["median_ms"] > 0
     # a gradient needs a new pass on every call: the counter does count
     assert sliders["method: gradient → gradcam"]["model_calls"] > 0
+    # the LRP changes' yardstick: a fresh Explainer's gradient (one pass per call), and
+    # every timed slider row carries its ratio to it
+    reference = sliders["reference: gradient, fresh Explainer"]
+    assert reference["model_calls"] == reference["changes"] > 0
+    assert reference["vs_fresh_gradient"] == 1.0
+    for name in ("lrp: epsilon", "lrp: gamma", "lrp: alpha/beta"):
+        ratio = sliders[name]["vs_fresh_gradient"]
+        assert ratio == sliders[name]["median_ms"] / reference["median_ms"], name
 
 
 def test_memory_rows_and_markdown(result):
