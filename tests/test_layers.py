@@ -153,3 +153,16 @@ def test_tiny_inputs_without_a_2x2_map_get_a_clear_error():
     ex = xw.Explainer(model, torch.rand(1, 3, 3, 3))
     with pytest.raises(ValueError, match="at least 2×2.*layer="):
         ex.explain("gradcam")
+
+
+def test_s3d_default_is_the_last_inception_block_not_a_branch_conv():
+    # S3D's SepInceptionBlock3D concatenates four branches: the block output is the
+    # feature map (a branch's last conv sees a quarter of the channels). Built only:
+    # a pass needs ≥ 16×224² (its average pool is 2×7×7), too slow for the suite
+    model = torchvision.models.video.s3d(weights=None)
+    blocks = layers.block_outputs(model)
+    assert blocks == [f"features.{i}" for i in (5, 6, 8, 9, 10, 11, 12, 14, 15)]
+    assert layers.default_layer(model) == "features.15"
+    candidates = layers.candidate_layers(model)
+    assert "features.15" in candidates and "features.15.branch3.1.2" not in candidates
+    assert "features.15.branch0.0" in candidates  # its 3-D convolutions are offered too

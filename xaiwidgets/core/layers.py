@@ -36,7 +36,8 @@ _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 
 
 #: class-name endings of block modules (torchvision, timm): residual, MBConv, dense, ...
-_BLOCK_SUFFIXES = ("Block", "Bottleneck", "MBConv", "InvertedResidual", "Transition", "Fire")
+_BLOCK_SUFFIXES = ("Block", "Block3D", "Bottleneck", "MBConv", "InvertedResidual", "Transition",
+                   "Fire")
 #: class-name starts of Inception modules (InceptionA..E, torchvision's GoogLeNet
 #: ``Inception``); whole models (``Inception3``, ``InceptionV3``) are never named
 _BLOCK_PREFIXES = ("Inception",)
@@ -165,7 +166,8 @@ def candidate_layers(model: nn.Module,
         parts = name.split(".")
         for depth in range(1, len(parts) + 1):
             last_position[".".join(parts[:depth])] = position
-    chosen = [name for name, module in named if isinstance(module, nn.Conv2d) or name in blocks]
+    chosen = [name for name, module in named
+              if isinstance(module, (nn.Conv2d, nn.Conv3d)) or name in blocks]
     return sorted(chosen, key=lambda name: (last_position[name], -name.count(".")))
 
 
