@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -680,11 +681,11 @@ class _Call:
         return self._nonnegative
 
     def shifted(self, epsilon: float) -> torch.Tensor:
-        """zennit's stabilised denominator ``z + ε·sign(z)`` (sign 0 → +1), bit for bit:
-        ``ε·sign`` is exact, so one fused ``addcmul`` rounds as zennit's two ops do."""
+        """zennit's stabilised denominator ``z + ε·sign(z)`` (sign 0 → +1), bit for bit
+        (see :func:`_stabilised`), as a new tensor."""
         sign = self.sign
         if sign is None:
-            sign = (self.z == 0).to(self.z).add_(self.z.sign())
+            sign = _zennit_sign(self.z)
             self.signs_made += 1
             if self.signs_made > 1:  # a slider moving on a kept forward: keep it
                 self.sign = sign
@@ -872,17 +873,36 @@ def _signed_parts(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     return positive, negative, weights
 
 
+def _zennit_sign(z: torch.Tensor) -> torch.Tensor:
+    """The sign zennit's stabiliser uses: ``sign(z)`` with +1 for 0 (its own formula).
+
+    >>> _zennit_sign(torch.tensor([-2.0, 0.0, 3.0]))
+    tensor([-1.,  1.,  1.])
+    """
+    return (z == 0).to(z).add_(z.sign())
+
+
 def _stabilised(z: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """zennit's stabiliser ``z + ε·sign(z)`` (sign 0 → +1), in place on ``z``."""
-    return z.addcmul_((z == 0).to(z).add_(z.sign()), z.new_tensor(epsilon))
+    """zennit's stabiliser ``z + ε·sign(z)``, in place on ``z``; ``ε·sign`` is exact, so
+    one fused ``addcmul`` rounds as zennit's two operations do."""
+    return z.addcmul_(_zennit_sign(z), z.new_tensor(epsilon))
+
+
+#: the functional convolution and its input gradient per number of spatial dimensions
+_CONVOLUTIONS = {1: (F.conv1d, torch.nn.grad.conv1d_input),
+                 2: (F.conv2d, torch.nn.grad.conv2d_input),
+                 3: (F.conv3d, torch.nn.grad.conv3d_input)}
 
 
 def _layer_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
-    """The linear or convolution layer ``module`` on ``x`` with other weights and bias."""
+    """The linear or convolution layer ``module`` on ``x`` with other weights and bias
+    (convolutions with numeric zero padding, see :func:`_nonnegative_layer`)."""
     if isinstance(module, nn.Linear):
-        return nn.functional.linear(x, weight, bias)
-    return module._conv_forward(x, weight, bias)
+        return F.linear(x, weight, bias)
+    convolution, _ = _CONVOLUTIONS[x.ndim - 2]
+    return convolution(x, weight, bias, module.stride, module.padding, module.dilation,
+                       module.groups)
 
 
 def _layer_input_gradient(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
@@ -891,10 +911,9 @@ def _layer_input_gradient(module: nn.Module, x: torch.Tensor, weight: torch.Tens
     transposed layer (``grad @ weight``, or a transposed convolution), no forward."""
     if isinstance(module, nn.Linear):
         return grad @ weight
-    conv_input = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
-                  3: torch.nn.grad.conv3d_input}[x.ndim - 2]
-    return conv_input(x.shape, weight, grad, module.stride, module.padding, module.dilation,
-                      module.groups)
+    _, input_gradient = _CONVOLUTIONS[x.ndim - 2]
+    return input_gradient(x.shape, weight, grad, module.stride, module.padding,
+                          module.dilation, module.groups)
 
 
 def _layer_rule(rule: BasicHook, module: nn.Module, call: _Call,
