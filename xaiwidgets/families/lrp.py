@@ -666,13 +666,20 @@ class _Call:
         self.z = output.detach()
         self.version = output._version
         self.own = output if own else None
-        #: the modified layer evaluations of the last fixed rule (see :func:`_layer_rule`);
-        #: ``None`` after its first backward (kept from the second on)
-        self.terms: dict[tuple, tuple[list, list, list] | None] = {}
+        #: the layer evaluations of the last rule that keeps any (:func:`_layer_rule`,
+        #: :func:`_nonnegative_layer`); ``None`` after its first backward (see
+        #: :meth:`keep_terms`)
+        self.terms: dict[tuple, Any] = {}
         #: zennit's sign of ``z`` (0 → +1), kept from the second backward on
         self.sign: torch.Tensor | None = None
         self.signs_made = 0
         self._nonnegative: bool | None = None
+
+    def keep_terms(self, key: tuple, terms: Any) -> None:
+        """Offer a rule's layer evaluations that no parameter changes: kept from the
+        second offer under the same ``key`` on (a slider moving on a kept forward; a
+        one-shot call keeps nothing extra), one rule's at a time."""
+        self.terms = {key: terms if key in self.terms else None}
 
     def nonnegative(self) -> bool:
         """Whether the module's input has no negative value (checked once)."""
@@ -838,9 +845,7 @@ def _nonnegative_layer(rule: BasicHook, module: nn.Module, call: _Call,
         else:
             positive, negative = _stabilised(positive, epsilon), _stabilised(negative, epsilon)
         kept = (positive, negative, weights)
-        # kept from the rule's second backward on the kept forward, as fixed terms are
-        seen = key in call.terms
-        call.terms = {key: kept if seen else None}
+        call.keep_terms(key, kept)
     positive, negative, (w_plus, w_minus) = kept
     if not gamma_rule:
         up = _layer_input_gradient(module, x, w_plus, grad / positive)
@@ -936,11 +941,8 @@ def _layer_rule(rule: BasicHook, module: nn.Module, call: _Call,
         inputs, outputs, state = (list(part) for part in call.terms[key])
     else:
         inputs, outputs, state = _evaluate_terms(rule, module, call, fixed=key is not None)
-        # kept from this rule's second backward on the kept forward (a slider moving):
-        # a one-shot call keeps nothing beyond its graph; one rule's terms at a time
         if key is not None:
-            seen = key in call.terms
-            call.terms = {key: (list(inputs), list(outputs), list(state)) if seen else None}
+            call.keep_terms(key, (list(inputs), list(outputs), list(state)))
     grad_outputs = rule.gradient_mapper(grad, outputs)
     if isinstance(grad_outputs, torch.Tensor):
         grad_outputs = [grad_outputs]
