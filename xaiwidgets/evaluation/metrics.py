@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +61,12 @@ THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity"
 class Metric:
     """A registered metric: its function, direction and the reference it needs.
 
-    ``needs`` is ``"map"`` (a density map such as the GFDM) or ``"fixations"``
-    (fixation counts / a binary mask).
+    ``needs`` names what the metric compares the map with: ``"map"`` (a density map
+    such as the GFDM), ``"fixations"`` (fixation counts / a binary mask), ``"mask"``
+    (a boolean target mask, localisation), ``"shuffled"`` (fixations and the other
+    images' fixations, shuffled AUC), ``"none"`` (the map alone, complexity),
+    ``"explainer"`` (the model, the images and the map: faithfulness) or ``"method"``
+    (the model, the images and the method itself: robustness, random logit).
 
     >>> METRICS["nss"].needs, METRICS["nss"].higher_is_better
     ('fixations', True)
@@ -74,8 +78,22 @@ class Metric:
     needs: str
     doc: str
 
-    def __call__(self, saliency: Any, reference: Any, **kwargs: Any) -> Any:
-        return self.function(saliency, reference, **kwargs)
+    def __call__(self, saliency: Any, *references: Any, **kwargs: Any) -> Any:
+        return self.function(saliency, *references, **kwargs)
+
+
+def register(name: str, function: Callable[..., Any], higher_is_better: bool, needs: str,
+             doc: str = "") -> Metric:
+    """Add a metric to :data:`METRICS` (the one registry ``xw.evaluate`` and the
+    widgets' sort read). Used by the evaluation modules for metrics that are not
+    map-vs-reference functions (faithfulness, robustness).
+
+    >>> register("pcc", pcc, True, "map").needs                     # doctest: +SKIP
+    'map'
+    """
+    doc = doc or (function.__doc__ or "").strip().splitlines()[0]
+    METRICS[name] = Metric(name, function, higher_is_better, needs, doc)
+    return METRICS[name]
 
 
 METRICS: dict[str, Metric] = {}
@@ -85,7 +103,7 @@ def available(needs: str | None = None) -> list[str]:
     """Names of the registered metrics (optionally only those needing ``"map"``/``"fixations"``).
 
     >>> available("fixations")
-    ['nss', 'auc_judd', 'auc_borji']
+    ['nss', 'auc_judd', 'auc_borji', 'info_gain']
     """
     return [name for name, m in METRICS.items() if needs is None or m.needs == needs]
 
@@ -110,55 +128,81 @@ def _as_array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _as_dataarrays(s: Any, r: Any) -> tuple[xr.DataArray, xr.DataArray]:
-    """Both inputs as DataArrays; a plain array takes the trailing dim names of the other."""
-    if not isinstance(s, xr.DataArray):
-        s_arr = _as_array(s)
-        s = xr.DataArray(s_arr, dims=r.dims[r.ndim - s_arr.ndim:] if s_arr.ndim <= r.ndim
-                         else None)
-    if not isinstance(r, xr.DataArray):
-        r_arr = _as_array(r)
-        r = xr.DataArray(r_arr, dims=s.dims[s.ndim - r_arr.ndim:] if r_arr.ndim <= s.ndim
-                         else None)
-    return s, r
+def _as_dataarrays(*values: Any) -> list[xr.DataArray]:
+    """All inputs as DataArrays; a plain array takes the trailing dim names of the
+    first DataArray among them."""
+    template = next(v for v in values if isinstance(v, xr.DataArray))
+    out = []
+    for v in values:
+        if not isinstance(v, xr.DataArray):
+            arr = _as_array(v)
+            v = xr.DataArray(arr, dims=template.dims[template.ndim - arr.ndim:]
+                             if arr.ndim <= template.ndim else None)
+        out.append(v)
+    return out
 
 
-def _stacked(s: Any, r: Any, core: Callable, needs: str, kwargs: dict) -> Any:
-    """Run ``core`` on (B, H, W) float64 stacks and give back the leading shape."""
-    s, r = np.asarray(_as_array(s), dtype=np.float64), _as_array(r)  # no copy if float64
-    r = r > 0 if needs == "fixations" else np.asarray(r, dtype=np.float64)
-    if s.ndim < 2 or r.ndim < 2:
-        raise ValueError(
-            f"metrics compare 2-D maps (..., y, x); got shapes {s.shape} and {r.shape}"
-        )
+#: how each kind of input is read: saliency maps and densities as float64, fixations
+#: as "fixated" (> 0), masks as booleans (0/1 values only, else a clear error)
+def _convert(value: Any, kind: str, name: str) -> np.ndarray:
+    arr = _as_array(value)
+    if kind == "fixations":
+        return arr > 0
+    if kind == "mask":
+        if arr.dtype != bool:
+            if not np.isin(arr, (0, 1)).all():
+                raise ValueError(
+                    f"{name} must be a boolean mask (True inside the target); got values "
+                    f"other than 0/1 (dtype {arr.dtype}): pass e.g. mask > 0.5"
+                )
+            arr = arr.astype(bool)
+        return arr
+    return np.asarray(arr, dtype=np.float64)  # no copy if float64
+
+
+def _stacked(inputs: Sequence[Any], kinds: Sequence[str], names: Sequence[str],
+             core: Callable, kwargs: dict) -> Any:
+    """Run ``core`` on (B, H, W) stacks (float64 maps, boolean fixations/masks) and give
+    back the leading shape. ``None`` inputs (optional ones) are passed as ``None``."""
+    arrays = [None if v is None else _convert(v, k, n)
+              for v, k, n in zip(inputs, kinds, names, strict=True)]
+    given = [a for a in arrays if a is not None]
+    if any(a.ndim < 2 for a in given):
+        raise ValueError(f"metrics compare 2-D maps (..., y, x); got shapes "
+                         f"{[a.shape for a in given]}")
     try:
-        s, r = np.broadcast_arrays(s, r)
+        given = np.broadcast_arrays(*given)
     except ValueError:
+        shapes = ", ".join(f"{n} {a.shape}" for n, a in zip(names, arrays, strict=True)
+                           if a is not None)
         raise ValueError(
-            f"map shapes {s.shape} and {r.shape} do not match; both need the same (y, x) "
-            "size (resize the saliency map to the reference first)"
+            f"shapes do not match ({shapes}); every input needs the same (y, x) size "
+            "(resize the saliency map to the reference first)"
         ) from None
-    lead, hw = s.shape[:-2], s.shape[-2:]
-    out = _in_chunks(core, s.reshape(-1, *hw), r.reshape(-1, *hw), kwargs).reshape(lead)
+    lead, hw = given[0].shape[:-2], given[0].shape[-2:]
+    flat = iter([g.reshape(-1, *hw) for g in given])
+    arrays = [None if a is None else next(flat) for a in arrays]
+    out = _in_chunks(core, arrays, kwargs).reshape(lead)
     return float(out) if not lead else out
 
 
-def _in_chunks(core: Callable, s: np.ndarray, r: np.ndarray, kwargs: dict) -> np.ndarray:
+def _in_chunks(core: Callable, arrays: list, kwargs: dict) -> np.ndarray:
     """``core`` on (B, H, W) stacks, :data:`CHUNK_PIXELS` pixels a call, on up to
     :data:`THREADS` threads (every metric scores each map on its own, so chunks are
     independent; NumPy and SciPy release the GIL in the work that matters).
 
     Chunks keep a metric's temporaries small enough to stay in the CPU caches.
     """
+    s = arrays[0]
     step = max(1, CHUNK_PIXELS // (s.shape[1] * s.shape[2]))
-    if len(s) <= step:
-        return np.asarray(core(s, r, **kwargs), dtype=np.float64).reshape(-1)
-    starts = range(0, len(s), step)
 
     def one(i: int) -> np.ndarray:
-        return np.asarray(core(s[i:i + step], r[i:i + step], **kwargs),
-                          dtype=np.float64).reshape(-1)
+        part = [None if a is None else a[i:i + step] for a in arrays]
+        return np.asarray(core(*part, **kwargs), dtype=np.float64).reshape(-1)
 
+    if len(s) <= step:
+        return one(0)
+    starts = range(0, len(s), step)
     workers = min(THREADS, len(starts))
     if workers <= 1:
         return np.concatenate([one(i) for i in starts])
@@ -168,32 +212,56 @@ def _in_chunks(core: Callable, s: np.ndarray, r: np.ndarray, kwargs: dict) -> np
         return np.concatenate(list(pool.map(one, starts)))
 
 
-def _metric(higher_is_better: bool, needs: str = "map") -> Callable[[Callable], Callable]:
-    """Register a core ``f(saliency (B,H,W), reference (B,H,W), **kw) -> (B,)`` as a metric.
+#: the kind of each reference input, by what a metric needs
+_KINDS = {"map": ("map",), "fixations": ("fixations",), "mask": ("mask",), "none": (),
+          "shuffled": ("fixations", "fixations")}
+
+
+def _metric(higher_is_better: bool, needs: str = "map",
+            optional: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Register a core ``f(saliency (B,H,W), *references (B,H,W), **kw) -> (B,)`` as a
+    metric; ``optional`` lists extra (B, H, W) float inputs that may be ``None``.
 
     The registered function accepts numpy/torch/xarray inputs of any leading shape.
     """
+    kinds = ("map", *_KINDS[needs], *("map" for _ in optional))
 
     def decorate(core: Callable) -> Callable:
+        import inspect
+
+        names = list(inspect.signature(core).parameters)[:len(kinds)]
+
         @functools.wraps(core)
-        def metric(saliency: Any, reference: Any, **kwargs: Any) -> Any:
-            if isinstance(saliency, xr.DataArray) or isinstance(reference, xr.DataArray):
-                s, r = _as_dataarrays(saliency, reference)
-                core_dims = [list(s.dims[-2:]), list(r.dims[-2:])]
+        def metric(saliency: Any, *references: Any, **kwargs: Any) -> Any:
+            references = list(references)
+            for extra in optional[len(references) - len(_KINDS[needs]):]:
+                references.append(kwargs.pop(extra, None))
+            if len(references) != len(kinds) - 1:
+                raise TypeError(f"{core.__name__} takes the map and {names[1:]}; got "
+                                f"{1 + len(references)} inputs")
+            inputs = [saliency, *references]
+            present = [i for i, v in enumerate(inputs) if v is not None]
+            if any(isinstance(inputs[i], xr.DataArray) for i in present):
+                arrays = _as_dataarrays(*[inputs[i] for i in present])
+                core_dims = [list(a.dims[-2:]) for a in arrays]
                 # the (y, x) coordinates are not compared: only the shapes must agree
-                s = s.drop_vars([d for d in core_dims[0] if d in s.indexes])
-                r = r.drop_vars([d for d in core_dims[1] if d in r.indexes])
-                out = xr.apply_ufunc(
-                    _stacked, s, r, kwargs={"core": core, "needs": needs, "kwargs": kwargs},
-                    input_core_dims=core_dims, dask="parallelized", output_dtypes=[np.float64],
-                )
+                arrays = [a.drop_vars([d for d in dims if d in a.indexes])
+                          for a, dims in zip(arrays, core_dims, strict=True)]
+
+                def run(*values: Any) -> Any:
+                    full: list[Any] = [None] * len(inputs)
+                    for i, v in zip(present, values, strict=True):
+                        full[i] = v
+                    return _stacked(full, kinds, names, core, kwargs)
+
+                out = xr.apply_ufunc(run, *arrays, input_core_dims=core_dims,
+                                     dask="parallelized", output_dtypes=[np.float64])
                 if "t" in out.dims:  # a clip volume: per frame, then the mean over frames
                     out = _frame_mean(out)
                 return out.rename(core.__name__)
-            return _stacked(saliency, reference, core, needs, kwargs)
+            return _stacked(inputs, kinds, names, core, kwargs)
 
-        doc = (core.__doc__ or "").strip().splitlines()[0]
-        METRICS[core.__name__] = Metric(core.__name__, metric, higher_is_better, needs, doc)
+        register(core.__name__, metric, higher_is_better, needs, core.__doc__ or "")
         return metric
 
     return decorate
@@ -234,13 +302,25 @@ def _distribution(a: np.ndarray) -> np.ndarray:
 
 
 def _correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Row-wise Pearson correlation; 0 where either row is constant."""
+    """Row-wise Pearson correlation; 0 where either row is constant (max == min: the
+    mean of a constant row may round, leaving tiny residuals that must not count)."""
+    varies = _varies(x) & _varies(y)
     x = x - x.mean(axis=1, keepdims=True)
     y = y - y.mean(axis=1, keepdims=True)
     # row-wise dot products without the (B, P) temporaries of x * y (a throughput hot spot)
     den = np.sqrt(np.einsum("ij,ij->i", x, x) * np.einsum("ij,ij->i", y, y))
     num = np.einsum("ij,ij->i", x, y)
-    return np.clip(np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0), -1.0, 1.0)
+    ok = varies & (den > 0)
+    return np.clip(np.where(ok, num / np.where(ok, den, 1.0), 0.0), -1.0, 1.0)
+
+
+def _varies(a: np.ndarray) -> np.ndarray:
+    """Per row: not constant (max > min; NaN rows count as varying).
+
+    >>> _varies(np.array([[0.4, 0.4, 0.4], [0.0, 1.0, 0.0]]))
+    array([False,  True])
+    """
+    return ~(a.max(axis=1) == a.min(axis=1))
 
 
 def _sorted_ranks(values: np.ndarray) -> np.ndarray:
@@ -490,6 +570,7 @@ def nss(saliency: Any, fixations: Any) -> Any:
     """
     s, f = _flat(saliency), _flat(fixations)
     std = s.std(axis=1, ddof=1, keepdims=True) if s.shape[1] > 1 else np.zeros((len(s), 1))
+    std[~_varies(s)] = 0.0  # constant (max == min): its mean may round, its std is not 0
     z = np.where(std > 0, (s - s.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1), 0)
     n = f.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -566,3 +647,16 @@ def auc_borji(saliency: Any, fixations: Any, seed: int = 0, n_splits: int = 100)
         fp = np.hstack([np.zeros((n_splits, 1)), fp, np.ones((n_splits, 1))])
         out[i] = np.trapezoid(tp, fp, axis=1).mean()
     return out
+
+
+# the other map metrics live in one module per family; registered on import, and
+# re-exported here so that ``xw.metrics.pointing_game`` etc. work (API.md)
+from .benchmark import emd, info_gain, shuffled_auc  # noqa: E402
+from .complexity import complexity, sparseness  # noqa: E402
+from .localisation import pointing_game, relevance_mass, relevance_rank  # noqa: E402
+
+__all__ = [
+    "METRICS", "Metric", "auc_borji", "auc_judd", "available", "complexity", "emd", "get",
+    "info_gain", "kld", "l1", "nss", "pcc", "pointing_game", "register", "relevance_mass",
+    "relevance_rank", "shuffled_auc", "sim", "sparseness", "spearman", "ssim",
+]
