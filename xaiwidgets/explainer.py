@@ -59,6 +59,10 @@ class Explainer:
         logits, an index (``output=0``), a key (``output="logits"``) or a callable.
         A model returning one logit per image is a binary classifier: classes 0 and 1
         are explained by ``-z`` and ``z``, and :meth:`predict` uses the sigmoid.
+    grid
+        Vision transformers: the patch grid ``(h, w)`` of token layers (or
+        ``{layer: (h, w)}``), only where the model and the input size do not tell it
+        (an error then says so; :mod:`xaiwidgets.core.tokens`).
 
     A model compiled with ``torch.compile`` is explained through the module it wraps
     (``_orig_mod``: same weights, layer names without the prefix). One pass on the
@@ -85,6 +89,7 @@ class Explainer:
         classes: Sequence[str] | None = None,
         progress: bool | ProgressCallback = True,
         output: OutputSelector = None,
+        grid: tuple[int, int] | dict[str, tuple[int, int]] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             hint = ("; xw.models.load returns (model, preprocess, classes): unpack it, "
@@ -98,6 +103,7 @@ class Explainer:
         self.classes = list(classes) if classes is not None else None
         self.progress = progress
         self.output = output
+        self.grid = grid
         self.set_images(images)
 
     # ------------------------------------------------------------------ images
@@ -121,7 +127,7 @@ class Explainer:
         if params is not None and params.dtype != images.dtype:
             images = images.to(params.dtype)
         self.context = Context(self.model, images, self.preprocess, self.progress,
-                               self.output)
+                               self.output, self.grid)
         # one pass on one image: the output is usable, the classes fit, the layers' shapes
         try:
             self.context.shapes()

@@ -29,6 +29,7 @@ from torch import nn
 
 from . import layers as _layers
 from . import probe as _probe
+from . import tokens as _tokens
 from .ops import per_image, pick_logits
 from .scoped import (
     RecordOverwritten,
@@ -64,6 +65,9 @@ class Context:
         Maps display images to the model input, or ``None`` (images are the input).
     progress
         ``True``/``False`` for a tqdm bar on long work, or a callable ``(done, total)``.
+    grid
+        Token grids the model does not tell (:mod:`~xaiwidgets.core.tokens`): ``(h, w)``
+        or ``{layer: (h, w)}``; ``None`` reads them from the model and the input size.
 
     Result attrs: a method adds facts about its result (a check it made, e.g.
     DeepLIFT's ``delta_error`` or LRP's ``conservation_error``) with
@@ -84,8 +88,12 @@ class Context:
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
         progress: bool | ProgressCallback = False,
         output: OutputSelector = None,
+        grid: _tokens.GridOption = None,
     ) -> None:
         self.model = model
+        #: the user's token grids (see :meth:`layer_grid`)
+        self.grid = grid
+        self._grids: tuple[dict[str, _tokens.Grid], dict[str, str]] | None = None
         self.images = images
         self.preprocess = preprocess
         self.progress = progress
@@ -349,9 +357,11 @@ class Context:
     def activations(self, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         """Cached outputs of ``layers`` (detached); runs the model only for missing layers.
 
+        Token and channels-last outputs come as (N, C, h, w) (:meth:`layer_grid`).
         The pass also fills the prediction cache; when the logits are cached already,
         it stops after the last missing layer (the rest of the network is not run).
         """
+        grids = {name: self.layer_grid(name) for name in layers}  # ambiguous: fails first
         cache = self.valid_cache()
         missing = [name for name in layers if name not in cache["acts"]]
         if missing and "logits" in cache:
@@ -361,7 +371,7 @@ class Context:
             logits, acts = self.forward(layers=missing)
             cache["acts"].update(acts)
             cache.setdefault("logits", logits)
-        return {name: cache["acts"][name] for name in layers}
+        return {name: grids[name].to_map(cache["acts"][name]) for name in layers}
 
     @property
     def num_classes(self) -> int:
@@ -372,15 +382,58 @@ class Context:
 
     def layers(self) -> list[str]:
         """Names usable as ``layer=``, in forward order: convolutions and block outputs."""
-        return _layers.candidate_layers(self.model, self.shapes())
+        names = _layers.candidate_layers(self.model, self.map_shapes())
+        try:
+            default = self.default_layer()
+        except ValueError:
+            return names
+        if default not in names:  # a class-token model's last norm: just before its block
+            block = next((n for n in names if default.startswith(n + ".")), None)
+            names.insert(names.index(block) if block else len(names), default)
+        return names
 
     def block_layers(self) -> list[str]:
         """The block outputs (residual blocks, or each conv's activation): MLFEM's layers."""
-        return _layers.block_outputs(self.model, self.shapes())
+        return _layers.block_outputs(self.model, self.map_shapes())
 
     def default_layer(self) -> str:
-        """The last layer with a spatial (≥ 2×2) output: the default of Grad-CAM and FEM."""
-        return _layers.default_layer(self.model, self.shapes())
+        """The last layer with a spatial (≥ 2×2) output: the default of Grad-CAM and FEM.
+
+        Token models whose head reads a class token: the last block's first layer
+        norm (:func:`~xaiwidgets.core.tokens.class_token_layer`).
+        """
+        grids, ambiguous = self.grids()
+        try:
+            chosen = _layers.default_layer(self.model, self.map_shapes())
+        except ValueError as error:
+            if not ambiguous:
+                raise
+            first = next(iter(ambiguous.values()))
+            raise _tokens.TokenGridError(f"no layer with a known feature-map grid: {first}"
+                                         ) from error
+        return _tokens.class_token_layer(self.model, chosen, grids)
+
+    def grids(self) -> tuple[dict[str, _tokens.Grid], dict[str, str]]:
+        """Every feature-map layer's :class:`~xaiwidgets.core.tokens.Grid` and the
+        ambiguous token layers (name: how to give the grid); from :meth:`shapes`' pass."""
+        if self._grids is None:
+            self._grids = _tokens.layouts(self.model, self.shapes(), self.size[-2:], self.grid)
+        return self._grids
+
+    def map_shapes(self) -> dict[str, tuple[int, ...]]:
+        """:meth:`shapes` with token and channels-last outputs as (N, C, h, w), in the
+        same order; ambiguous token layers left out."""
+        grids, ambiguous = self.grids()
+        return {name: grids[name].map_shape(shape) if name in grids else shape
+                for name, shape in self.shapes().items() if name not in ambiguous}
+
+    def layer_grid(self, layer: str) -> _tokens.Grid:
+        """How ``layer``'s output reads as (N, C, h, w); raises
+        :class:`~xaiwidgets.core.tokens.TokenGridError` for an ambiguous token layer."""
+        grids, ambiguous = self.grids()
+        if layer in ambiguous:
+            raise _tokens.TokenGridError(ambiguous[layer])
+        return grids.get(layer, _tokens.Grid("map"))
 
     def resolve_target(self, target: Any) -> torch.Tensor:
         """One class index per image: ``None`` = predicted class; int; or a sequence."""
@@ -502,16 +555,18 @@ class Context:
     def layer_gradient(
         self, layer: str, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Activation of ``layer`` and ∂ logit[target] / ∂ activation, both (N, C, h, w).
+        """Activation of ``layer`` and ∂ logit[target] / ∂ activation, both (N, C, h, w)
+        (token and channels-last outputs rearranged by :meth:`layer_grid`).
 
         ``target=None`` means the predicted classes (read from this very pass).
         Autograd records only the part of the network after ``layer`` (see
         :meth:`forward_from`): the partial derivative is the same, the pass is cheaper.
         """
+        grid = self.layer_grid(layer)  # an ambiguous token layer fails before any pass
         logits, activation = self.forward_from(layer)
         score = logits.gather(1, self.pass_target(logits, target)[:, None]).sum()
         (grad,) = torch.autograd.grad(score, activation)
-        return activation.detach(), grad
+        return grid.to_map(activation.detach()), grid.to_map(grad)
 
     def forward_from(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of the inputs with autograd from ``layer`` on, and that layer's output.

@@ -72,6 +72,8 @@ class GuidedGradCAM(Method):
             (layer_grad,) = torch.autograd.grad(score, acts[layer], retain_graph=True)
             guided.active = True
             (input_grad,) = torch.autograd.grad(score, x)
-        cam = upsample(cam_map(acts[layer].detach(), layer_grad, layer), ctx.size)
+        grid = ctx.layer_grid(layer)  # token / channels-last outputs as (N, C, h, w)
+        activation, layer_grad = grid.to_map(acts[layer].detach()), grid.to_map(layer_grad)
+        cam = upsample(cam_map(activation, layer_grad, layer), ctx.size)
         cam = minmax(cam, dims=map_dims(ctx.size))
         return input_grad.abs().amax(dim=1) * cam
