@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from .core import channels as _channels
 from .core import layers as _layers
 from .core.context import Context, OutputSelector, ProgressCallback
 from .core.inputs import as_image_batch, channel_mismatch
@@ -172,6 +174,52 @@ class Explainer:
         # through the registry: the Explainer imports no method family
         return get_method("fem").stack(self.context, layers, K)
 
+    def channels(self, layer: str | None = None, method: str = "lrp", target: Any = None,
+                 **params: Any) -> xr.DataArray:
+        """Each channel's contribution at ``layer``, dims ("image", "channel").
+
+        ``method``: ``"lrp"`` (the relevance reaching the channel, R_k), ``"gradcam"``
+        (α_k·Σ A_k), ``"fem"`` (the channel's share of the FEM map) or ``"activation"``
+        (the channel's maximum); ``params`` are the method's (``composite=``, ``K=``).
+        ``layer`` defaults to the last feature map. On a kept LRP forward a target or
+        parameter change costs one backward pass down to the layer, no model call.
+
+        >>> ex.channels("features.27", "lrp", target=3).argmax("channel")  # doctest: +SKIP
+        """
+        if method not in _channels.MEASURES:
+            raise ValueError(f"method={method!r} has no channel measure; choose one of "
+                             f"{list(_channels.MEASURES)}")
+        ctx = self.context
+        layer = layer if layer is not None else ctx.default_layer()
+        _layers.resolve_layer(self.model, layer)
+        _channels.channel_count(ctx, layer)  # a layer without channels fails here
+        m = None if method == "activation" else get_method(method)
+        resolved = {} if m is None else m.bind(ctx, m.resolve_params(params))
+        if m is None and params:
+            raise TypeError(f"the activation measure takes no parameters, got {sorted(params)}")
+        with model_guard(self.model, exclusive=m is not None and m.changes_model):
+            if m is None or m.class_agnostic:
+                terms = (_channels.activation_terms(ctx.activations([layer])[layer])
+                         if m is None else m.channel_terms(ctx, None, layer, **resolved))
+                target_t = self.resolve_target(target)
+            elif m.target_from_pass and "logits" not in ctx.valid_cache():
+                given = None if target is None else ctx.parse_target(target)
+                terms = m.channel_terms(ctx, given, layer, **resolved)
+                target_t = self.resolve_target(target)
+            else:
+                target_t = self.resolve_target(target)
+                terms = m.channel_terms(ctx, target_t, layer, **resolved)
+        coords: dict[str, Any] = {"image": np.arange(self.n_images),
+                                  "channel": np.arange(terms.shape[1]),
+                                  "target": ("image", target_t.cpu().numpy())}
+        if self.classes is not None:
+            coords["class_name"] = ("image", [self.classes[t] for t in target_t.tolist()])
+        attrs = {"method": method, "layer": layer, "target": target_t.cpu().numpy(),
+                 **{k: attr_value(v) for k, v in resolved.items()},
+                 "params": json.dumps({k: attr_value(v) for k, v in resolved.items()})}
+        return xr.DataArray(terms.detach().float().cpu().numpy(), dims=("image", "channel"),
+                            coords=coords, attrs=attrs, name="channel_" + method)
+
     def predict(self, top: int = 5) -> xr.DataArray:
         """Top-``top`` class probabilities per image, dims ("image", "rank").
 
@@ -199,6 +247,7 @@ class Explainer:
         target: Any = None,
         layer: str | None = None,
         reduce: str | None = "default",
+        channels: Sequence[int] | None = None,
         **params: Any,
     ) -> xr.DataArray:
         """Explain the images with ``method``; a float32 ``xr.DataArray`` at input size.
@@ -209,22 +258,34 @@ class Explainer:
         ``("image", "channel", "t", "y", "x")``. ``attrs`` record the method,
         target, layer, reduction and every parameter used (defaults included).
 
+        ``channels=[k, ...]``: the conditional map in which only these channels of
+        ``layer`` contribute (lrp, gradcam, guided_gradcam, fem; ``layer`` defaults to
+        the last feature map, also for lrp); recorded in ``attrs["channels"]``.
+
         >>> ex.explain("integrated_gradients", target=3, steps=64)  # doctest: +SKIP
+        >>> ex.explain("lrp", layer="features.27", channels=[3, 7])  # doctest: +SKIP
         """
         m = get_method(method)
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce={reduce!r} is not valid; choose one of {list(REDUCTIONS)}")
         ctx = self.context
         resolved = m.bind(ctx, m.resolve_params(params))
-        if layer is not None and not m.uses_layer:
+        if channels is not None and m.name not in _channels.CONDITIONAL:
+            m.conditional(ctx, None, "", torch.empty(0))  # raises: names the methods that can
+        if layer is not None and not m.uses_layer and channels is None:
             raise TypeError(
                 f"method {m.name!r} does not take a layer; layer methods: "
                 "gradcam, guided_gradcam, fem (mlfem takes layers=)"
             )
-        if m.uses_layer:
-            layer = layer if layer is not None else m.default_layer(ctx)
+        if m.uses_layer or channels is not None:
+            layer = layer if layer is not None else (
+                m.default_layer(ctx) if m.uses_layer else ctx.default_layer())
             if layer is not None:
                 _layers.resolve_layer(self.model, layer)
+        attribute = m.attribute
+        if channels is not None:
+            chosen = _channels.check_channels(ctx, layer, channels)
+            attribute = functools.partial(m.conditional, channels=chosen)
         if ctx.is_clip and m.clip_refusal:
             usable = [n for n in methods() if not get_method(n).clip_refusal]
             raise ValueError(
@@ -236,17 +297,19 @@ class Explainer:
             if m.class_agnostic:
                 # the target only labels the result (FEM): computing first lets the
                 # pass that fills the activation cache also give the predictions
-                raw = m.attribute(ctx, None, layer, **resolved)
+                raw = attribute(ctx, None, layer, **resolved)
                 target_t = self.resolve_target(target)
             elif m.target_from_pass and "logits" not in ctx.valid_cache():
                 # the method's own pass on the images gives the predicted classes (and
                 # checks explicit ones): no separate prediction pass before it
                 given = None if target is None else ctx.parse_target(target)
-                raw = m.attribute(ctx, given, layer, **resolved)
+                raw = attribute(ctx, given, layer, **resolved)
                 target_t = self.resolve_target(target)
             else:
                 target_t = self.resolve_target(target)
-                raw = m.attribute(ctx, target_t, layer, **resolved)
+                raw = attribute(ctx, target_t, layer, **resolved)
+        if channels is not None:
+            extra["channels"] = chosen.tolist()
         return self.pack(raw, m, target_t, layer, reduce, resolved, extra)
 
     def pack(

@@ -163,6 +163,21 @@ class Method:
         """The raw attribution: ``(N, C, H, W)`` in pixel space or ``(N, h, w)`` a map."""
         raise NotImplementedError
 
+    def channel_terms(self, ctx: Context, target: torch.Tensor | None, layer: str,
+                      **params: Any) -> torch.Tensor:
+        """Each channel's contribution at ``layer`` (N, C) (``Explainer.channels``);
+        methods that decompose over a layer's channels override it."""
+        raise ValueError(f"method {self.name!r} has no channel measure; use one of "
+                         "'lrp', 'gradcam', 'fem', 'activation'")
+
+    def conditional(self, ctx: Context, target: torch.Tensor | None, layer: str,
+                    channels: torch.Tensor, **params: Any) -> torch.Tensor:
+        """The map with only ``channels`` of ``layer`` contributing (``explain(...,
+        channels=[...])``), shaped like :meth:`attribute`'s; methods that have one
+        override it."""
+        raise ValueError(f"method {self.name!r} has no conditional map (channels=); use one "
+                         "of 'lrp', 'gradcam', 'guided_gradcam', 'fem'")
+
     def check(self, ctx: Context, layer: str | None, params: dict[str, Any]) -> None:
         """Preconditions, checked by the Explainer before :meth:`attribute`.
 

@@ -31,6 +31,36 @@ def cam_map(activation: torch.Tensor, grad: torch.Tensor, layer: str) -> torch.T
     return torch.relu((weights * activation).sum(dim=1))
 
 
+def layer_terms(ctx, layer: str, target: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``layer``'s activation A and the Grad-CAM weights α (A's shape, spatial dims 1)
+    for ``target`` (``None``: the predicted classes), kept in the context's cache per
+    (layer, targets): a channel click on a Grad-CAM map runs no model pass."""
+    cache = ctx.valid_cache()
+    if target is None and "logits" in cache:
+        target = cache["logits"].argmax(dim=1)
+    kept = cache.setdefault("cam_terms", {})
+    key = (layer, None if target is None else tuple(target.tolist()))
+    if key not in kept:
+        activation, grad = ctx.layer_gradient(layer, target)
+        if activation.ndim not in (4, 5):
+            cam_map(activation, grad, layer)  # raises: not a feature map
+        if target is None:  # the pass gave the predicted classes
+            key = (layer, tuple(ctx.valid_cache()["logits"].argmax(dim=1).tolist()))
+        if len(kept) >= 4:
+            kept.pop(next(iter(kept)))
+        kept[key] = (activation, grad.mean(dim=tuple(range(2, grad.ndim)), keepdim=True))
+    return kept[key]
+
+
+def conditional_cam(ctx, target: torch.Tensor | None, layer: str,
+                    channels: torch.Tensor) -> torch.Tensor:
+    """ReLU(Σ_{k ∈ channels} α_k A_k): the Grad-CAM map of those channels only, (N, h, w)."""
+    activation, weights = layer_terms(ctx, layer, target)
+    index = channels.to(activation.device)
+    return torch.relu((weights[:, index] * activation[:, index]).sum(dim=1))
+
+
 @register
 class GradCAM(Method):
     """Grad-CAM (Selvaraju et al.): gradient-weighted activations of a conv layer."""
@@ -44,6 +74,14 @@ class GradCAM(Method):
 
     def attribute(self, ctx, target, layer, **params) -> torch.Tensor:
         return gradcam_map(ctx, target, layer)
+
+    def channel_terms(self, ctx, target, layer, **params) -> torch.Tensor:
+        """α_k·Σ A_k per channel, (N, C): the terms whose ReLU'd sum is the map's total."""
+        activation, weights = layer_terms(ctx, layer, target)
+        return weights.flatten(1) * activation.flatten(2).sum(dim=2)
+
+    def conditional(self, ctx, target, layer, channels, **params) -> torch.Tensor:
+        return conditional_cam(ctx, target, layer, channels)
 
 
 @register
@@ -62,6 +100,15 @@ class GuidedGradCAM(Method):
         require_relus(ctx, self.name)
 
     def attribute(self, ctx, target, layer, **params) -> torch.Tensor:
+        return self.guided(ctx, target, layer)
+
+    def conditional(self, ctx, target, layer, channels, **params) -> torch.Tensor:
+        """Guided backprop times the conditional Grad-CAM map of ``channels``."""
+        return self.guided(ctx, target, layer, channels)
+
+    def guided(self, ctx, target, layer, channels: torch.Tensor | None = None) -> torch.Tensor:
+        """Guided backprop (max |·| over RGB) times the normalised Grad-CAM map (of
+        ``channels`` only, when given)."""
         x = ctx.inputs.detach().requires_grad_(True)
         with relu_backward("guided") as guided:
             logits, acts = ctx.forward(x, layers=[layer], grad=True)
@@ -74,6 +121,9 @@ class GuidedGradCAM(Method):
             (input_grad,) = torch.autograd.grad(score, x)
         grid = ctx.layer_grid(layer)  # token / channels-last outputs as (N, C, h, w)
         activation, layer_grad = grid.to_map(acts[layer].detach()), grid.to_map(layer_grad)
+        if channels is not None:
+            index = channels.to(activation.device)
+            activation, layer_grad = activation[:, index], layer_grad[:, index]
         cam = upsample(cam_map(activation, layer_grad, layer), ctx.size)
         cam = minmax(cam, dims=map_dims(ctx.size))
         return input_grad.abs().amax(dim=1) * cam

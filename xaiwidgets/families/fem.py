@@ -74,6 +74,22 @@ def fem_map(activation: torch.Tensor, K: float = 1.0) -> torch.Tensor:
     return torch.bmm(mean.transpose(1, 2), fired).reshape(n, *volume)
 
 
+def fem_channel_shares(activation: torch.Tensor, K: float = 1.0) -> torch.Tensor:
+    """Each channel's share of the FEM map's total, μ_k·Σ B_k / Σ_j μ_j·Σ B_j: (N, C)
+    (all 0 for an image whose map is all zero). Each channel is its own one-channel
+    :func:`fem_map` (μ_k, σ_k and B_k depend on channel k alone).
+
+    >>> F = torch.tensor([[[[0., 0.], [0., 4.]], [[2., 2.], [2., 2.]]]])
+    >>> [round(v, 4) for v in fem_channel_shares(F)[0].tolist()]  # 1·1 and 2·4 of 9
+    [0.1111, 0.8889]
+    """
+    n, channels = activation.shape[:2]
+    single = activation.reshape(n * channels, 1, *activation.shape[2:])
+    terms = fem_map(single, K).flatten(1).sum(dim=1).reshape(n, channels)
+    total = terms.sum(dim=1, keepdim=True)
+    return torch.where(total != 0, terms / total.where(total != 0, 1), 0)
+
+
 def resolve_layers(ctx: Context, layers: str | Sequence[str] | None) -> list[str]:
     """Layer names for a FEM stack: ``None`` = ``ctx.block_layers()``; a comma-joined
     string or a sequence of names, each checked against the model."""
@@ -180,6 +196,15 @@ class FEM(Method):
 
     def attribute(self, ctx, target, layer, K) -> torch.Tensor:
         return fem_map(ctx.activations([layer])[layer], K)
+
+    def channel_terms(self, ctx, target, layer, K) -> torch.Tensor:
+        """Each channel's share of the FEM map (see :func:`fem_channel_shares`)."""
+        return fem_channel_shares(ctx.activations([layer])[layer], K)
+
+    def conditional(self, ctx, target, layer, channels, K) -> torch.Tensor:
+        """Σ_{k ∈ channels} μ_k·B_k: the FEM of those channels alone."""
+        activation = ctx.activations([layer])[layer]
+        return fem_map(activation[:, channels.to(activation.device)], K)
 
     def stack(self, ctx: Context, layers: str | Sequence[str] | None = None,
               K: float = 1.0) -> xr.DataArray:
