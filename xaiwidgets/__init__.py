@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 #: widgets are imported on first use: ``import xaiwidgets`` never loads ipywidgets or plotly
-_WIDGETS = ("ExplainerWidget", "FEMStackWidget", "CompareWidget", "DatasetExplorer")
+_WIDGETS = ("ExplainerWidget", "FEMStackWidget", "CompareWidget", "DatasetExplorer",
+            "ConceptExplorer")
 
 
 def __getattr__(name: str):

@@ -6,12 +6,16 @@ pulls in ipywidgets or plotly.
 * :class:`ExplainerWidget` – one image, one method, every parameter live;
 * :class:`FEMStackWidget` – the per-layer FEM maps of MLFEM and their fusion;
 * :class:`CompareWidget` – several methods side by side, with metrics against a reference;
-* :class:`DatasetExplorer` – a whole dataset's maps and scores, errors first.
+* :class:`DatasetExplorer` – a whole dataset's maps and scores, errors first;
+* :class:`ConceptExplorer` – the channels of a layer: contributions, conditional maps,
+  reference patches, NMF concepts.
 """
 
 from .compare_widget import CompareWidget
+from .concept_explorer import ConceptExplorer
 from .dataset_explorer import DatasetExplorer
 from .explainer_widget import ExplainerWidget
 from .fem_stack_widget import FEMStackWidget
 
-__all__ = ["CompareWidget", "DatasetExplorer", "ExplainerWidget", "FEMStackWidget"]
+__all__ = ["CompareWidget", "ConceptExplorer", "DatasetExplorer", "ExplainerWidget",
+           "FEMStackWidget"]
