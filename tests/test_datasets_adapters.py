@@ -128,5 +128,61 @@ def test_from_folder_errors(tmp_path):
     with pytest.raises(ValueError, match=r"folders \['cat'\] are not among"):
         from_folder(tmp_path, classes=["dog"])
     (tmp_path / "cat" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="cannot read .*broken.png"):
+    with pytest.raises(ValueError, match="cat/broken.png is not a picture we can read"):
+        from_folder(tmp_path, on_error="raise")
+    with pytest.raises(ValueError, match="on_error='ignore'"):
+        from_folder(tmp_path, on_error="ignore")
+    (tmp_path / "cat" / "x.png").unlink()
+    with pytest.warns(UserWarning, match="skipped 1 of 1"), \
+            pytest.raises(ValueError, match="none of the pictures"):
         from_folder(tmp_path)
+
+
+def test_from_folder_skips_broken_pictures_and_reads_real_ones(tmp_path):
+    """A folder as students fill it: a truncated JPEG, a text file named .jpg, a 16-bit
+    PNG and a portrait phone JPEG (EXIF orientation 6)."""
+    import io
+
+    good = io.BytesIO()
+    Image.new("RGB", (64, 48), (0, 200, 0)).save(good, "jpeg", quality=95)
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "cat" / "good.jpg").write_bytes(good.getvalue())
+    (tmp_path / "cat" / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (tmp_path / "dog" / "notes.jpg").write_text("not a photo")
+    gradient = np.tile(np.linspace(0, 65535, 32).round().astype(np.uint16), (16, 1))
+    Image.fromarray(gradient).save(tmp_path / "dog" / "scan.png")
+    stored = np.zeros((16, 32, 3), np.uint8)
+    stored[:, :16, 0] = 255                         # red left half as stored ...
+    exif = Image.Exif()
+    exif[0x0112] = 6                                # ... is the top once upright
+    Image.fromarray(stored).save(tmp_path / "dog" / "portrait.jpg", quality=95, exif=exif)
+    with pytest.warns(UserWarning) as caught:
+        ds = from_folder(tmp_path, size=16, crop=False)
+    message = str(caught[0].message)
+    assert "skipped 2 of 5" in message
+    assert "cat/truncated.jpg (the file is damaged or incomplete" in message
+    assert "dog/notes.jpg (it is not a PNG, JPEG" in message
+    assert sorted(ds.file.values.tolist()) == ["cat/good.jpg", "dog/portrait.jpg",
+                                               "dog/scan.png"]
+    assert ds.label.values.tolist() == [0, 1, 1]
+    scan = ds.image.values[ds.file.values.tolist().index("dog/scan.png")]
+    # squashed 32 -> 16 columns: a linear ramp stays the pairs' means (edges aside)
+    expected = gradient[0].reshape(16, 2).mean(axis=1) / 65535
+    np.testing.assert_allclose(scan[0, 8, 1:-1], expected[1:-1], atol=1e-4)  # not all white
+    portrait = ds.image.values[ds.file.values.tolist().index("dog/portrait.jpg")]
+    assert portrait[0, :6].mean() > 0.9 and portrait[0, -6:].mean() < 0.1  # red on top
+
+
+def test_from_folder_has_the_layout_of_shapes(tmp_path):
+    """``image`` plays the same role as in shapes(): in xarray a variable named like a
+    dimension is a coordinate (non-index), in both."""
+    _write(tmp_path / "dog" / "a.png", (255, 0, 0))
+    mine, ref = from_folder(tmp_path, size=16), xw.datasets.shapes(n=2, size=16, seed=0)
+    for name in ("image", "label"):
+        assert mine[name].dims == ref[name].dims and mine[name].dtype == ref[name].dtype
+        assert (name in mine.data_vars) == (name in ref.data_vars)
+        assert (name in mine.coords) == (name in ref.coords)
+    assert mine["image"].shape == (1, 3, 16, 16)
+    src = image_source(mine)                        # read alike by the dataset tools
+    np.testing.assert_array_equal(src.images([0]).numpy(), mine.image.values)

@@ -71,9 +71,3 @@ def test_accessor_png_round_trip(tmp_path):
         xr.DataArray(np.zeros((1, 3, 4, 4)), dims=("image", "channel", "y", "x")).xai.map2d()
 
 
-def test_read_image_resizes(tmp_path):
-    picture = np.zeros((10, 20, 3), dtype=np.uint8)
-    picture[..., 0] = 255
-    out = rendering.read_image(rendering.png_bytes(picture), (5, 8))
-    assert out.shape == (3, 5, 8) and out.dtype == np.float32
-    np.testing.assert_allclose(out[0], 1.0) and np.testing.assert_allclose(out[1:], 0.0)

@@ -362,7 +362,7 @@ def test_compare_widget_accepts_added_images_without_reference(tiny):
     w = xw.CompareWidget(tiny, IMAGES, ["gradient", "gradcam"], reference=ds)
     assert np.isfinite(w.scores.values).all()
     rgb = np.zeros((32, 32, 3), dtype=np.uint8)
-    index = w.add_image(rendering.read_image(rendering.png_bytes(rgb), (32, 32)), "black")
+    index = w.add_image(xw.datasets.read_image(rendering.png_bytes(rgb), (32, 32)), "black")
     assert index == 2 and w.error is None and w.result.image.item() == 2
     assert np.isnan(w.scores.values).all()
     titles = [a.text for a in w.figure.layout.annotations]

@@ -172,20 +172,6 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def read_image(data: bytes | str | Path, size: tuple[int, int]) -> np.ndarray:
-    """Decode a picture file (PNG, JPEG...) to (3, H, W) float32 in [0, 1] resized to ``size``.
-
-    Used for the widgets' upload button: the user's photo becomes a model-sized image.
-    """
-    from PIL import Image  # pillow ships with matplotlib
-
-    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    with Image.open(source) as picture:
-        picture = picture.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
-        array = np.asarray(picture, dtype=np.float32) / 255.0
-    return array.transpose(2, 0, 1).copy()
-
-
 def _is_signed(da: xr.DataArray) -> bool:
     return bool(int(da.attrs.get("signed", 0)))
 

@@ -8,8 +8,9 @@
 
 from .adapters import as_dataset, from_folder, image_source
 from .moving_shapes import MOTIONS, moving_shapes
-from .photos import PHOTOS, photos, resize
+from .photos import FITS, PHOTOS, PictureError, fit_size, photos, read_image, resize
 from .shapes import CLASSES, shapes
 
-__all__ = ["CLASSES", "MOTIONS", "PHOTOS", "as_dataset", "from_folder", "image_source",
-           "moving_shapes", "photos", "resize", "shapes"]
+__all__ = ["CLASSES", "FITS", "MOTIONS", "PHOTOS", "PictureError", "as_dataset", "fit_size",
+           "from_folder", "image_source", "moving_shapes", "photos", "read_image", "resize",
+           "shapes"]

@@ -21,6 +21,7 @@ pieces through an :class:`ImageSource`, which wraps
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .photos import resize
+from .photos import PictureError, read_image
 
 #: picture files :func:`from_folder` reads (lower-case suffixes)
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -275,15 +276,21 @@ def _pictures(folder: Path) -> list[Path]:
 
 
 def from_folder(path: str | Path, size: int = 224, crop: bool = True,
-                classes: Sequence[str] | None = None) -> xr.Dataset:
+                classes: Sequence[str] | None = None, on_error: str = "skip") -> xr.Dataset:
     """Read an ImageFolder-style tree (``path/<class>/<picture>``) into an ``xr.Dataset``.
 
     Every picture (PNG, JPEG, BMP, GIF, TIFF, WebP; searched in sub-folders too)
-    becomes an RGB image (channel, size, size) in [0, 1]: centre-cropped to a square
-    when ``crop`` (else squashed), then resized with antialiasing. Labels are the
-    class folders' positions in ``classes`` (default: the folder names, sorted, as
+    becomes an RGB image (channel, size, size) in [0, 1] through
+    :func:`~xaiwidgets.datasets.read_image`: turned upright by its EXIF orientation,
+    16-bit and CMYK pictures converted, transparency on white, centre-cropped to a
+    square when ``crop`` (else squashed), then resized with antialiasing. Labels are
+    the class folders' positions in ``classes`` (default: the folder names, sorted, as
     torchvision's ``ImageFolder``). Pass the model's class names as ``classes`` so
     labels follow the model's output order; folders not in ``classes`` are an error.
+
+    A file that cannot be read (damaged, or not a picture) is skipped with one
+    warning naming every skipped file (``on_error="skip"``, the default), or raises
+    :class:`~xaiwidgets.datasets.PictureError` (``on_error="raise"``).
 
     Returns the layout of :func:`~xaiwidgets.datasets.shapes`: ``image``, ``label``,
     ``file`` (the picture's path relative to ``path``) and ``attrs["classes"]``.
@@ -292,8 +299,8 @@ def from_folder(path: str | Path, size: int = 224, crop: bool = True,
     >>> ds.attrs["classes"], ds.label.values              # doctest: +SKIP
     (['cat', 'dog'], array([0, 0, 1]))
     """
-    from PIL import Image
-
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error={on_error!r}: use 'skip' (warn and go on) or 'raise'")
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"{str(root)!r} is not a folder; from_folder wants "
@@ -311,19 +318,28 @@ def from_folder(path: str | Path, size: int = 224, crop: bool = True,
     unknown = sorted(set(found) - set(names))
     if unknown:
         raise ValueError(f"folders {unknown} are not among classes={names}")
-    images, labels, files = [], [], []
+    images, labels, files, skipped = [], [], [], []
     for label, name in enumerate(names):
         for file in found.get(name, []):
+            relative = str(file.relative_to(root))
             try:
-                with Image.open(file) as picture:
-                    array = np.array(picture.convert("RGB"))  # writable: torch wants it
-            except Exception as err:
-                raise ValueError(f"cannot read {str(file)!r} as a picture: {err}") from err
-            images.append(resize(array, size=size, crop=crop)[0])
+                images.append(read_image(file, size, fit="crop" if crop else "squash",
+                                         name=relative))
+            except PictureError as err:
+                if on_error == "raise":
+                    raise
+                skipped.append(f"{relative} ({str(err).split(': ', 1)[-1]})")
+                continue
             labels.append(label)
-            files.append(str(file.relative_to(root)))
+            files.append(relative)
+    if skipped:
+        warnings.warn(f"from_folder skipped {len(skipped)} of {len(skipped) + len(files)} "
+                      f"files it could not read: {'; '.join(skipped)}", stacklevel=2)
+    if not images:
+        raise ValueError(f"none of the pictures in {str(root)!r} could be read (see the "
+                         "warning for why)")
     return xr.Dataset(
-        {"image": (("image", "channel", "y", "x"), torch.stack(images).numpy()),
+        {"image": (("image", "channel", "y", "x"), np.stack(images)),
          "label": ("image", np.asarray(labels, dtype=np.int64)),
          "file": ("image", np.asarray(files))},
         attrs={"classes": names, "source": str(root), "size": size, "crop": int(crop)},

@@ -42,6 +42,7 @@ import xarray as xr
 from .. import rendering
 from ..core.inputs import as_image_batch
 from ..core.registry import get_method, methods
+from ..datasets.photos import read_image
 from ..explainer import Explainer
 from .controls import LAYOUT, STYLE, set_visible
 from .figures import image_uri
@@ -147,7 +148,7 @@ class ExplorerBase(W.VBox):
         """Append an image (3,H,W) in [0, 1], the size of the others; select it, return its index.
 
         Everything is checked first: a wrong size, range or dtype raises and leaves
-        the widget as it was. Uploads go through :func:`xaiwidgets.rendering.read_image`.
+        the widget as it was. Uploads go through :func:`xaiwidgets.datasets.read_image`.
         """
         try:
             array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
@@ -172,7 +173,7 @@ class ExplorerBase(W.VBox):
         if batch.shape[2:] != self.images.shape[2:]:
             raise ValueError(f"the image is {tuple(batch.shape[2:])}, the others "
                              f"{tuple(self.images.shape[2:])}: resize it first "
-                             "(xaiwidgets.rendering.read_image does)")
+                             "(xaiwidgets.datasets.read_image does)")
         batch = batch.to(self.images.device, self.images.dtype)
         explainer = self._new_explainer(batch)  # checks the range and the model pairing
         self._check_new_image()
@@ -263,6 +264,8 @@ class ExplorerBase(W.VBox):
         upload = W.FileUpload(accept="image/*", multiple=False, description="your image")
         upload.observe(self._on_upload, names="value")
         set_visible(upload, not self.is_clip)
+        #: the upload button (an app with one upload for several widgets hides it)
+        self.upload = upload
         return upload
 
     # ------------------------------------------------------------------ clips
@@ -340,11 +343,15 @@ class ExplorerBase(W.VBox):
 
     def _on_upload(self, change: dict) -> None:
         for item in change["new"]:
+            name = item.get("name", "uploaded")
             try:
-                image = rendering.read_image(bytes(item["content"]), self.explainer().size)
-                self.add_image(image, label=item.get("name", "uploaded"))
+                image = read_image(bytes(item["content"]), self.explainer().size, name=name)
+                self.add_image(image, label=name)
             except Exception as err:  # a bad file must not break the widget
                 self._show_error(err)
+        owner = change.get("owner")
+        if change["new"] and owner is not None:  # emptied: the same file again is read again
+            owner.value = ()
 
     def _export_controls(self) -> W.VBox:
         self.save_name = W.Text(value="explanation", description="save as",
