@@ -45,6 +45,7 @@ from ..core.registry import get_method, methods
 from ..datasets.photos import read_image
 from ..explainer import Explainer
 from .controls import LAYOUT, STYLE, set_visible
+from .export import Exportable
 from .figures import image_uri
 from .worker import Superseded, Token, Worker, in_kernel
 
@@ -67,9 +68,10 @@ SIDE_PX = 400
 Publish = Callable[[], "str | None"]
 
 
-class ExplorerBase(W.VBox):
+class ExplorerBase(Exportable, W.VBox):
     """Base of the widgets: holds the images, one cached :class:`Explainer` per image,
-    the controls, the status line, the background worker and the exports. Subclasses
+    the controls, the status line, the background worker and the exports (PNG,
+    netCDF, and :meth:`export_html` handouts from :class:`~.export.Exportable`). Subclasses
     build their controls and figures and implement ``_compute(changed) -> publish``.
 
     ``background``: ``None`` (default) computes in a background thread inside a

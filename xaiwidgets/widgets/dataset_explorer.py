@@ -45,6 +45,7 @@ from ..evaluation import perturbation
 from ..evaluation.evaluate import REFERENCE
 from ..explainer import Explainer
 from .controls import LAYOUT, STYLE, set_visible
+from .export import Exportable
 from .figures import LiveFigureWidget
 from .worker import Superseded, Token, Worker, in_kernel
 
@@ -96,7 +97,7 @@ def higher_is_better(metric: str) -> bool:
     return bool(_metrics.METRICS[metric].higher_is_better)
 
 
-class DatasetExplorer(W.VBox):
+class DatasetExplorer(Exportable, W.VBox):
     """Browse a dataset's explanations: filter by outcome and class, sort, page, open one.
 
     Parameters
@@ -543,6 +544,30 @@ class DatasetExplorer(W.VBox):
         return xr.Dataset({self.metric: (("image", "method"), values, attrs)}, coords=coords,
                           attrs={"metric": self.metric, "target": "predicted",
                                  "classes": list(self.classes)})
+
+    # ------------------------------------------------------------------ handout
+    def _export_sweep(self) -> list[str]:
+        """Handouts sweep the method and the page (under the filters set now)."""
+        return ["method", "page"]
+
+    def _export_figures(self) -> list:
+        return [self.confusion_figure] if self.confusion_figure is not None else []
+
+    def _export_html_parts(self) -> list[str]:
+        """The page as shown: each thumbnail (image | map) with its caption."""
+        import base64
+
+        tiles = []
+        for tile in self._tiles:
+            if tile.index is None:
+                continue
+            uri = "data:image/png;base64," + base64.b64encode(tile.image.value).decode()
+            tiles.append(f"<figure style='margin:0;width:228px'><img src='{uri}' alt='image "
+                         f"{tile.index}' style='width:228px'><figcaption>{tile.caption.value}"
+                         "</figcaption></figure>")
+        empty = f"<p><i>{html.escape(self.message)}</i></p>" if self.message else ""
+        return [empty + "<div style='display:flex;flex-wrap:wrap;gap:6px'>"
+                + "".join(tiles) + "</div>"]
 
     # ------------------------------------------------------------------ detail
     def select(self, index: int) -> Any:

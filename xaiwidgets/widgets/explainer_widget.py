@@ -218,6 +218,13 @@ class ExplainerWidget(ExplorerBase):
                            title=title, signed=da.xai.signed, limits=self._limits(da))
         self._shown_image = index
 
+    def _export_sweep(self) -> list[str]:
+        """Handouts sweep the image and the method's first parameter slider."""
+        sliders = [key for name, key in self.params.keys[self.method].items()
+                   if name not in ("seed", "batch_size")
+                   and isinstance(self.controls[key], (W.IntSlider, W.FloatSlider))]
+        return ["image", *sliders[:1]]
+
     def _title(self, da) -> str:
         layer = f" · {da.attrs['layer']}" if da.attrs.get("layer") else ""
         if da.attrs.get("class_agnostic"):

@@ -165,6 +165,13 @@ class FEMStackWidget(ExplorerBase):
                                           limits=self._limits(da))
         self._shown_image = index
 
+    def _export_sweep(self) -> list[str]:
+        """Handouts sweep the image and the layer slider (both figures are recorded)."""
+        return ["image", "layer"]
+
+    def _export_figures(self) -> list:
+        return [self.figure, self.grid_figure]
+
     def _export_panels(self):
         chosen = self.stack.isel(layer=self.layers.index(self.controls["layer"].value))
         image = self.image_frame()
