@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from .video_architectures import ShapesVideo3D
+from .vit import ShapesViT
 
 #: VGG-style configuration: conv widths, "M" for a 2x2 max-pool (VGG11's pattern)
 VGG_CONFIG = (16, "M", 16, "M", 32, 32, "M", 64, 64, "M", 64, 64, "M")
@@ -107,6 +108,7 @@ ARCHITECTURES = {
     "shapes-vgg": ShapesVGG,
     "shapes-resnet": ShapesResNet,
     "shapes-video": ShapesVideo3D,
+    "shapes-vit": ShapesViT,
 }
 
 
