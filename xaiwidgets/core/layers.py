@@ -4,7 +4,9 @@ Rules (documented for users, used by :meth:`Explainer.layers`):
 
 * candidate layers are convolutions, and the *block outputs*: residual blocks
   (torchvision ``BasicBlock``/``Bottleneck``, timm-style blocks, anything whose
-  class name ends in ``Block``/``Bottleneck``/``MBConv``/``InvertedResidual``),
+  class name ends in ``Block``/``Block2d``/``Bottleneck``/``MBConv``/``InvertedResidual``;
+  transformer blocks count once their tokens read as a feature map, see
+  :mod:`xaiwidgets.core.tokens`),
   Inception modules, dense-net transitions, SqueezeNet ``Fire`` modules and, for
   plain conv stacks, the activation (ReLU-like) module that follows each convolution;
 * layers are chosen by the *shapes* of one forward pass (:func:`output_shapes`):
@@ -36,8 +38,8 @@ _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 
 
 #: class-name endings of block modules (torchvision, timm): residual, MBConv, dense, ...
-_BLOCK_SUFFIXES = ("Block", "Block3D", "Bottleneck", "MBConv", "InvertedResidual", "Transition",
-                   "Fire")
+_BLOCK_SUFFIXES = ("Block", "Block3D", "Block2d", "Bottleneck", "MBConv", "InvertedResidual",
+                   "Transition", "Fire")
 #: class-name starts of Inception modules (InceptionA..E, torchvision's GoogLeNet
 #: ``Inception``); whole models (``Inception3``, ``InceptionV3``) are never named
 _BLOCK_PREFIXES = ("Inception",)

@@ -116,13 +116,15 @@ def _fits(h: int, w: int, size: Sequence[int]) -> bool:
 
 
 def _token_grids(length: int, prefix: int, size: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Every (prefix, h, w) with ``h·w = length - prefix`` that fits the input."""
-    found = []
-    for lead in dict.fromkeys((prefix, 0)):
+    """Every (prefix, h, w) with ``h·w = length - prefix`` that fits the input, with the
+    model's prefix count, else (stages without class tokens) none."""
+    for lead in dict.fromkeys((prefix, 0)):  # the model's own count first
         patches = length - lead
-        found += [(lead, h, patches // h) for h in range(1, patches + 1)
-                  if patches % h == 0 and _fits(h, patches // h, size)]
-    return found
+        found = [(lead, h, patches // h) for h in range(1, patches + 1)
+                 if patches % h == 0 and _fits(h, patches // h, size)]
+        if found:
+            return found
+    return []
 
 
 def _module_kind(module: nn.Module | None) -> str | None:

@@ -61,6 +61,7 @@ from ..core.scoped import (
     FunctionRules,
     named_functions,
 )
+from .attention import refuse_attention
 from .gradient import BASELINE, baseline_tensor
 
 #: below this |z − z'| the multiplier is the gradient (docs/methods.md)
@@ -310,6 +311,10 @@ class DeepLift(Method):
         Param("rule", "rescale", kind="choice", choices=("rescale",),
               doc="multiplier rule for non-linearities"),
     )
+
+    def check(self, ctx, layer, params) -> None:
+        """Refused on self-attention models (``families/attention.py`` says why)."""
+        refuse_attention(ctx.model, self.name)
 
     def attribute(self, ctx, target, layer, baseline, rule) -> torch.Tensor:
         x = ctx.inputs

@@ -57,6 +57,7 @@ from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Convolutio
 from zennit.types import Linear as AnyLinear
 
 from ..core.registry import Method, Param, register
+from .attention import refuse_attention
 
 #: torchvision's video ResNet blocks (r3d_18, mc3_18, r2plus1d_18)
 _VIDEO_BLOCKS = (_video_resnet.BasicBlock, _video_resnet.Bottleneck)
@@ -1306,6 +1307,10 @@ class LRP(Method):
         Param("beta", None, low=0.0, high=9.0, step=0.5, optional=True,
               doc="LRP-αβ weight of negative parts (default 1, or alpha - 1)"),
     )
+
+    def check(self, ctx, layer, params) -> None:
+        """Refused on self-attention models (``families/attention.py`` says why)."""
+        refuse_attention(ctx.model, self.name)
 
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         alpha, beta = params["alpha"], params["beta"]
