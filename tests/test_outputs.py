@@ -81,6 +81,62 @@ def test_single_logit_model_is_binary(images):
         ex.explain("gradient", target=2)
 
 
+class SimpleLRPModel(nn.Module):
+    """Captum's ``SimpleLRPModel`` (tests/helpers/basic_models.py): x -> 2·1ᵀ -> ReLU
+    -> 3·1ᵀ, one output. On x = [1, 2, 3] the output is 3·3·12 = 108 and LRP-0 gives
+    each input its share x_i / 6 of it: [18, 36, 54] (Captum's expected values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3, bias=False)
+        self.linear.weight.data.fill_(2.0)
+        self.relu = nn.ReLU()
+        self.linear2 = nn.Linear(3, 1, bias=False)
+        self.linear2.weight.data.fill_(3.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.relu(self.linear(x.flatten(1))))
+
+
+@pytest.mark.parametrize("composite", ["zero", "epsilon"])
+def test_lrp_follows_the_single_logit_convention(composite):
+    # class 1 is z (Captum's [18, 36, 54]), class 0 is -z: its relevance is -[18, 36, 54]
+    x = torch.tensor([1.0, 2.0, 3.0]).reshape(1, 3, 1, 1)
+    ex = xw.Explainer(SimpleLRPModel(), x, progress=False)
+    for target, sign in ((1, 1.0), (0, -1.0)):
+        got = ex.explain("lrp", target=target, composite=composite, reduce=None)
+        np.testing.assert_allclose(got.values.ravel(), sign * np.array([18.0, 36.0, 54.0]),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(got.attrs["conservation_error"], 0.0, atol=1e-5)
+    # the predicted class is 1 (z = 108 > 0): both classes are in the prediction
+    ex = xw.Explainer(SimpleLRPModel(), x, progress=False)
+    default = ex.explain("lrp", composite="zero", reduce=None)
+    assert int(default.target[0]) == 1
+    assert ex.predict(top=2).label.values.tolist() == [[1, 0]]
+
+
+@pytest.mark.filterwarnings("ignore:LRP.s rules cannot see")  # OneLogit's mean
+def test_lrp_keeps_the_selected_logits_for_predict(images):
+    # after one LRP call (its own pass fills the prediction cache) predict shows 2 classes
+    ex = xw.Explainer(OneLogit().eval(), images, progress=False)
+    ex.explain("lrp", target=0)
+    probs = ex.predict(top=2)
+    assert probs.shape == (len(images), 2)
+    np.testing.assert_allclose(probs.values.sum(1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:LRP.s rules cannot see")  # Wrapped's features (a mean)
+@pytest.mark.parametrize(("kind", "output"), [("tuple", 1), ("dict", "logits")])
+def test_lrp_selects_the_output_like_every_method(kind, output, images):
+    plain = xw.Explainer(make_tiny_cnn(), images, progress=False)
+    ex = xw.Explainer(Wrapped(kind), images, output=output, progress=False)
+    got = ex.explain("lrp", target=2, composite="epsilon")
+    np.testing.assert_allclose(got.values, plain.explain("lrp", target=2,
+                                                         composite="epsilon").values,
+                               rtol=1e-5, atol=1e-6)
+    assert ex.predict(top=4).shape == (len(images), 4)
+
+
 def test_single_logit_perturbation_methods_are_not_flat(images):
     ex = xw.Explainer(OneLogit().eval(), images)
     mp = ex.explain("meaningful_perturbation", target=1, steps=5)

@@ -211,17 +211,16 @@ def model_device(model: nn.Module, default: str | torch.device = "cpu") -> torch
     return torch.device(default)
 
 
-def pick_logits(out: Any, output: Any = None) -> tuple[torch.Tensor, bool]:
-    """The logits ``(N, classes)`` in a model's output, and whether the model is binary.
+def select_logits(out: Any, output: Any = None) -> torch.Tensor:
+    """The part of a model's output that holds its logits, shaped ``(N, k)``.
 
-    ``output`` selects them: an index (tuple/list), a key (dict, or an attribute of
-    an output object) or a callable; ``None`` takes ``out`` itself. One logit ``z``
-    per image, ``(N, 1)`` or ``(N,)``, is a binary classifier and becomes ``[-z, z]``.
+    ``output`` selects it: an index (tuple/list), a key (dict, or an attribute of
+    an output object) or a callable; ``None`` takes ``out`` itself. One logit per
+    image, ``(N,)``, becomes ``(N, 1)``. :func:`pick_logits` and :class:`LogitHead`
+    (the module form) both select through it.
 
-    >>> pick_logits({"logits": torch.zeros(2, 3)}, "logits")[0].shape
+    >>> select_logits({"logits": torch.zeros(2, 3)}, "logits").shape
     torch.Size([2, 3])
-    >>> pick_logits(torch.tensor([[1.5]]))
-    (tensor([[-1.5000,  1.5000]]), True)
     """
     whole = out
     try:
@@ -249,9 +248,53 @@ def pick_logits(out: Any, output: Any = None) -> tuple[torch.Tensor, bool]:
             f"the model must return logits of shape (N, classes); it returned shape "
             f"{tuple(out.shape)}. Pass output=<callable> to Explainer to turn it into logits."
         )
+    return out
+
+
+def pick_logits(out: Any, output: Any = None) -> tuple[torch.Tensor, bool]:
+    """The logits ``(N, classes)`` in a model's output, and whether the model is binary.
+
+    ``output`` selects them (:func:`select_logits`). One logit ``z`` per image,
+    ``(N, 1)`` or ``(N,)``, is a binary classifier and becomes ``[-z, z]``.
+
+    >>> pick_logits({"logits": torch.zeros(2, 3)}, "logits")[0].shape
+    torch.Size([2, 3])
+    >>> pick_logits(torch.tensor([[1.5]]))
+    (tensor([[-1.5000,  1.5000]]), True)
+    """
+    out = select_logits(out, output)
     if out.shape[1] == 1:
         return torch.cat([-out, out], dim=1), True
     return out, False
+
+
+class LogitHead(nn.Module):
+    """:func:`pick_logits` as a module, for methods that propagate through modules
+    (LRP): applied to a model's output, it gives the logits ``(N, classes)``.
+
+    The single logit ``z`` of a binary model becomes ``[-z, z]`` through a fixed
+    linear layer ``binary`` (weights ``[[-1], [1]]``, no bias): class 0 is then
+    explained as the layer ``-z``, so a rule-based method attributes ``-z`` and not
+    the gradient-through-a-negation ``+z``. Same values as :func:`pick_logits`.
+
+    >>> LogitHead(output=1)((torch.zeros(1, 4), torch.tensor([[2.0]])))
+    tensor([[-2.,  2.]])
+    """
+
+    def __init__(self, output: Any = None) -> None:
+        super().__init__()
+        self.output = output
+        self.binary = nn.Linear(1, 2, bias=False)
+        self.binary.weight.requires_grad_(False)
+        with torch.no_grad():
+            self.binary.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+
+    def forward(self, out: Any) -> torch.Tensor:
+        logits = select_logits(out, self.output)
+        if logits.shape[1] != 1:
+            return logits
+        binary = self.binary.to(logits.device, logits.dtype)
+        return binary(logits)
 
 
 def _tensor_parts(out: Any) -> list[tuple[Any, Any]]:

@@ -56,6 +56,7 @@ from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanoni
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, ConvolutionStandard
 from zennit.types import Linear as AnyLinear
 
+from ..core.ops import LogitHead
 from ..core.registry import Method, Param, register
 from .attention import refuse_attention
 
@@ -280,13 +281,14 @@ class Trace:
     logits: torch.Tensor
 
 
-def trace(model: nn.Module, x: torch.Tensor) -> Trace:
+def trace(model: nn.Module, x: torch.Tensor, head: LogitHead | None = None) -> Trace:
     """Run ``model`` once (no autograd) and pair each BatchNorm with the layer it follows.
 
     Pairs come from tensor identity in the forward pass, not from declaration order:
     a BatchNorm is paired with a conv/linear layer only when its input *is* that
     layer's output, both run once, and no other module reads that output. Run it on a
-    :func:`shadow_copy`: the hooks go on the modules passed in.
+    :func:`shadow_copy`: the hooks go on the modules passed in. ``head`` turns the
+    model's output into logits (output selection, binary models).
     """
     calls: list[tuple[nn.Module, tuple, Any]] = []
     leaves = [m for m in model.modules() if not m._modules]
@@ -297,7 +299,7 @@ def trace(model: nn.Module, x: torch.Tensor) -> Trace:
     handles = [m.register_forward_hook(record) for m in leaves]
     try:
         with torch.no_grad():
-            logits = model(x)
+            logits = model(x) if head is None else head(model(x))
     finally:
         for handle in handles:
             handle.remove()
@@ -1057,27 +1059,35 @@ class Canonized:
 
     def __init__(self, shadow: nn.Module, slots: dict[int, _Slot], plain: Trace,
                  merged: frozenset[int], unmerged: list[str], unseen: dict[str, set[str]],
-                 x: torch.Tensor, logits: torch.Tensor, keep: bool) -> None:
+                 x: torch.Tensor, logits: torch.Tensor, keep: bool,
+                 head: LogitHead | None = None) -> None:
         self.shadow, self.slots, self.plain = shadow, slots, plain
         self.merged, self.unmerged, self.unseen = merged, unmerged, unseen
         self.x, self.logits, self.keep = x, logits, keep
         modules = dict(shadow.named_modules())
         self.first = modules.get(plain.first) if plain.first is not None else None
         self.order = [m for _, m in shadow.named_modules()]
+        if head is not None:  # the binary head's layer gets the dense layers' rule
+            self.order += [m for m in head.modules() if id(m) in slots]
         self.lock = threading.Lock()
 
     @classmethod
-    def build(cls, model: nn.Module, x: torch.Tensor, keep: bool = False) -> Canonized:
+    def build(cls, model: nn.Module, x: torch.Tensor, keep: bool = False,
+              output: Any = None) -> Canonized:
         """Trace, merge BatchNorms, canonize, attach slots and run the forward pass.
 
         The canonized logits must equal the plain ones (:func:`logits_close`);
         otherwise the merges that change them are found and left out (those BatchNorms
         become layers with LRP-ε) on a fresh copy; if the logits still differ, a
         ``RuntimeError`` names the canonized blocks. ``keep``: keep the forward graph
-        for later backward passes (else :meth:`explain` frees it).
+        for later backward passes (else :meth:`explain` frees it). ``output``: which
+        part of the model's output holds the logits (:class:`~xaiwidgets.core.ops.LogitHead`,
+        the Explainer's ``output=``; a single logit ``z`` becomes ``[-z, z]``).
         """
+        head = LogitHead(output).to(x.device, x.dtype)
+        head_slots = _attach(head, frozenset())  # inert in passes without autograd
         shadow: nn.Module | None = shadow_copy(model)
-        plain = trace(shadow, x)
+        plain = trace(shadow, x, head)
         merges, unmerged = list(plain.pairs), []
         for _ in range(3):
             shadow = shadow or shadow_copy(model)
@@ -1087,16 +1097,17 @@ class Canonized:
             merged = frozenset(id(modules[norm]) for _, norm in merges)
             for canonizer in block_canonizers(shadow):
                 canonizer.apply(shadow)
-            slots = _attach(shadow, merged)
+            slots = {**_attach(shadow, merged), **head_slots}
             leaf = x.detach().requires_grad_(True)
             with torch.enable_grad(), unseen_operations(shadow, set(slots) | merged) as unseen:
-                logits = shadow(leaf)
-            if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-                raise ValueError("the model must return logits of shape (N, classes)")
+                raw = shadow(leaf)
+            with torch.enable_grad():
+                logits = head(raw)
             if logits_close(logits.detach(), plain.logits):
-                return cls(shadow, slots, plain, merged, unmerged, unseen, leaf, logits, keep)
+                return cls(shadow, slots, plain, merged, unmerged, unseen, leaf, logits, keep,
+                           head)
             shadow = None  # start again from a fresh copy: nothing to undo
-            if not merges or _merges_keep_logits(model, x, merges, plain):
+            if not merges or _merges_keep_logits(model, x, merges, plain, head):
                 blocks = [name for name, m in model.named_modules()
                           if isinstance(m, (BasicBlock, Bottleneck, *_VIDEO_BLOCKS))]
                 raise RuntimeError(
@@ -1105,7 +1116,8 @@ class Canonized:
                     f"blocks {blocks[:5]}; their forward differs from torchvision's: use a "
                     "gradient method for this model, or rewrite the sum as a zennit Sum "
                     "module")
-            bad = [pair for pair in merges if not _merges_keep_logits(model, x, [pair], plain)]
+            bad = [pair for pair in merges
+                   if not _merges_keep_logits(model, x, [pair], plain, head)]
             bad = bad or merges  # each merge alone is fine, all together are not
             unmerged += [norm for _, norm in bad]
             merges = [pair for pair in merges if pair not in bad]
@@ -1194,14 +1206,14 @@ def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite: str,
 
 
 def _merges_keep_logits(model: nn.Module, x: torch.Tensor, pairs: list[tuple[str, str]],
-                        plain: Trace) -> bool:
+                        plain: Trace, head: LogitHead) -> bool:
     """Whether these (layer, BatchNorm) merges alone (no other canonizer) keep the logits."""
     shadow = shadow_copy(model)
     modules = dict(shadow.named_modules())
     for layer, norm in pairs:
         merge_batchnorm(modules[layer], modules[norm])
     with torch.no_grad():
-        return logits_close(shadow(x), plain.logits)
+        return logits_close(head(shadow(x)), plain.logits)
 
 
 def _conserving(shadow: nn.Module, composite: str, rules: dict[str, Any],
@@ -1351,5 +1363,6 @@ def canonized(ctx: Any) -> Canonized:
         with cache.setdefault("lrp_building", threading.Lock()):
             kept = cache.get("lrp")
             if kept is None:
-                kept = cache["lrp"] = Canonized.build(ctx.model, ctx.inputs, keep=True)
+                kept = cache["lrp"] = Canonized.build(ctx.model, ctx.inputs, keep=True,
+                                                      output=ctx.output)
     return kept
