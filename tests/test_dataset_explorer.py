@@ -236,3 +236,23 @@ def test_background_compute_and_wait(shapes_model, data):
     assert x.shown == [4, 5, 6, 7]
     fem = x.results.pcc.sel({"method": "fem"}).dropna("image")
     assert {4, 5, 6, 7} <= set(fem.image.values.tolist())
+
+
+def test_clear_pair_clears_the_class_filter_and_the_opened_image_keeps_its_index(explorer):
+    """Class-app regressions: "clear pair" left the class filter of the click set; the
+    opened image's header said "image 5" while its picker and title said "image 0"."""
+    with explorer._silenced():
+        explorer.controls["outcome"].value = "all"
+        explorer.controls["class"].value = "all"
+    true = int(explorer.labels[0])
+    explorer.filter_pair(true, int(explorer.predicted[0]))
+    assert explorer.controls["class"].value == explorer.classes[true]
+    explorer.filter_pair(None)
+    assert explorer.controls["class"].value == "all"
+    assert len(explorer._candidates()) == len(explorer.source)  # every image again
+    w = explorer.select(5)
+    assert w.wait(timeout=60)
+    head = explorer._detail.children[0].value
+    assert head.startswith("<b>image 5</b>")
+    assert w.controls["image"].label == "image 5"
+    assert w.figure.layout.annotations[0].text == "image 5"

@@ -120,7 +120,10 @@ class ExplorerBase(Exportable, W.VBox):
         set_visible(self.busy_box, False)
         set_visible(self.progress, False)
         self.top5 = W.HTML(layout=W.Layout(width="300px", margin="0 0 0 8px"))
-        self.thumbnails = W.HBox(layout=W.Layout(overflow="auto", max_width="100%"))
+        # many uploads wrap into rows inside the column (then scroll), never widen it
+        self.thumbnails = W.HBox(layout=W.Layout(
+            flex_flow="row wrap", width=f"{SIDE_PX}px", max_width="100%",
+            max_height=f"{2 * (THUMB_PX + 32)}px", overflow="hidden auto"))
         self.download_link = W.HTML()
         self._javascript = W.Output(layout=W.Layout(height="0px", overflow="hidden"))
         self.explainer()  # fail now, not at the first click, on a bad model/images pair

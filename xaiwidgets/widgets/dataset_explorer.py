@@ -296,9 +296,13 @@ class DatasetExplorer(Exportable, W.VBox):
 
     def filter_pair(self, true: str | int | None, predicted: str | int | None = None) -> None:
         """Show only the images of class ``true`` predicted as ``predicted`` (as a click on
-        that confusion cell does); ``filter_pair(None)`` clears it."""
+        that confusion cell does); ``filter_pair(None)`` clears it, and the class filter
+        the click set, so every image shows again."""
         if true is None:
             self._pair = None
+            with self._silenced():
+                self.controls["class"].value = ALL
+                self.controls["page"].value = 1
         else:
             if self.labels is None:
                 raise ValueError("the dataset has no labels: there is no confusion matrix")
@@ -584,7 +588,12 @@ class DatasetExplorer(Exportable, W.VBox):
             background=self.background,
             gaze=self.source.data["gfdm"].values[[index]] if "gfdm" in self.source.gaze
             else None)
-        head = W.HTML(f"<b>image {index}</b>: {html.escape(self.caption(index))}")
+        # the explainer holds this one image: its picker and title say the dataset's index
+        name = f"image {index}"
+        with self.explainer.worker.lock, self.explainer._silenced():
+            self.explainer.controls["image"].options = [(name, 0)]
+            self.explainer.grid.set_title(0, name)
+        head = W.HTML(f"<b>{name}</b>: {html.escape(self.caption(index))}")
         self._detail.children = [head, self.explainer]
         self.selected = index
         return self.explainer

@@ -34,6 +34,9 @@ from .figures import LiveFigureWidget
 
 #: fraction of the pixels removed / inserted per step of the curves
 STEP = 0.05
+#: the curves' plot: its height without legend, the bottom margin for the tick labels and
+#: the axis title, and one row of the legend below them (two entries a row), in px
+PLOT_PX, AXIS_PX, LEGEND_ROW_PX = 190, 40, 18
 #: one colour per scored map (deletion solid, insertion dotted)
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 #: score name -> (higher is better, what it says)
@@ -109,11 +112,10 @@ class LiveScores(W.VBox):
         self.table = W.HTML(layout=W.Layout(min_height="1.6em"))
         self.figure = LiveFigureWidget()
         self.figure.update_layout(
-            width=300, height=200, margin={"l": 40, "r": 10, "t": 10, "b": 35},
+            width=300, height=PLOT_PX, margin={"l": 40, "r": 10, "t": 10, "b": AXIS_PX},
             xaxis={"title": "fraction of pixels", "range": [0, 1]},
             yaxis={"title": "probability", "range": [0, 1.02]},
-            legend={"orientation": "h", "y": -0.35, "x": 0, "font": {"size": 9}},
-            showlegend=True)
+            legend={"font": {"size": 9}}, showlegend=True)
         #: the curves' plot in a box (plotly's ``layout`` is not a widget layout: hide the box)
         self.figure_box = W.Box([self.figure])
         self.children = [self.table, self.figure_box]
@@ -196,9 +198,15 @@ class LiveScores(W.VBox):
         self.table.value = "<br>".join(lines)
         # clips have no curves (deletion/insertion: still images only): no empty plot
         set_visible(self.figure_box, any(len(c) for r in results.values() for c in r[1].values()))
+        # the legend below the axis title, two entries a row, the plot grown to hold them
+        legend_px = LEGEND_ROW_PX * -(-len(traces) // 2)
         with self.figure.batch_update():
             self.figure.data = []
             self.figure.add_traces(traces)
+            self.figure.update_layout(
+                height=PLOT_PX + legend_px, margin={"b": AXIS_PX + legend_px},
+                legend={"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom",
+                        "x": 0, "entrywidthmode": "fraction", "entrywidth": 0.5})
 
     def show_error(self, err: BaseException) -> None:
         self.clear(f"scores unavailable: {type(err).__name__}: {err}")
