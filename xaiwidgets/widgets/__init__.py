@@ -8,7 +8,11 @@ pulls in ipywidgets or plotly.
 * :class:`CompareWidget` – several methods side by side, with metrics against a reference;
 * :class:`DatasetExplorer` – a whole dataset's maps and scores, errors first;
 * :class:`ConceptExplorer` – the channels of a layer: contributions, conditional maps,
-  reference patches, NMF concepts.
+  reference patches, NMF concepts;
+* :class:`LookWidget` – the student clicks where they look, then compares with the methods;
+* :class:`SanityQuiz` – which of two maps comes from a randomised model?
+
+Every widget writes a standalone HTML handout: ``w.export_html(path)``.
 """
 
 from .compare_widget import CompareWidget
@@ -16,6 +20,8 @@ from .concept_explorer import ConceptExplorer
 from .dataset_explorer import DatasetExplorer
 from .explainer_widget import ExplainerWidget
 from .fem_stack_widget import FEMStackWidget
+from .look_widget import LookWidget
+from .sanity_quiz import SanityQuiz
 
 __all__ = ["CompareWidget", "ConceptExplorer", "DatasetExplorer", "ExplainerWidget",
-           "FEMStackWidget"]
+           "FEMStackWidget", "LookWidget", "SanityQuiz"]
