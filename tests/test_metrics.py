@@ -10,6 +10,9 @@ from scipy import ndimage, stats
 
 from xaiwidgets import metrics
 
+#: the metrics that compare a map with gaze data (a density map or fixations)
+GAZE = metrics.available("map") + metrics.available("fixations")
+
 E = np.array([[0.9, 0.1], [0.4, 0.0]])
 G = np.array([[0.8, 0.2], [0.6, 0.4]])
 F = np.array([[1, 0], [1, 0]])
@@ -178,7 +181,7 @@ def test_affine_invariance():
         assert fn(2 * a + 3, ref) == pytest.approx(fn(a, ref)), name
 
 
-@pytest.mark.parametrize("name", metrics.available())
+@pytest.mark.parametrize("name", GAZE)
 @pytest.mark.parametrize("fill", [0.0, 0.7])
 def test_constant_and_zero_maps_are_defined(name, fill):
     flat = np.full((24, 24), fill)
@@ -201,7 +204,7 @@ def test_documented_constant_values():
     assert np.isnan(metrics.auc_judd(g, np.zeros((12, 12))))
 
 
-@pytest.mark.parametrize("name", metrics.available())
+@pytest.mark.parametrize("name", GAZE)
 def test_vectorised_equals_loop_and_inputs_agree(name):
     fn = metrics.METRICS[name]
     stack = random_maps(3, 2, 24, 24)
@@ -237,12 +240,19 @@ def test_shape_mismatch_and_registry_errors():
 
 
 def test_registry_describes_every_metric():
-    assert metrics.available() == [
-        "pcc", "sim", "kld", "ssim", "spearman", "l1", "nss", "auc_judd", "auc_borji"
-    ]
+    assert metrics.available("map") + metrics.available("fixations") == [
+        "pcc", "sim", "kld", "ssim", "spearman", "l1", "emd", "nss", "auc_judd", "auc_borji",
+        "info_gain"]
+    assert set(metrics.available()) == set(GAZE) | {
+        "pointing_game", "relevance_mass", "relevance_rank", "sparseness", "complexity",
+        "shuffled_auc", "faithfulness_correlation", "road", "irof", "infidelity",
+        "max_sensitivity", "avg_sensitivity", "random_logit"}
     lower = {m for m in metrics.available() if not metrics.METRICS[m].higher_is_better}
-    assert lower == {"kld", "l1"}
-    assert metrics.available("fixations") == ["nss", "auc_judd", "auc_borji"]
+    assert lower == {"kld", "l1", "emd", "complexity", "road", "infidelity", "max_sensitivity",
+                     "avg_sensitivity", "random_logit"}
+    assert metrics.available("fixations") == ["nss", "auc_judd", "auc_borji", "info_gain"]
+    assert {metrics.METRICS[m].needs for m in metrics.available()} == {
+        "map", "fixations", "mask", "shuffled", "none", "explainer", "method"}
     assert metrics.get("sim").doc.startswith("Similarity")
     assert metrics.get("pcc")(E, G) == metrics.pcc(E, G)
 

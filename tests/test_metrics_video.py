@@ -25,7 +25,7 @@ def volumes(seed: int = 0) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
     return sal, gfdm, xr.DataArray(fix, dims=dims)
 
 
-@pytest.mark.parametrize("name", metrics.available())
+@pytest.mark.parametrize("name", metrics.available("map") + metrics.available("fixations"))
 def test_volume_metric_is_the_mean_of_a_per_frame_loop(name: str) -> None:
     sal, gfdm, fix = volumes()
     metric = metrics.METRICS[name]

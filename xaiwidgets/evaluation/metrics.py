@@ -651,6 +651,9 @@ def auc_borji(saliency: Any, fixations: Any, seed: int = 0, n_splits: int = 100)
 
 # the other map metrics live in one module per family; registered on import, and
 # re-exported here so that ``xw.metrics.pointing_game`` etc. work (API.md)
+# the explainer-based metrics register themselves (needs "explainer" / "method")
+from . import faithfulness as _faithfulness  # noqa: E402, F401
+from . import robustness as _robustness  # noqa: E402, F401
 from .benchmark import emd, info_gain, shuffled_auc  # noqa: E402
 from .complexity import complexity, sparseness  # noqa: E402
 from .localisation import pointing_game, relevance_mass, relevance_rank  # noqa: E402
