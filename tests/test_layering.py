@@ -28,6 +28,7 @@ LAYERS = {
     "xaiwidgets.rendering": 3,
     "xaiwidgets.evaluation": 4,
     "xaiwidgets.datasets": 5,
+    "xaiwidgets.concepts": 5,
     "xaiwidgets.models": 5,
     "xaiwidgets.widgets": 6,
 }

@@ -8,6 +8,7 @@ The package is layered; each layer imports only the ones before it::
     fusion, net  MLFEM operators and the NET runtime
     evaluation/  gfdm, metrics, perturbation metrics, sanity checks, evaluate on dask
     datasets/, models/   shipped data generators, models and training scripts
+    concepts/    channels over a dataset: reference patches, class usage, NMF concepts
     widgets/     the only place that imports ipywidgets / plotly (loaded on first use)
 
 >>> import xaiwidgets as xw
@@ -18,6 +19,7 @@ The package is layered; each layer imports only the ones before it::
 import sys
 
 from . import (  # noqa: F401  (rendering: the ``da.xai`` accessor)
+    concepts,
     datasets,
     families,  # noqa: F401  (importing the families registers every method)
     fusion,  # noqa: F401  (registers mlfem)
@@ -36,7 +38,8 @@ from .fusion import fuse
 sys.modules[f"{__name__}.metrics"] = metrics
 
 __all__ = [
-    "Explainer", "Method", "Param", "__version__", "datasets", "evaluate", "explain", "fuse",
+    "Explainer", "Method", "Param", "__version__", "concepts", "datasets", "evaluate",
+    "explain", "fuse",
     "get_method", "gfdm", "methods", "metrics", "models", "register",
 ]
 

@@ -56,6 +56,7 @@ from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanoni
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, ConvolutionStandard
 from zennit.types import Linear as AnyLinear
 
+from ..core.channels import channel_mask
 from ..core.ops import LogitHead
 from ..core.registry import Method, Param, register
 from .attention import refuse_attention
@@ -1070,6 +1071,10 @@ class Canonized:
         if head is not None:  # the binary head's layer gets the dense layers' rule
             self.order += [m for m in head.modules() if id(m) in slots]
         self.lock = threading.Lock()
+        #: the kept forward's output of every named module (``keep=True``), for CRP
+        self.outputs: dict[str, torch.Tensor] = {}
+        #: the last relevance at a layer (:meth:`layer_relevance`) and what gave it
+        self._at_layer: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, model: nn.Module, x: torch.Tensor, keep: bool = False,
@@ -1098,14 +1103,17 @@ class Canonized:
             for canonizer in block_canonizers(shadow):
                 canonizer.apply(shadow)
             slots = {**_attach(shadow, merged), **head_slots}
+            outputs = _record_outputs(shadow) if keep else {}
             leaf = x.detach().requires_grad_(True)
             with torch.enable_grad(), unseen_operations(shadow, set(slots) | merged) as unseen:
                 raw = shadow(leaf)
             with torch.enable_grad():
                 logits = head(raw)
             if logits_close(logits.detach(), plain.logits):
-                return cls(shadow, slots, plain, merged, unmerged, unseen, leaf, logits, keep,
+                kept = cls(shadow, slots, plain, merged, unmerged, unseen, leaf, logits, keep,
                            head)
+                kept.outputs = outputs
+                return kept
             shadow = None  # start again from a fresh copy: nothing to undo
             if not merges or _merges_keep_logits(model, x, merges, plain, head):
                 blocks = [name for name, m in model.named_modules()
@@ -1160,6 +1168,83 @@ class Canonized:
         error = (rel.flatten(1).sum(1) - target_logit).abs() / target_logit.abs()
         return Explanation(rel.detach(), error, chosen.summary(), self.unseen, self.unmerged,
                            _conserving(self.shadow, composite, rules, self.unmerged))
+
+    # ------------------------------------------------- concept relevance (CRP)
+    def output(self, layer: str) -> torch.Tensor:
+        """The kept forward's output of ``layer`` (a module name of the model; a
+        convolution whose BatchNorm is merged gives the normalised output)."""
+        out = self.outputs.get(layer)
+        if out is None:
+            raise ValueError(
+                f"layer {layer!r} has no output in LRP's kept forward pass (it did not run, "
+                "or this copy keeps no forward); pick a layer from Explainer.layers()")
+        return out
+
+    def layer_relevance(self, target: torch.Tensor, composite: str, rules: dict[str, Any],
+                        layer: str) -> torch.Tensor:
+        """The relevance reaching ``layer``'s output (its shape): one backward pass from
+        the target logit down to the layer, kept for the next call with these settings
+        (so a channel change in :meth:`conditional` is one backward from the layer down)."""
+        with self.lock:
+            return self._relevance_at(target, composite, rules, layer)
+
+    def _relevance_at(self, target: torch.Tensor, composite: str, rules: dict[str, Any],
+                      layer: str) -> torch.Tensor:
+        key = (layer, composite, _rules_key(rules), tuple(target.tolist()))
+        if self._at_layer is not None and self._at_layer[0] == key:
+            return self._at_layer[1]
+        if not self.keep:
+            raise RuntimeError("concept relevance needs a Canonized copy built with keep=True")
+        self.configure(composite, rules)
+        logits = self.logits.detach()
+        seed = torch.zeros_like(logits)
+        seed.scatter_(1, target[:, None], logits.gather(1, target[:, None]))
+        with torch.enable_grad():
+            (upper,) = torch.autograd.grad(self.logits, self.output(layer), grad_outputs=seed,
+                                           retain_graph=True)
+        self._at_layer = (key, upper)
+        return upper
+
+    def conditional(self, target: torch.Tensor, composite: str, rules: dict[str, Any],
+                    layer: str, mask: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """CRP (Achtibat et al. 2023): the relevance at ``layer`` times ``mask`` (0/1 per
+        channel, broadcastable), propagated down to the input with the same rules.
+
+        Linear in the masked relevance: the maps of a partition of the channels add up
+        to the relevance that crosses the layer (the whole map when every path from the
+        input to the output goes through it). Returns the relevance and the rules used.
+        """
+        with self.lock:
+            upper = self._relevance_at(target, composite, rules, layer)
+            chosen = self.configure(composite, rules)
+            with torch.enable_grad():
+                (rel,) = torch.autograd.grad(self.output(layer), self.x,
+                                             grad_outputs=upper * mask, retain_graph=True)
+        return rel.detach(), chosen.summary()
+
+
+def _rules_key(rules: dict[str, Any]) -> tuple:
+    """Rule parameters as a hashable key (tensors, e.g. z^B's bounds, by their values)."""
+    return tuple(sorted(
+        (name, (tuple(v.shape), v.detach().cpu().numpy().tobytes()))
+        if isinstance(v, torch.Tensor) else (name, v) for name, v in rules.items()))
+
+
+def _record_outputs(shadow: nn.Module) -> dict[str, torch.Tensor]:
+    """Forward hooks on a canonized copy that keep each named module's output (the last
+    call's), after its rule's hook: the tensors of the kept graph CRP starts from."""
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keeper(name: str):
+        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                outputs[name] = output
+        return hook
+
+    for name, module in shadow.named_modules():
+        if name:
+            module.register_forward_hook(keeper(name))
+    return outputs
 
 
 def _attach(shadow: nn.Module, merged: frozenset[int]) -> dict[int, _Slot]:
@@ -1334,14 +1419,40 @@ class LRP(Method):
             beta = alpha - 1.0  # alpha >= 1 is checked by its Param
         return {**params, "alpha": float(alpha), "beta": float(beta)}
 
-    def attribute(self, ctx, target, layer, composite, epsilon, gamma, alpha,
-                  beta) -> torch.Tensor:
+    def prepare(self, ctx, target, composite, epsilon, gamma, alpha, beta
+                ) -> tuple[Canonized, torch.Tensor, dict[str, Any]]:
+        """The kept canonized copy, the targets (checked, or predicted by its pass)
+        and the rules' parameters."""
         low, high = input_bounds(ctx) if composite == "epsilon_gamma_box" else (None, None)
         kept = canonized(ctx)
         ctx.keep_logits(kept.plain.logits)
         target = ctx.pass_target(kept.plain.logits, target)
-        result = kept.explain(target, composite, dict(epsilon=epsilon, gamma=gamma,
-                                                      alpha=alpha, beta=beta, low=low, high=high))
+        return kept, target, dict(epsilon=epsilon, gamma=gamma, alpha=alpha, beta=beta,
+                                  low=low, high=high)
+
+    def channel_terms(self, ctx, target, layer, composite, **rules) -> torch.Tensor:
+        """R_k: the relevance reaching each channel of ``layer``, (N, C) (CRP)."""
+        kept, target, rules = self.prepare(ctx, target, composite, **rules)
+        upper = kept.layer_relevance(target, composite, rules, layer)
+        if upper.ndim < 3:
+            raise ValueError(f"layer {layer!r} outputs shape {tuple(upper.shape)}: no channels")
+        return upper.flatten(2).sum(dim=2)
+
+    def conditional(self, ctx, target, layer, channels, composite, **rules) -> torch.Tensor:
+        """CRP: the relevance at ``layer`` kept on ``channels`` only, propagated down
+        with the same rules (:meth:`Canonized.conditional`); one backward pass from the
+        layer down once the relevance at the layer is known."""
+        kept, target, rules = self.prepare(ctx, target, composite, **rules)
+        out = kept.output(layer)
+        mask = channel_mask(channels, out.shape[1], out)
+        relevance, used = kept.conditional(target, composite, rules, layer, mask)
+        ctx.record("lrp_rules", used)
+        return relevance
+
+    def attribute(self, ctx, target, layer, composite, epsilon, gamma, alpha,
+                  beta) -> torch.Tensor:
+        kept, target, rules = self.prepare(ctx, target, composite, epsilon, gamma, alpha, beta)
+        result = kept.explain(target, composite, rules)
         _warn(result)
         ctx.record("conservation_error", result.conservation_error.tolist())
         ctx.record("lrp_rules", result.rules)
