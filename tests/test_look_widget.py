@@ -212,3 +212,17 @@ def test_handout_shows_every_image_revealed_and_leaves_the_widget(tmp_path, mode
     text = path.read_text()
     assert text.count("PCC") >= 3 and "no clicks on this image yet" in text
     assert g._revealed == set() and g.reveal_box.layout.display == "none"
+
+
+def test_download_is_the_saved_file(tmp_path):
+    import base64
+    import re
+
+    g = clicked(xw.LookWidget(images()))
+    g.student.value = "Ada L."
+    assert g.download() == "Ada_L_.nc"
+    data = base64.b64decode(re.search(r"base64,([^']+)'", g.download_link.value).group(1))
+    (tmp_path / "d.nc").write_bytes(data)
+    merged = xw.LookWidget.merge([tmp_path / "d.nc"])
+    assert list(merged.student.values) == ["Ada L."]
+    np.testing.assert_array_equal(merged.fixations.values, g._counts)

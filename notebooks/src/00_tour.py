@@ -209,4 +209,10 @@ print(w.result.attrs["method"], w.result.attrs["layer"])
 # | `02_lrp_deeplift` | layer-wise relevance propagation and its rules, DeepLIFT, LIME, meaningful perturbation |
 # | `03_fem_mlfem` | FEM step by step, the per-layer FEM stack, fusing layers (MLFEM) |
 # | `04_evaluation` | comparing maps with human fixations, deletion/insertion, sanity checks |
-# | `05_classroom` | short exercises with solutions |
+# | `05_classroom` | short exercises with solutions, and the teaching widgets (`LookWidget`, `SanityQuiz`, HTML handouts) |
+# | `06_dataset_explorer` | a whole dataset's maps and scores: filters, sorting, the confusion matrix, errors first |
+# | `07_video` | FEM and the other methods on video clips (N, C, T, H, W), frame by frame |
+# | `08_concepts` | what a layer sees: channels, reference patches, class usage, NMF concepts |
+# | `09_cnn_vs_vit` | a CNN and a Vision Transformer: whose maps look where people look? |
+# | `app` | the class app (open it in Voilà): your own photos, three widgets in tabs |
+# | `lesson` | a lesson app (open it in Voilà): look where you look, compare with the methods, a sanity quiz |

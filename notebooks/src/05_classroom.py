@@ -2,7 +2,7 @@
 # ruff: noqa: E501
 
 # %% [markdown]
-# # Classroom: six short exercises
+# # Classroom: eight short exercises
 #
 # Each exercise has **a task**, **a cell to edit** that already runs (with a deliberately
 # naive answer), a **check** cell that tells you how you are doing, and a **solution** you can
@@ -16,6 +16,7 @@
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from IPython.display import display
 
 import xaiwidgets as xw
 from xaiwidgets import metrics
@@ -256,6 +257,73 @@ print(f"K = {K:g}: mean PCC {score:.3f} (K = 1: {baseline:.3f})")
 # falls for large K (only isolated peaks survive) and for K = 0 (about half of every channel
 # fires, background included). Tuning K on the
 # images you then report on is overfitting: keep a held-out set.
+# </details>
+#
+# ## Exercise 7 — Be the gaze
+#
+# The GFDM of every exercise so far came from a *simulated* observer. Now you are the
+# observer: in the widget below, click where your eyes go on each image (one click = one
+# fixation; *timed* shows each image for only 3 s), then press **Reveal**. **Task:** on
+# at least two images, find the method whose map agrees best with you (PCC against your
+# GFDM), and check whether you agree more with the methods or with the simulated observer.
+
+# %%
+look = xw.LookWidget(images[:4], classes=classes, model=model, preprocess=preprocess,
+                     methods=("gradcam", "fem", "gradient"), gaze=ds.gfdm.values[:4])
+# in a live notebook, click instead: these stand-in clicks (the target's centre) only
+# make the check below run
+for i in range(4):
+    ys, xs = np.nonzero(ds.mask.values[i])
+    look.click(i, ys.mean(), xs.mean())
+display(look)
+
+# %%
+# check
+scores = look.scores
+looked = scores.clicks.values > 0
+print(f"you looked at {int(looked.sum())} image(s)")
+best = scores.pcc.isel(image=np.flatnonzero(looked)).mean("image").to_series()
+print(best.round(2).to_string())
+print("closest to you:", best.drop("observer").idxmax())
+
+# %% [markdown]
+# <details><summary><b>Solution</b> (click)</summary>
+#
+# There is no single right answer: it is *your* gaze. People look at the object first and
+# at its centre, so a compact, object-centred map (FEM, Grad-CAM) usually agrees with a
+# student better than the gradient, whose mass is spread over edges. The simulated observer
+# also looks at distractors and has a centre bias: compare its row with the methods'. Save
+# your clicks (`look.save("me.nc")`), pool a class with `xw.LookWidget.merge(files)` and
+# look at `look.class_view(files)`: does the class agree more with the methods than each
+# student does?
+# </details>
+#
+# ## Exercise 8 — The sanity quiz
+#
+# One map of each pair comes from the trained network, the other from a copy whose weights
+# were all re-initialised (cascading randomisation, the test of exercise 3). **Task:** try
+# the quiz with Grad-CAM, then with `method="guided_backprop"`: with which method is it
+# harder to spot the broken map, and what does the SSIM in the explanation say?
+
+# %%
+quiz = xw.SanityQuiz(model, images[:4], preprocess=preprocess, method="gradcam", seed=0)
+display(quiz)
+
+# %%
+# check
+for i in range(len(quiz)):
+    quiz.answer(i, "left")  # in a live notebook, press the buttons instead
+right, asked = quiz.score
+print(f"score {right}/{asked};", "SSIM per image:", np.round(quiz.ssim, 2))
+print(quiz.explanation(0))
+
+# %% [markdown]
+# <details><summary><b>Solution</b> (click)</summary>
+#
+# Grad-CAM's broken maps are blotches that ignore the shapes (low SSIM): easy. Guided
+# backprop's broken maps still draw the image's edges, so both maps look alike (a much higher
+# SSIM): guessing is all you can do, the same failure exercise 3 measured. Any widget makes
+# a handout without a kernel for the class: `quiz.export_html("quiz.html")`.
 # </details>
 #
 # ## Going further

@@ -300,6 +300,28 @@ class LookWidget(Exportable, W.VBox):
         self._say(f"saved {path}")
         return path
 
+    def netcdf_bytes(self, student: str = "") -> bytes:
+        """What :meth:`save` writes, as bytes (for a download from the browser)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "clicks.nc"
+            self.dataset(student).to_netcdf(path, engine=netcdf_engine())
+            return path.read_bytes()
+
+    def download(self) -> str:
+        """Offer the clicks as a netCDF download link (named after the ``name`` box);
+        works in JupyterLab, Notebook 7 and Voilà without an extension. Returns the name."""
+        import base64
+
+        student = self.student.value.strip() or "student"
+        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in student) + ".nc"
+        data = self.netcdf_bytes(student)
+        url = "data:application/x-netcdf;base64," + base64.b64encode(data).decode()
+        self.download_link.value = (f"<a download='{html.escape(name)}' href='{url}'>⬇ "
+                                    f"{html.escape(name)}</a> (give it to your teacher)")
+        return name
+
     @staticmethod
     def merge(paths: Sequence[str | Path]) -> xr.Dataset:
         """Pool a class's saved files: ``fixations`` (the counts added), its ``gfdm``
@@ -438,6 +460,13 @@ class LookWidget(Exportable, W.VBox):
                                       tooltip="show what the methods saw (after you looked)",
                                       layout=W.Layout(width="100px"))
         self.reveal_button.on_click(lambda _: self._guarded(self.reveal))
+        self.student = W.Text(value="", placeholder="your name", description="name",
+                              style=STYLE, layout=W.Layout(**LAYOUT))
+        save = W.Button(description="my clicks (.nc)", icon="download",
+                        tooltip="download your clicks for the class view",
+                        layout=W.Layout(width="150px"))
+        save.on_click(lambda _: self._guarded(self.download))
+        self.download_link = W.HTML()
         self.count_label = W.HTML()
         self.message = W.HTML(layout=W.Layout(min_height="1.4em"))
         height, width = self.shape
@@ -469,7 +498,8 @@ class LookWidget(Exportable, W.VBox):
         set_visible(self.reveal_box, False)
         side_box = W.VBox([self.controls["image"], self.controls["mode"],
                            W.HBox([self.start_button, self.clear_button, self.reveal_button]),
-                           self.count_label, self.message],
+                           self.count_label, self.message, self.student,
+                           W.HBox([save, self.download_link])],
                           layout=W.Layout(width="400px", min_width="400px"))
         self.children = [W.HBox([side_box, self.figure],
                                 layout=W.Layout(flex_flow="row wrap")), self.reveal_box]
