@@ -37,8 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-#: a user's grid: ``(h, w)`` for every token layer it fits, or per layer name
-GridOption = tuple[int, int] | Mapping[str, tuple[int, int]] | None
+#: a user's grid: ``(h, w)`` for every token layer it fits, or per layer name ``(h, w)`` or
+#: ``"channels_last"``/``"channels_first"`` (a 4-D output whose channels equal its side)
+GridOption = tuple[int, int] | Mapping[str, tuple[int, int] | str] | None
 
 #: parameter names of leading tokens (timm, torchvision, DINOv2)
 _PREFIX_PARAMETERS = ("cls_token", "dist_token", "reg_token", "register_tokens", "class_token")
@@ -147,14 +148,21 @@ def _has_tokens(model: nn.Module) -> bool:
                or "Attention" in type(m).__name__ for m in model.modules())
 
 
-def _given(grid: GridOption, name: str) -> tuple[int, int] | None:
-    if isinstance(grid, Mapping):
-        return tuple(grid[name]) if name in grid else None
-    return tuple(grid) if grid is not None else None
+def _given(grid: GridOption, name: str) -> tuple[int, int] | str | None:
+    given = grid.get(name) if isinstance(grid, Mapping) else grid
+    if given is None or isinstance(given, str):
+        if given not in (None, "channels_last", "channels_first"):
+            raise ValueError(f"grid for {name!r} is {given!r}; give (h, w), "
+                             "'channels_last' or 'channels_first'")
+        return given
+    return tuple(int(side) for side in given)
 
 
-def how_to_give(name: str) -> str:
+def how_to_give(name: str, channels_last: bool = False) -> str:
     """The sentence that tells the user how to pass a layer's grid."""
+    if channels_last:
+        return (f"say which: xw.Explainer(model, images, grid={{{name!r}: 'channels_last'}}) "
+                "or 'channels_first'")
     return (f"pass the patch grid: xw.Explainer(model, images, grid=(h, w)) or "
             f"grid={{{name!r}: (h, w)}} (h·w patch tokens after any class/register tokens)")
 
@@ -177,7 +185,9 @@ def layout_of(model: nn.Module, name: str, shape: Sequence[int], size: Sequence[
     given = _given(grid, name)
     if len(shape) == 4:
         first, last = _fits(*shape[2:], size), _fits(*shape[1:3], size)
-        if given is not None:
+        if isinstance(given, str):
+            first, last = given == "channels_first", given == "channels_last"
+        elif given is not None:
             first, last = shape[2:] == given, shape[1:3] == given
         if last and not first:
             return Grid("channels_last", 0, shape[1], shape[2])
@@ -187,11 +197,11 @@ def layout_of(model: nn.Module, name: str, shape: Sequence[int], size: Sequence[
                 raise TokenGridError(
                     f"layer {name!r} outputs shape {shape}, which reads both as (N, C, h, w) "
                     f"and as channels-last (N, h, w, C) on {tuple(size)} inputs; "
-                    + how_to_give(name))
+                    + how_to_give(name, channels_last=True))
             return Grid(kind, 0, *(shape[2:] if kind == "map" else shape[1:3]))
         return Grid("map")
     length = shape[1]
-    if given is not None:
+    if isinstance(given, tuple):
         lead = length - given[0] * given[1]
         if lead < 0:
             return None

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..core.registry import Method, Param, register
 from ..core.scoped import Scope, model_guard
-from ..core.tokens import Grid
+from ..core.tokens import Grid, layout_of, prefix_tokens
 
 #: what each kind of attention that rollout cannot read does instead
 _REFUSED = {
@@ -122,8 +122,8 @@ def _mha_query_key(module: nn.MultiheadAttention, args: tuple, kwargs: dict
 class _Recorder:
     """Forward hooks that fold each attention into the rollout as the pass goes."""
 
-    def __init__(self, fuse: str, discard: float) -> None:
-        self.fuse, self.discard = fuse, discard
+    def __init__(self, fuse: str, discard: float, batch: int) -> None:
+        self.fuse, self.discard, self.batch = fuse, discard, batch
         self.rollout: torch.Tensor | None = None
         self.grids: list[int] = []  # token count of every attention met
         self.query: torch.Tensor | None = None
@@ -132,6 +132,12 @@ class _Recorder:
         self.owner = threading.get_ident()
 
     def attend(self, name: str, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+        if q.shape[0] != self.batch:
+            self.refusal = self.refusal or (
+                f"{name!r} attends within {q.shape[0]} sequences for {self.batch} images "
+                "(attention over unfolded patches, as in MobileViT): no token attends to "
+                "the whole image")
+            return
         if q.shape[-2] != k.shape[-2]:
             self.refusal = self.refusal or (
                 f"{name!r} attends from {q.shape[-2]} queries to {k.shape[-2]} keys: the "
@@ -202,16 +208,8 @@ def _discard(fused: torch.Tensor, ratio: float, prefix: int) -> torch.Tensor:
 def rollout_map(ctx: Any, head_fusion: str = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
     """The rollout map (N, h, w) of the context's images, from one forward pass."""
     found = check_rollout(ctx.model)
-    grids, _ = ctx.grids()
-    last = found[-1][0]
-    grid = grids.get(last)
-    if grid is None or grid.layout != "tokens":
-        raise RolloutRefused(
-            f"attention_rollout is refused: {last!r} does not output the image's token grid "
-            "(attention over unfolded patches, as in MobileViT, or over another batch); "
-            "use gradcam or fem on a block instead")
-    recorder = _Recorder(head_fusion, discard_ratio)
-    recorder.prefix = grid.prefix
+    recorder = _Recorder(head_fusion, discard_ratio, ctx.n_images)
+    recorder.prefix = prefix_tokens(ctx.model)
     with model_guard(ctx.model), Scope() as scope, torch.no_grad():
         for name, module in found:
             for handle in recorder.hooks(name, module):
@@ -220,11 +218,16 @@ def rollout_map(ctx: Any, head_fusion: str = "mean", discard_ratio: float = 0.0)
     ctx.keep_logits(logits)
     if recorder.refusal is not None:
         raise RolloutRefused(f"attention_rollout is refused: {recorder.refusal}")
-    if recorder.rollout is None or recorder.rollout.shape[0] != ctx.n_images:
+    rollout = recorder.rollout
+    grid = None if rollout is None or rollout.shape[0] != ctx.n_images else layout_of(
+        ctx.model, found[-1][0], (1, rollout.shape[-1], 1), ctx.size[-2:],
+        recorder.prefix, ctx.grid)
+    if grid is None or grid.layout != "tokens" or grid.prefix != recorder.prefix:
         raise RolloutRefused(
-            "attention_rollout is refused: the attention did not run over the images' tokens "
-            "(attention over unfolded patches?); use gradcam or fem instead")
-    return _read_map(recorder.rollout, grid)
+            f"attention_rollout is refused: {found[-1][0]!r} does not attend over the "
+            "images' patch tokens (attention over unfolded patches, as in MobileViT?); "
+            "use gradcam or fem on a block instead")
+    return _read_map(rollout, grid)
 
 
 def _read_map(rollout: torch.Tensor, grid: Grid) -> torch.Tensor:
