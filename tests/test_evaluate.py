@@ -202,3 +202,87 @@ def test_shipped_model_reproduces_the_survey_ordering():
         for method in ("gradcam", "fem"):
             assert mean[metric].sel({"method": method}) > mean[metric].sel({"method": "gradient"})
     assert result.attrs["model"] == "shapes-resnet"
+
+
+#: every registered metric, with quick settings for the explainer-based ones
+QUICK = {"faithfulness_correlation": {"n_runs": 8, "subset_size": 40},
+         "road": {"percentages": (10, 50, 90)}, "infidelity": {"patch_size": 16},
+         "max_sensitivity": {"n_samples": 2}, "avg_sensitivity": {"n_samples": 2}}
+
+
+def test_every_metric_on_every_scheduler_gives_identical_numbers(dataset):
+    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("ot")
+    import dask
+
+    model = make_tiny_cnn()
+    small = dataset.isel(image=slice(0, 4))
+    names = tuple(metrics.available())
+    kwargs = {"metrics": names, "preprocess": preprocess, "batch_size": 2, "progress": False,
+              "metric_params": QUICK}
+    threaded = evaluate(model, small, ["gradient", "gradcam"], **kwargs)
+    with dask.config.set(scheduler="synchronous"):
+        serial = evaluate(model, small, ["gradient", "gradcam"], **kwargs)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        remote = evaluate(model, small, ["gradient", "gradcam"], client=client, **kwargs)
+    for m in names:
+        assert threaded[m].attrs["higher_is_better"] == int(metrics.METRICS[m].higher_is_better)
+        for other in (serial, remote):
+            np.testing.assert_array_equal(other[m].values, threaded[m].values, err_msg=m)
+    # independently: the maps scored directly (localisation, complexity, shuffled AUC, ROAD)
+    ex = xw.Explainer(model, torch.from_numpy(small.image.values), preprocess=preprocess)
+    maps = ex.explain("gradcam")
+    got = threaded.sel({"method": "gradcam"})
+    np.testing.assert_allclose(got.pointing_game, metrics.pointing_game(maps.values, small.mask))
+    np.testing.assert_allclose(got.relevance_mass, metrics.relevance_mass(maps.values, small.mask),
+                               rtol=1e-5)
+    np.testing.assert_allclose(got.sparseness, metrics.sparseness(maps.values), rtol=1e-5)
+    fixated = small.fixations.values > 0  # negatives: the other images evaluated
+    others = [(fixated.sum(0) - fixated[i]) > 0 for i in range(4)]
+    np.testing.assert_allclose(got.shuffled_auc, [metrics.shuffled_auc(
+        maps.values[i], fixated[i], others[i]) for i in range(4)], rtol=1e-5)
+    from xaiwidgets.evaluation import road
+
+    direct = road(ex, maps, target=got.predicted.values.tolist(), percentages=(10, 50, 90))
+    np.testing.assert_array_equal(got.road, direct.road)
+    assert json.loads(threaded.attrs["metric_params"])["road"]["percentages"]
+
+
+def test_metrics_say_what_the_dataset_lacks(dataset):
+    model = make_tiny_cnn()
+    with pytest.raises(ValueError, match="mask"):
+        evaluate(model, dataset.drop_vars("mask"), ["gradient"], ("pointing_game",),
+                 progress=False)
+    one = dataset.isel(image=slice(0, 1))
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate(model, one, ["gradient"], ("shuffled_auc",), progress=False)
+    with pytest.raises(ValueError, match="metric_params"):
+        evaluate(model, dataset, ["gradient"], ("pcc",), metric_params={"road": {}},
+                 progress=False)
+    # complexity needs nothing of the dataset but the images
+    bare = dataset[["image"]]
+    result = evaluate(model, bare, ["gradient"], ("sparseness", "complexity"), progress=False)
+    assert np.isfinite(result.sparseness).all()
+
+
+@pytest.mark.parametrize("metric", ["relevance_mass", "complexity", "shuffled_auc", "road"])
+def test_dataset_explorer_sorts_by_any_metric(dataset, metric):
+    from xaiwidgets.widgets.dataset_explorer import DatasetExplorer, resolve_metric
+
+    model = make_tiny_cnn()
+    data = dataset.isel(image=slice(0, 6))
+    x = DatasetExplorer(model, data, preprocess=preprocess, methods=["gradcam"], metric=metric,
+                        background=False, page_size=3)
+    x.controls["sort"].value = f"{metric} ↓"
+    scores = x.results[metric].sel({"method": "gradcam"})
+    assert scores.sizes["image"] == 6
+    ref = evaluate(model, data, ["gradcam"], (metric,), preprocess=preprocess, progress=False)
+    np.testing.assert_allclose(scores.values, ref[metric].values[:, 0], rtol=1e-5, atol=1e-7)
+    finite = np.where(np.isnan(scores.values), -np.inf, scores.values)
+    assert x.shown == scores.image.values[np.argsort(-finite, kind="stable")][:3].tolist()
+    assert x.results[metric].attrs["higher_is_better"] == int(
+        metrics.METRICS[metric].higher_is_better)
+    with pytest.raises(ValueError, match="mask"):
+        resolve_metric("pointing_game", ("gfdm",))

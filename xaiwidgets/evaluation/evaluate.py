@@ -50,7 +50,15 @@ from ..explainer import Explainer
 from . import metrics as _metrics
 
 DEFAULT_METRICS = ("pcc", "sim", "kld", "nss", "auc_judd", "ssim", "spearman", "l1")
-REFERENCE = {"map": "gfdm", "fixations": "fixations"}  # dataset variable each kind needs
+#: the dataset variables each kind of metric needs (``Metric.needs``); "shuffled" also
+#: reads the other images' fixations, "explainer"/"method" the model and the images
+NEEDS: dict[str, tuple[str, ...]] = {
+    "map": ("gfdm",), "fixations": ("fixations",), "mask": ("mask",),
+    "shuffled": ("fixations",), "none": (), "explainer": (), "method": (),
+}
+REFERENCE = {"map": "gfdm", "fixations": "fixations", "mask": "mask"}  # the one reference
+#: the count of images fixating each pixel, over the whole dataset (shuffled AUC's negatives)
+FIXATED_TOTAL = "fixated_total"
 _EXPLAIN_KEYWORDS = ("layer", "reduce")  # Explainer.explain arguments that are not Params
 
 
@@ -101,10 +109,79 @@ def variants(methods: str | Sequence[str], params: Mapping[str, Mapping] | None)
     return out
 
 
+def dataset_needs(metric: str) -> tuple[str, ...]:
+    """The dataset variables ``metric`` needs (none for complexity and the
+    explainer-based metrics).
+
+    >>> dataset_needs("pointing_game"), dataset_needs("road")
+    (('mask',), ())
+    """
+    return NEEDS[_metrics.get(metric).needs]
+
+
+def references(data: xr.Dataset | None, indices: Any, metric_names: Sequence[str]
+               ) -> dict[str, np.ndarray]:
+    """What the metrics need of ``data`` for the images ``indices``: the variables (as
+    arrays), and for shuffled AUC the dataset-wide fixation count (:data:`FIXATED_TOTAL`).
+
+    Too few images with fixations for shuffled AUC is a clear error.
+    """
+    kinds = {_metrics.get(m).needs for m in metric_names}
+    names = sorted({v for k in kinds for v in NEEDS[k]})
+    out = {name: np.asarray(data[name].values[indices]) for name in names} if names else {}
+    if "shuffled" in kinds:
+        fixated = np.asarray(data["fixations"].values) > 0
+        seen = fixated.reshape(len(fixated), -1).any(axis=1)
+        if seen.sum() < 2:
+            raise ValueError(
+                f"shuffled_auc takes its negatives from the other images' fixations; the "
+                f"dataset has {int(seen.sum())} image(s) with fixations, it needs at least 2 "
+                "(evaluate more images, or use auc_judd / auc_borji)")
+        out[FIXATED_TOTAL] = fixated.sum(axis=0)
+    return out
+
+
+def score_maps(metric: str, maps: xr.DataArray, refs: Mapping[str, np.ndarray], *,
+               explainer: Explainer | None = None, method: str | None = None,
+               params: Mapping[str, Any] | None = None, target: Any = None,
+               options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Score ``maps`` (image, ...) with the registered ``metric``: one number per image.
+
+    ``refs`` comes from :func:`references`; the explainer-based metrics also take the
+    ``explainer`` that made the maps (its images), the ``method`` and ``params`` (for
+    the robustness metrics, which explain again) and the ``target``; ``options`` are the
+    metric's own keyword arguments (e.g. ``{"n_samples": 8}``).
+
+    >>> score_maps("sparseness", maps, {}).shape                      # doctest: +SKIP
+    (4,)
+    """
+    spec = _metrics.get(metric)
+    options = dict(options or {})
+    if spec.needs == "explainer":
+        return spec(explainer, maps, target, **options)[metric].values
+    if spec.needs == "method":
+        return spec(explainer, method, target, params=dict(params or {}),
+                    **options)[metric].values
+    plain = maps.drop_vars(list(maps.coords))
+
+    def as_maps(values: Any) -> xr.DataArray:  # clips: per frame, then the mean over t
+        values = np.asarray(values)
+        return xr.DataArray(values, dims=maps.dims[-values.ndim:])
+
+    if spec.needs == "none":
+        return spec(plain, **options).values
+    if spec.needs == "shuffled":
+        own = np.asarray(refs["fixations"]) > 0
+        others = (np.asarray(refs[FIXATED_TOTAL]) - own) > 0
+        return spec(plain, as_maps(own), as_maps(others), **options).values
+    return spec(plain, as_maps(refs[REFERENCE[spec.needs]]), **options).values
+
+
 def _run_chunk(model_bytes: bytes, images: np.ndarray, refs: dict[str, np.ndarray],
                labels: np.ndarray | None, preprocess: Callable | None,
                specs: list[Variant], metric_names: Sequence[str], target: str,
-               device: str) -> dict[str, Any]:
+               device: str, metric_params: Mapping[str, Mapping[str, Any]] | None = None
+               ) -> dict[str, Any]:
     """One task: explain a chunk of images with every variant and score the maps."""
     import cloudpickle
 
@@ -127,10 +204,9 @@ def _run_chunk(model_bytes: bytes, images: np.ndarray, refs: dict[str, np.ndarra
             raise ValueError(f"{spec.label} gave maps of dims {maps.dims}; metrics need "
                              "one map per image (do not pass reduce=None)")
         for m in metric_names:
-            metric = _metrics.METRICS[m]
-            # clips: scored per frame, then averaged over t (see evaluation/metrics.py)
-            ref = xr.DataArray(np.asarray(refs[REFERENCE[metric.needs]]), dims=maps.dims)
-            scores[m][:, j] = metric(maps.drop_vars(list(maps.coords)), ref).values
+            scores[m][:, j] = score_maps(m, maps, refs, explainer=ex, method=spec.method,
+                                         params=spec.params, target=chosen.tolist(),
+                                         options=(metric_params or {}).get(m))
         used.append(json.dumps({"layer": maps.attrs["layer"],
                                 **json.loads(maps.attrs["params"])}))
     return {
@@ -157,6 +233,7 @@ def evaluate(
     device: str | torch.device | None = None,
     model_name: str | None = None,
     progress: bool = True,
+    metric_params: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> xr.Dataset:
     """Explain every image of ``dataset`` with every method and score the maps.
 
@@ -175,7 +252,12 @@ def evaluate(
     methods
         Registered method names (``xw.methods()``).
     metrics
-        Names from ``xw.metrics.available()``.
+        Names from ``xw.metrics.available()``, each where the dataset has what it
+        needs (:func:`dataset_needs`): ``gfdm`` for the map metrics and EMD,
+        ``fixations`` for NSS/AUC/information gain and shuffled AUC (which takes the
+        other images' fixations as negatives: at least two images with fixations),
+        ``mask`` for the localisation metrics; complexity needs nothing, and the
+        faithfulness and robustness metrics use the model and the images.
     preprocess
         Maps display images to the model input (as for ``Explainer``).
     params
@@ -197,6 +279,9 @@ def evaluate(
         Recorded in attrs (e.g. ``"shapes-vgg"``); default the model's class name.
     progress
         Show a tqdm bar.
+    metric_params
+        ``{metric: {keyword: value}}`` passed to the metrics, e.g.
+        ``{"max_sensitivity": {"n_samples": 8}, "road": {"percentages": range(5, 100, 10)}}``.
 
     Returns
     -------
@@ -217,7 +302,11 @@ def evaluate(
     specs = variants(methods, params)
     if target not in ("predicted", "label"):
         raise ValueError(f"target={target!r}: use 'predicted' or 'label'")
-    needed = {"image"} | {REFERENCE[_metrics.METRICS[m].needs] for m in metric_names}
+    needed = {"image"} | {v for m in metric_names for v in dataset_needs(m)}
+    unknown = sorted(set(metric_params or {}) - set(metric_names))
+    if unknown:
+        raise ValueError(f"metric_params given for {unknown}, which are not in "
+                         f"metrics={metric_names}")
     needed |= {"label"} if target == "label" else set()
     # ``image`` shares its name with its dim, so xarray files it under coords
     missing = sorted(needed - set(dataset.variables))
@@ -234,6 +323,8 @@ def evaluate(
         device = first.device if first is not None else "cpu"
     n = dataset.sizes["image"]
     labels = dataset["label"].values if "label" in dataset.variables else None
+    shuffled = [m for m in metric_names if _metrics.get(m).needs == "shuffled"]
+    total = references(dataset, slice(0, 0), shuffled).get(FIXATED_TOTAL)
     refs = sorted(needed - {"image", "label"})
 
     import cloudpickle
@@ -251,13 +342,18 @@ def evaluate(
         part = slice(start, min(start + batch_size, n))
         tasks.append(run(
             model_ref, dataset["image"].data[part],
-            {r: dataset[r].data[part] for r in refs},
+            {**{r: dataset[r].data[part] for r in refs},
+             **({} if total is None else {FIXATED_TOTAL: total})},
             None if labels is None else labels[part],
-            preprocess, specs, metric_names, target, str(device),
+            preprocess, specs, metric_names, target, str(device), metric_params,
         ))
     results = _compute(tasks, client, progress)
-    return _assemble(results, dataset, specs, metric_names, labels, model, model_name,
-                     preprocess, params, target, batch_size, scheduler)
+    result = _assemble(results, dataset, specs, metric_names, labels, model, model_name,
+                       preprocess, params, target, batch_size, scheduler)
+    result.attrs["metric_params"] = json.dumps(
+        {k: dict(v) for k, v in (metric_params or {}).items()},
+        default=lambda value: str(attr_value(value)))
+    return result
 
 
 def scheduler_name(client: Any = None) -> str:

@@ -16,10 +16,12 @@ what the map calls relevant?
 
 All perturb the **model inputs** (``explainer.inputs``, what Quantus perturbs) with the
 map repeated over the channels, and score the **target logit** (ROAD and IROF: the
-prediction / softmax probability, as Quantus). Randomness comes from
-``np.random.RandomState(seed)`` drawn in Quantus' order, so ``np.random.seed(seed)``
-before a Quantus call gives the same perturbations. Each returns an ``xr.Dataset`` with
-a per-image variable named after the metric (and ``curve`` where there is one).
+prediction / softmax probability, as Quantus). Each image draws its randomness from its
+own ``np.random.RandomState(seed)`` in Quantus' order, so ``np.random.seed(seed)`` before
+a Quantus call on that one image gives the same perturbations, and a stack gives the
+numbers of one image at a time (whatever the batch, the chunk or the scheduler). Each
+returns an ``xr.Dataset`` with a per-image variable named after the metric (and ``curve``
+where there is one).
 
 Where Quantus 0.6 fails, these do not: its ROAD indexes channel-pixels with a pixel
 count (multi-channel inputs give wrong curves, its issue #333), its IROF asserts on
@@ -99,8 +101,8 @@ def faithfulness_correlation(
     ``n_runs`` times, ``subset_size`` random input features (channel-pixels, without
     replacement) are set to ``baseline`` ("black": the image's minimum); the score is
     the Pearson correlation, over the runs, of the map's sum over the subset with the
-    drop of the target logit. Draws: ``RandomState(seed).choice`` per run, then per image
-    (Quantus' order). 0 where either series is constant (Quantus/SciPy: NaN).
+    drop of the target logit. Draws: per image ``RandomState(seed)``, a ``choice`` per run
+    (Quantus' order for one image). 0 where either series is constant (Quantus/SciPy: NaN).
 
     Returns an ``xr.Dataset`` with ``faithfulness_correlation`` (image).
 
@@ -114,12 +116,12 @@ def faithfulness_correlation(
     if not 0 < subset_size <= features:
         raise ValueError(f"subset_size={subset_size} must be in [1, {features}] (the number "
                          "of input features: channels x pixels)")
-    rng = np.random.RandomState(seed)
     subsets = np.empty((n_runs, n, subset_size), dtype=np.int64)
-    for r in range(n_runs):
-        for i in range(n):
+    for i in range(n):  # each image its own generator: a stack = one image at a time
+        rng = np.random.RandomState(seed)
+        for r in range(n_runs):
             subsets[r, i] = rng.choice(features, subset_size, replace=False)
-        rng.uniform(size=n)  # Quantus draws a "uniform" baseline per run, used or not
+            rng.uniform(size=1)  # Quantus draws a "uniform" baseline per run, used or not
     base = np.array([_baseline(img, baseline) for img in x])
     target_np = target_t.cpu().numpy()
     original = _logits(ex, x, batch_size)[np.arange(n), target_np]
@@ -201,7 +203,7 @@ def road(
 
     For each percentage p, the ⌊H·W·p/100⌋ most relevant pixels (all channels; ties in
     raster order) are replaced by :func:`noisy_linear_imputation` (``noise`` × N(0, 1),
-    ``RandomState(seed)`` drawn per percentage, then per image, Quantus' order); the
+    each image drawing from its own ``RandomState(seed)``, percentage after percentage); the
     curve is 1 while the model still predicts the target, else 0. ``road`` = the mean of
     the curve over the percentages (the area under Quantus' accuracy curve): lower is
     better (removing what the map calls relevant should change the decision soon).
@@ -213,12 +215,12 @@ def road(
     ex, maps, x, target_t = _setup(explainer, saliency, target, images, preprocess)
     n, (h, w) = len(x), maps.shape[-2:]
     orders = [_descending(m.ravel()) for m in maps]
-    rng = np.random.RandomState(seed)
+    rngs = [np.random.RandomState(seed) for _ in range(n)]  # per image: batch-independent
     imputed = np.empty((len(percentages), *x.shape))
     for j, p in enumerate(percentages):
         for i in range(n):
             imputed[j, i] = noisy_linear_imputation(x[i], orders[i][:int(h * w * p / 100)],
-                                                    noise, rng)
+                                                    noise, rngs[i])
     logits = _logits(ex, imputed.reshape(-1, *x.shape[1:]), batch_size)
     predicted = logits.argmax(axis=1).reshape(len(percentages), n)
     curve = (predicted == target_t.cpu().numpy()[None]).T.astype(np.float64)
@@ -311,8 +313,8 @@ def infidelity(
     target_np = target_t.cpu().numpy()
     original = _logits(ex, x, batch_size)[np.arange(n), target_np]
     scores = np.empty(n)
-    rng = np.random.RandomState(seed)
     for i in range(n):
+        rng = np.random.RandomState(seed)  # per image: a stack = one image at a time
         if perturbation == "patches":
             value, current = _baseline(x[i], baseline), x[i].copy()
             perturbed = []

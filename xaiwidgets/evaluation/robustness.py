@@ -9,8 +9,9 @@ explain again, on perturbed inputs or for another class.
   with the map for a random other class; lower is better (a map that does not depend on
   the class explains nothing about it).
 
-Randomness is ``np.random.RandomState(seed)`` drawn in Quantus' order, so
-``np.random.seed(seed)`` before a Quantus call gives the same perturbations. Each
+Each image draws from its own ``np.random.RandomState(seed)`` in Quantus' order, so
+``np.random.seed(seed)`` before a Quantus call on that image gives the same
+perturbations, and a stack gives the numbers of one image at a time. Each
 returns an ``xr.Dataset`` with a per-image variable named after the metric.
 
 >>> max_sensitivity(ex, "gradient", n_samples=8).max_sensitivity      # doctest: +SKIP
@@ -56,9 +57,9 @@ def sensitivity(
 ) -> np.ndarray:
     """Relative changes (N, n_samples) of ``method``'s maps under uniform input noise.
 
-    Sample s adds ``RandomState(seed).uniform(-radius, radius)`` noise to every model
-    input feature of every image (one draw of the whole batch per sample, Quantus'
-    order) and explains the same target again. With ``nan_when_prediction_changes``
+    Sample s adds ``uniform(-radius, radius)`` noise to every model input feature (each
+    image from its own ``RandomState(seed)``, one draw per sample: Quantus' order for one
+    image) and explains the same target again. With ``nan_when_prediction_changes``
     a sample whose predicted class changed gives NaN (Quantus' option, off by default).
 
     >>> sensitivity(ex, "gradient", n_samples=4).shape                 # doctest: +SKIP
@@ -71,10 +72,11 @@ def sensitivity(
     norms = np.linalg.norm(original.reshape(len(original), -1), axis=1)
     predicted = ex.logits().argmax(dim=1)
     x = ex.inputs
-    rng = np.random.RandomState(seed)
+    rngs = [np.random.RandomState(seed) for _ in range(len(x))]  # per image
     out = np.empty((len(original), n_samples))
     for s in range(n_samples):
-        noise = rng.uniform(-radius, radius, size=(len(x), x[0].numel())).reshape(x.shape)
+        noise = np.concatenate([rng.uniform(-radius, radius, size=(1, x[0].numel()))
+                                for rng in rngs]).reshape(x.shape)
         noisy = x + torch.as_tensor(noise, dtype=x.dtype, device=x.device)
         maps = _explain(ex, noisy, method, target_t, params)
         diff = np.linalg.norm((original - maps).reshape(len(maps), -1), axis=1)
@@ -160,8 +162,8 @@ def random_logit(
     the map for the target and the map for a random other class, each divided by its
     largest absolute value (Quantus' ``normalise=True``, which divides by the largest
     value of the whole batch: here each map is its own), the class drawn as Quantus does
-    (``RandomState(seed).randint(0, K − 1, N)`` indexes the classes other than the
-    target). Lower is better. Needs at least two classes.
+    (``RandomState(seed).randint(0, K − 1)`` per image indexes the classes other than
+    the target). Lower is better. Needs at least two classes.
 
     Returns an ``xr.Dataset``: ``random_logit`` (image) and ``other_class`` (image).
 
@@ -173,7 +175,8 @@ def random_logit(
     classes = int(ex.logits().shape[1])
     if classes < 2:
         raise ValueError("random_logit needs a model with at least two classes")
-    picks = np.random.RandomState(seed).randint(0, classes - 1, len(target_t))
+    picks = [int(np.random.RandomState(seed).randint(0, classes - 1, 1)[0])
+             for _ in range(len(target_t))]  # per image, as Quantus on one image
     others = [[c for c in range(classes) if c != t][k]
               for t, k in zip(target_t.tolist(), picks, strict=True)]
     original = _explain(ex, None, method, target_t, params)

@@ -42,7 +42,7 @@ from ..core.scoped import model_guard
 from ..datasets.adapters import ImageSource, image_source
 from ..evaluation import metrics as _metrics
 from ..evaluation import perturbation
-from ..evaluation.evaluate import REFERENCE
+from ..evaluation.evaluate import dataset_needs, references, score_maps
 from ..explainer import Explainer
 from .controls import LAYOUT, STYLE, set_visible
 from .export import Exportable
@@ -80,13 +80,14 @@ def resolve_metric(metric: str | None, gaze: Sequence[str]) -> str:
     known = [*_metrics.available(), *PERTURBATION]
     if metric not in _metrics.METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {known}")
-    needed = REFERENCE[_metrics.METRICS[metric].needs]
-    if needed not in gaze:
+    missing = [v for v in dataset_needs(metric) if v not in gaze]
+    if missing:
         raise ValueError(
-            f"metric {metric!r} compares maps with gaze data (`{needed}`), which this dataset "
+            f"metric {metric!r} compares maps with `{missing[0]}`, which this dataset "
             f"lacks (it has {list(gaze) or 'none'}); use metric='deletion' or 'insertion' "
-            "(perturbation AUC), or add a `gfdm`/`fixations` variable (xw.gfdm makes a "
-            "density map from fixations)")
+            "(perturbation AUC), a metric that needs no data (e.g. 'sparseness', 'road'), "
+            "or add a `gfdm`/`fixations`/`mask` variable (xw.gfdm makes a density map "
+            "from fixations)")
     return metric
 
 
@@ -144,7 +145,8 @@ class DatasetExplorer(Exportable, W.VBox):
             raise ValueError(f"page_size={page_size} and batch_size={batch_size} must be >= 1")
         self.model, self.preprocess = model, preprocess
         self.source: ImageSource = image_source(dataset, classes)
-        self.metric = resolve_metric(metric, self.source.gaze)
+        self.metric = resolve_metric(metric, (*self.source.gaze, *(
+            ["mask"] if self.source.data is not None and "mask" in self.source.data else [])))
         self.methods = list(methods) if methods is not None else registered_methods()
         for name in self.methods:
             get_method(name)  # unknown names fail now, with a did-you-mean
@@ -445,8 +447,11 @@ class DatasetExplorer(Exportable, W.VBox):
             scores = PERTURBATION[self.metric][0](
                 ex, maps, target, step=PERTURBATION_STEP, batch_size=self.batch_size).auc.values
         else:
-            ref = self.source.data[REFERENCE[_metrics.METRICS[self.metric].needs]]
-            scores = _metrics.METRICS[self.metric](maps.values, ref.values[indices])
+            # any registered metric: gaze, mask, complexity, faithfulness, robustness
+            scores = score_maps(self.metric, maps,
+                                references(self.source.data, indices, [self.metric]),
+                                explainer=ex, method=method, target=target,
+                                params=self.params.get(method, {}))
         with self._lock:
             self._signed[method] = bool(int(maps.attrs.get("signed", 0)))
             for k, i in enumerate(indices):
