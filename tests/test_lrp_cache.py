@@ -18,7 +18,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 import xaiwidgets as xw
 from xaiwidgets.families import lrp as lrp_module
 
-from .test_zoo import assert_model_unchanged, model_snapshot, randomise_batchnorms
+from .helpers import assert_model_unchanged, model_snapshot, randomise_batchnorms
 
 #: (composite, parameters) in the order a user moves the sliders
 CHANGES = [

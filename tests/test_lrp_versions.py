@@ -26,7 +26,7 @@ SCRIPT = """
 import json, sys, torch, zennit
 from importlib.metadata import version
 import xaiwidgets as xw
-from tests.test_zoo import ZOO, randomise_batchnorms
+from tests.helpers import ZOO, randomise_batchnorms
 
 maps = {"zennit": version("zennit")}
 from torchvision.models.resnet import BasicBlock, ResNet

@@ -5,35 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 import xaiwidgets as xw
 from xaiwidgets.families.lime import kernel_weights, superpixels, weighted_ridge
 
-
-class TopLeftTexture(nn.Module):
-    """Logit 0 = scale·(texture energy of the top-left quadrant − offset); logit 1 = −logit 0.
-
-    Texture energy = mean absolute deviation from the quadrant's mean colour, so both
-    greying a superpixel (LIME) and blurring (meaningful perturbation) remove evidence,
-    but only inside the top-left quadrant.
-    """
-
-    def __init__(self, scale: float = 10.0, offset: float = 0.12) -> None:
-        super().__init__()
-        self.scale, self.offset = scale, offset
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        q = x[:, :, : h // 2, : w // 2]
-        energy = (q - q.mean(dim=(2, 3), keepdim=True)).abs().mean(dim=(1, 2, 3))
-        s = self.scale * (energy - self.offset)
-        return torch.stack([s, -s], dim=1)
-
-
-def noise_images(n: int = 2, size: int = 32) -> torch.Tensor:
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+from .helpers import TopLeftTexture, noise_images
 
 
 def top_left_share(maps: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ from xaiwidgets.families.lrp import (
     rule,
 )
 
-from .test_zoo import assert_model_unchanged, model_snapshot, randomise_batchnorms
+from .helpers import assert_model_unchanged, model_snapshot, randomise_batchnorms
 
 # ---------------------------------------------------------------- SPEC worked example
 # x = (1, 2); hidden z = (x1 + 2 x2, -x1 + x2) = (5, 1); y = a1 - 2 a2 = 3 (no biases)
@@ -396,7 +396,7 @@ def lrp0_equals_gradient_times_input(model, x, target=1):
 
 
 def test_batchnorms_merge_by_the_forward_pass_not_the_declaration_order():
-    from .test_zoo import OutOfOrder
+    from .helpers import OutOfOrder
 
     torch.manual_seed(0)
     model = randomise_batchnorms(OutOfOrder().eval()).double()
@@ -462,7 +462,7 @@ def test_a_residual_canonizer_that_changes_the_logits_raises_naming_the_blocks()
 
 # -------------------------------------------------- what the rules cannot see
 def test_hand_written_residual_add_and_functional_pooling_are_reported():
-    from .test_zoo import HandResidual
+    from .helpers import HandResidual
 
     torch.manual_seed(0)
     model = HandResidual().eval()
@@ -492,7 +492,7 @@ def test_conservation_error_is_recorded_and_silent_where_relevance_is_conserved(
 
 
 def test_functional_relu_is_seen_as_harmless_and_lrp0_still_exact():
-    from .test_zoo import FunctionalNet
+    from .helpers import FunctionalNet
 
     torch.manual_seed(0)
     model = FunctionalNet().eval()
@@ -536,3 +536,74 @@ def test_concurrent_lrp_in_threads_equals_serial():
             lambda c: xw.explain(model, x, "lrp", composite=c, target=[0, 1]).values, jobs))
     for a, b in zip(serial, threaded, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- overflow and scale
+def overflowing_sigmoid_net(scale: float) -> nn.Sequential:
+    """conv (no bias) -> Sigmoid -> mean -> linear × ``scale``: where a conv's receptive
+    field is black its output is 0 but sigmoid(0) = 0.5 carries relevance, which LRP-ε
+    divides by ε; with logits ~1e34 that overflows float32 (inf, and 0 · inf = NaN)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Sigmoid(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3, bias=False))
+    with torch.no_grad():
+        model[-1].weight.mul_(scale)
+    return model.eval()
+
+
+def half_black(n: int = 2, size: int = 8) -> torch.Tensor:
+    torch.manual_seed(1)
+    x = torch.rand(n, 3, size, size)
+    x[..., : size // 2] = 0
+    return x
+
+
+def test_an_overflowing_map_warns_naming_the_cause_and_the_fix():
+    from xaiwidgets.core.ops import NonFiniteWarning
+
+    model, x = overflowing_sigmoid_net(1e36), half_black()
+    with pytest.warns(NonFiniteWarning, match="overflowed float32") as caught:
+        r = xw.Explainer(model, x, progress=False).explain("lrp", composite="epsilon")
+    message = str(caught[0].message)
+    assert "logits reach" in message and "float64" in message and "epsilon" in message
+    assert np.isnan(r.values).any() and (r.attrs["non_finite"] > 0).all()
+    # both fixes it names give finite maps, without the warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonFiniteWarning)
+        warnings.simplefilter("ignore", LRPWarning)  # sigmoid(0) = 0.5 acts as a bias
+        wide = xw.Explainer(copy.deepcopy(model).double(), x.double(), progress=False)
+        larger = xw.Explainer(model, x, progress=False)
+        for r in (wide.explain("lrp", composite="epsilon"),
+                  larger.explain("lrp", composite="epsilon", epsilon=1.0)):
+            assert np.isfinite(r.values).all() and "non_finite" not in r.attrs
+
+
+def test_lrp_on_overflowing_logits_says_so():
+    model = overflowing_sigmoid_net(1e30)
+    model.append(nn.Linear(3, 3, bias=False))
+    with torch.no_grad():
+        model[-1].weight.mul_(1e30)  # logits ~1e58: inf in float32
+    ex = xw.Explainer(model, half_black(), progress=False)
+    with pytest.raises(ValueError, match="logits are NaN or infinite.*overflow.*float64"):
+        ex.explain("lrp", target=0)
+
+
+@pytest.mark.parametrize(("scale", "fix"), [(1e-5, "a smaller epsilon"),
+                                            (1e-13, "epsilon cannot go below 1e-09")])
+def test_an_epsilon_large_against_the_activations_is_named(images, scale, fix):
+    # no bias, ε = 1e-6 <= 1e-3: the composite conserves, unless ε dwarfs z (EfficientNet-B0
+    # with random weights has logits ~1e-14); the warning says so instead of "lost"
+    model = bias_free_cnn()
+    with torch.no_grad():
+        model[-1].weight.mul_(scale / float(model(images).abs().max()))
+    with pytest.warns(LRPWarning, match="is large against this model's activations") as caught:
+        r = xw.explain(model, images, "lrp", composite="epsilon", target=[1, 2])
+    message = " ".join(str(w.message) for w in caught)
+    assert fix in message and "trained weights" in message and "although" not in message
+    assert (r.attrs["conservation_error"] > CONSERVATION_TOLERANCE).all()
+    if fix == "a smaller epsilon":  # and it works: ε = 1e-9 ≪ |z| conserves again
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LRPWarning)
+            r = xw.explain(model, images, "lrp", composite="epsilon", target=[1, 2],
+                           epsilon=1e-9)
+        assert (r.attrs["conservation_error"] < 0.05).all()

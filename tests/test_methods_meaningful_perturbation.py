@@ -10,7 +10,7 @@ from scipy.ndimage import gaussian_filter
 import xaiwidgets as xw
 from xaiwidgets.families.meaningful_perturbation import gaussian_blur, total_variation
 
-from .test_methods_lime import TopLeftTexture, noise_images
+from .helpers import TopLeftTexture, noise_images
 
 
 def test_blur_matches_scipy():

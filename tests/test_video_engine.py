@@ -172,7 +172,7 @@ def test_lrp_on_video_resnets_conserves_through_conv3d_and_residual_sums(arch: s
     # random weights with torchvision's initialisation: BatchNorms with running mean 0
     # and no fc bias, so the merged layers have no bias and the rules must conserve;
     # the residual sums are canonized (no unseen add), 3-D average pooling has Norm
-    from tests.test_zoo import assert_model_unchanged, model_snapshot
+    from tests.helpers import assert_model_unchanged, model_snapshot
 
     torch.manual_seed(0)
     model = getattr(video, arch)(num_classes=5).eval()

@@ -460,3 +460,18 @@ def test_perturbation_methods_draw_first_estimates(tiny, method, params, unit):
         method, target=w.controls["target"].value, **params)
     np.testing.assert_allclose(w.result.values, expected.values, rtol=1e-4, atol=1e-5)
     w.close()
+
+
+def test_shown_maps_are_compared_at_the_display_precision():
+    # #22's flake: values 1e-7 apart round to neighbouring 5-digit display steps
+    from xaiwidgets.widgets.figures import display_values
+
+    from .helpers import assert_display_close
+
+    engine = np.array([1.0, 0.12344999])
+    shown = display_values(np.array([1.0, 0.12345001]))  # 0.1235, the engine's 0.1234
+    with pytest.raises(AssertionError):  # the comparison that flaked
+        np.testing.assert_allclose(shown, display_values(engine), rtol=1e-4, atol=1e-5)
+    assert_display_close(shown, engine)  # one display step apart: equal as displayed
+    with pytest.raises(AssertionError):  # two steps apart is a different picture
+        assert_display_close(shown + np.array([0.0, 1e-4]), engine)

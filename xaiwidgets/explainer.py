@@ -25,7 +25,15 @@ from .core import channels as _channels
 from .core import layers as _layers
 from .core.context import Context, OutputSelector, ProgressCallback
 from .core.inputs import as_image_batch, channel_mismatch
-from .core.ops import attr_value, informative, map_dims, minmax, reduce_channels, upsample
+from .core.ops import (
+    attr_value,
+    informative,
+    map_dims,
+    minmax,
+    non_finite_share,
+    reduce_channels,
+    upsample,
+)
 from .core.registry import Method, get_method, methods
 from .core.scoped import model_guard
 
@@ -327,6 +335,9 @@ class Explainer:
         ``extra``: attrs the method recorded with ``Context.record`` (e.g. ``delta_error``).
         """
         raw = raw.detach()
+        # a NaN/inf map never goes out silently: a warning names the overflow and the fix
+        non_finite = None if bool(torch.isfinite(raw).all()) else non_finite_share(
+            raw, method.name, self.context.valid_cache().get("logits"))
         how = method.default_reduce if reduce == "default" else reduce
         # one map per image is (N, H, W), or (N, T, H, W) for clips; one more dim = channels
         volume = ("t", "y", "x")[-len(self.size):]
@@ -365,6 +376,8 @@ class Explainer:
         attrs.update({k: attr_value(v) for k, v in params.items()})
         attrs["params"] = json.dumps({k: attr_value(v) for k, v in params.items()})
         attrs.update({k: attr_value(v) for k, v in (extra or {}).items()})
+        if non_finite is not None:  # per image: the share of NaN/inf values
+            attrs["non_finite"] = non_finite
         return xr.DataArray(
             raw.to(torch.float32).cpu().numpy(), dims=dims, coords=coords, attrs=attrs,
             name=method.name,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,44 @@ def informative(maps: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.T
     """
     low, high = maps.amin(dim=dims), maps.amax(dim=dims)
     return (high - low) > CONSTANT_RTOL * torch.maximum(low.abs(), high.abs())
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """A method's map holds NaN or infinite values (a float overflow)."""
+
+
+def non_finite_share(raw: torch.Tensor, method: str,
+                     logits: torch.Tensor | None = None) -> np.ndarray | None:
+    """Per image, the share of ``raw``'s values that are NaN or infinite; ``None``
+    when all are finite. Otherwise a :class:`NonFiniteWarning` names the cause (a
+    float overflow) and the fixes, so no non-finite map is returned silently.
+
+    >>> non_finite_share(torch.ones(2, 3, 3), "gradient") is None
+    True
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     non_finite_share(torch.tensor([[1.0, float("nan")], [1.0, 2.0]]), "lrp").tolist()
+    [0.5, 0.0]
+    """
+    finite = torch.isfinite(raw)
+    if bool(finite.all()):
+        return None
+    share = (~finite).flatten(1).float().mean(1).cpu().numpy()
+    images = np.flatnonzero(share).tolist()
+    reach = ""
+    if logits is not None:
+        largest = float(logits.detach().abs().max())
+        reach = f"; the model's logits reach {largest:.3g}"
+    warnings.warn(
+        f"{method}: {share.max():.0%} of the map of image(s) {images[:8]} is NaN or "
+        f"infinite: the computation overflowed {str(raw.dtype).replace('torch.', '')} "
+        f"(largest finite value {torch.finfo(raw.dtype).max:.3g}{reach}; randomly "
+        "initialised deep networks often have such activations). Fix: explain a model "
+        "with trained weights, or compute in float64 (model.double(): the images "
+        "follow), or give a stabilised method a larger stabiliser (LRP's epsilon)",
+        NonFiniteWarning, stacklevel=3)
+    return share
 
 
 def minmax(maps: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.Tensor:

@@ -74,6 +74,8 @@ ZERO_STABILIZER = 1e-12
 #: (a functional residual add doubles relevance, a functional 2x2 mean divides it by 4)
 #: is off by far more
 CONSERVATION_TOLERANCE = 0.05
+#: the smallest LRP-ε stabiliser the ``epsilon`` parameter accepts
+EPSILON_LOW = 1e-9
 
 #: composite -> (first layer rule or None, convolution rule, dense layer rule)
 COMPOSITES: dict[str, tuple[str | None, str, str]] = {
@@ -651,6 +653,10 @@ class Explanation:
     unmerged: list[str] = field(default_factory=list)
     #: whether this configuration must conserve relevance exactly (no bias, ε small)
     conserving: bool = False
+    #: ε of the dense layers' rule (0 for LRP-0) and the target logits, to tell an ε
+    #: that absorbs the relevance (large against the activations) from a lost one
+    epsilon: float = 0.0
+    target_logit: torch.Tensor | None = None
 
 
 # ------------------------------------------------------------------ kept engine
@@ -1093,6 +1099,13 @@ class Canonized:
         head_slots = _attach(head, frozenset())  # inert in passes without autograd
         shadow: nn.Module | None = shadow_copy(model)
         plain = trace(shadow, x, head)
+        if not bool(torch.isfinite(plain.logits).all()):
+            raise ValueError(
+                "LRP: the model's logits are NaN or infinite (largest finite "
+                f"{torch.finfo(x.dtype).max:.3g}): its activations overflow "
+                f"{str(x.dtype).replace('torch.', '')}, as randomly initialised deep "
+                "networks' can. Explain a model with trained weights, or compute in "
+                "float64 (model.double(): the images follow)")
         merges, unmerged = list(plain.pairs), []
         for _ in range(3):
             shadow = shadow or shadow_copy(model)
@@ -1167,7 +1180,9 @@ class Canonized:
         target_logit = logits.gather(1, target[:, None])[:, 0]
         error = (rel.flatten(1).sum(1) - target_logit).abs() / target_logit.abs()
         return Explanation(rel.detach(), error, chosen.summary(), self.unseen, self.unmerged,
-                           _conserving(self.shadow, composite, rules, self.unmerged))
+                           _conserving(self.shadow, composite, rules, self.unmerged),
+                           0.0 if composite == "zero" else float(rules.get("epsilon", 1e-6)),
+                           target_logit)
 
     # ------------------------------------------------- concept relevance (CRP)
     def output(self, layer: str) -> torch.Tensor:
@@ -1346,7 +1361,22 @@ def _warn(result: Explanation) -> None:
             "changed the model's logits; they are kept as layers of their own (LRP-ε)",
             LRPWarning, stacklevel=4)
     worst = float(result.conservation_error.max())
-    if result.conserving and worst > CONSERVATION_TOLERANCE:
+    scale = (float(result.target_logit.abs().min()) if result.target_logit is not None
+             else float("inf"))
+    if result.conserving and worst > CONSERVATION_TOLERANCE and result.epsilon > 0.01 * scale:
+        # ε of the top (dense) layer compared with its output z, the target logit
+        trained = ("a model with trained weights (randomly initialised networks can have "
+                   "vanishing activations)")
+        fix = (f"a smaller epsilon (below {scale * 1e-3:.1g}, ≪ |z|) or {trained}"
+               if scale * 1e-3 >= EPSILON_LOW else
+               f"{trained}; epsilon cannot go below {EPSILON_LOW:g}, too large here")
+        warnings.warn(
+            f"LRP: relevance misses the target logit by {worst:.1%} because ε = "
+            f"{result.epsilon:.3g} is large against this model's activations: the target "
+            f"logit is only {scale:.3g} (|z| < 100 ε), so the stabiliser absorbs the "
+            f"relevance, as LRP-ε does, and the map says little. Fix: {fix}",
+            LRPWarning, stacklevel=4)
+    elif result.conserving and worst > CONSERVATION_TOLERANCE:
         warnings.warn(
             f"LRP: relevance misses the target logit by {worst:.1%} although this model "
             "and composite conserve it (no bias, small ε): an operation outside the "
@@ -1395,7 +1425,7 @@ class LRP(Method):
     params = (
         Param("composite", "epsilon_plus_flat", kind="choice", choices=tuple(COMPOSITES),
               doc="which rule on which layer"),
-        Param("epsilon", 1e-6, low=1e-9, high=10.0, log=True,
+        Param("epsilon", 1e-6, low=EPSILON_LOW, high=10.0, log=True,
               doc="LRP-ε stabiliser: larger = fewer, smoother relevances"),
         Param("gamma", 0.25, low=0.0, high=10.0, step=0.05,
               doc="LRP-γ: extra weight on positive contributions (epsilon_gamma_box)"),
