@@ -658,7 +658,7 @@ def _fmt(value: Any) -> str:
 
 def _scored(name: str, row: xr.Dataset) -> str:
     parts = [f"{k.upper()} {_fmt(row[k])}" for k in ("pcc", "nss")]
-    return f"{name}<br><span style='font-size:11px'>{' · '.join(parts)}</span>"
+    return f"{name} <span style='font-size:11px'>{' · '.join(parts)}</span>"
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -182,13 +182,13 @@ class SanityQuiz(Exportable, W.VBox):
         self._show_score()
 
     def _feedback(self, right: bool) -> None:
-        verdict = ("<b style='color:#2e7d32'>Right!</b> " if right
-                   else "<b style='color:#b00020'>Not this time.</b> ")
+        verdict = ("<b style='color:#2e7d32'>Right!</b>" if right
+                   else "<b style='color:#b00020'>Not this time.</b>")
         self.feedback.value = verdict + self._explain_html(self.index)
         self._show_score()
 
     def _explain_html(self, i: int) -> str:
-        return f"<span>{html.escape(self.explanation(i))}</span>"
+        return f"<div style='line-height:1.4'>{html.escape(self.explanation(i))}</div>"
 
     def _show_score(self) -> None:
         right, asked = self.score
