@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from tests.test_browser import ARTIFACTS, HEATMAP, browser, open_page, pixels, serve
-from tests.test_browser import chromium as chromium_fixture  # noqa: F401 - "chromium"
+from tests.test_browser import chromium as chromium_fixture  # noqa: F401 - a fixture
 from tests.test_photos import encode, halves, phone_photo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def wait_message(page, text: str, timeout: float = 120_000) -> str:
 
 @browser
 @pytest.mark.timeout(600)
-def test_real_uploads_in_voila(voila_app, chromium, tmp_path):
+def test_real_uploads_in_voila(voila_app, chromium_fixture, tmp_path):  # noqa: F811
     photo = tmp_path / "phone.jpg"
     photo.write_bytes(phone_photo())                     # about 12 MB, 4000x3000
     notes = tmp_path / "notes.png"
@@ -183,8 +183,8 @@ def test_real_uploads_in_voila(voila_app, chromium, tmp_path):
     limit = app_code_limit()
     huge = tmp_path / "huge.jpg"
     with open(huge, "wb") as file:                       # refused before it is read
-        file.truncate(limit * 1_000_000 + 1)
-    with open_page(chromium, "app_failed.png") as page:
+        file.truncate((limit + 10) * 1_000_000)
+    with open_page(chromium_fixture, "app_failed.png") as page:
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(voila_app, wait_until="commit", timeout=120_000)
@@ -211,7 +211,7 @@ def test_real_uploads_in_voila(voila_app, chromium, tmp_path):
         assert "BytesIO" not in text and "Error" not in text
         assert page.inner_text(".widget-html:has-text('shipped')") == banner  # banner stays
         colour = page.evaluate("() => getComputedStyle(document.querySelector("
-                               "'.xw-app-message div')).backgroundColor")
+                               "'.xw-app-message div[style]')).backgroundColor")
         assert colour == "rgb(253, 236, 234)"
         page.screenshot(path=ARTIFACTS / "app_2_not_a_picture.png", full_page=True)
         choose(page, notes)                                # the same file: read again
@@ -229,7 +229,8 @@ def test_real_uploads_in_voila(voila_app, chromium, tmp_path):
         choose(page, huge)
         page.wait_for_selector(".xw-too-large", timeout=30_000)
         refusal = page.inner_text(".xw-too-large")
-        assert f"huge.jpg is {limit + 0.0:.1f} MB: too large" in refusal
+        assert f"huge.jpg is {limit + 10}.0 MB: too large" in refusal
+        assert f"at most {limit} MB at a time" in refusal
         page.screenshot(path=ARTIFACTS / "app_3_too_large.png", full_page=True)
         choose(page, small)                                # the next good choice clears it
         wait_message(page, "small.png (image 9)")
@@ -248,6 +249,8 @@ def test_real_uploads_in_voila(voila_app, chromium, tmp_path):
           return {legend: r(g.querySelector('.legend')), title: r(g.querySelector('.xtitle'))};
         }""")
         assert boxes["legend"][0] >= boxes["title"][1] - 1, boxes
+        scores = page.locator(".js-plotly-plot:visible", has=page.locator(".legend .traces"))
+        scores.first.screenshot(path=ARTIFACTS / "app_5_compare_scores.png")
         # the thumbnails wrap inside the controls column: none sticks out of the window
         strip = page.evaluate("""() => [...document.querySelectorAll('.widget-image')]
           .filter(e => e.offsetParent).map(e => e.getBoundingClientRect().right)""")

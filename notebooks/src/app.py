@@ -66,8 +66,9 @@ REFUSE_LARGE_UPLOADS = """
         box.className = 'xw-too-large';
         box.style.cssText = 'background:#fdecea;color:#8a1c1c;padding:4px 8px;border-radius:4px;margin:4px 0';
         box.textContent = (files.length === 1 ? files[0].name + ' is ' : 'These files are ')
-          + mb(total) + ': too large to upload here (at most ' + mb(state.bytes)
-          + ' at a time). Make the photo smaller, or choose fewer files.';
+          + mb(total) + ': too large to upload here (at most '
+          + Math.round(state.bytes / 1e6) + ' MB at a time). Make the photo smaller, or '
+          + 'choose fewer files.';
         const anchor = document.querySelector('.xw-app-message') || button;
         if (anchor) anchor.insertAdjacentElement('afterend', box);
       }, true);
@@ -115,7 +116,8 @@ class ClassApp(W.VBox):
         self.picker = W.Dropdown(options=(IMAGENET_MODELS if online else []) + shipped,
                                  value=first.name, description="model")
         self.upload = W.FileUpload(accept="image/*", multiple=True, description="add photos")
-        self.fit = W.Dropdown(options=FITS, value="crop", description="photo shape")
+        self.fit = W.Dropdown(options=FITS, value="crop", description="photo shape",
+                              style={"description_width": "initial"})
         limit = W.HTML(f'<span style="color:#555">JPEG, PNG, … up to {MAX_UPLOAD_MB} MB '
                        "at a time</span>")
         self.note = W.HTML()      # the model banner: which model, offline or not
@@ -200,6 +202,8 @@ class ClassApp(W.VBox):
         files = list(change["new"])
         if not files:
             return
+        # emptied first (before any message shows): the same file chosen again is a change
+        self.upload.value = ()
         try:
             added, problems = [], []
             for item in files:
@@ -222,8 +226,6 @@ class ClassApp(W.VBox):
                 self.say(f"Added {', '.join(added)} to every tab.")
         except Exception as error:
             self.say(f"Something went wrong with the upload: {error}", "error")
-        finally:
-            self.upload.value = ()  # emptied: the same file chosen again is read again
 
 
 display(Javascript(REFUSE_LARGE_UPLOADS % (MAX_UPLOAD_MB * 1_000_000)))

@@ -347,6 +347,9 @@ class ExplorerBase(Exportable, W.VBox):
         return usable(names)
 
     def _on_upload(self, change: dict) -> None:
+        owner = change.get("owner")
+        if change["new"] and owner is not None:  # emptied first: the same file again is
+            owner.value = ()                      # a change (read again)
         for item in change["new"]:
             name = item.get("name", "uploaded")
             try:
@@ -354,9 +357,6 @@ class ExplorerBase(Exportable, W.VBox):
                 self.add_image(image, label=name)
             except Exception as err:  # a bad file must not break the widget
                 self._show_error(err)
-        owner = change.get("owner")
-        if change["new"] and owner is not None:  # emptied: the same file again is read again
-            owner.value = ()
 
     def _export_controls(self) -> W.VBox:
         self.save_name = W.Text(value="explanation", description="save as",
