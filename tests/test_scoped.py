@@ -188,3 +188,17 @@ def test_a_rule_that_fails_leaves_no_mode_behind():
         F.relu(x)
     assert torch._C._len_torch_function_stack() == 0
     assert F.relu(x).tolist() == [0.0, 2.0]
+
+
+def test_no_shipped_method_changes_the_model_as_the_guide_says():
+    # every shipped method leaves the model alone (LRP hooks a shadow copy), so none
+    # declares changes_model; the guide says so instead of telling authors to set it
+    from pathlib import Path
+
+    from xaiwidgets.core import scoped
+
+    assert not [name for name in xw.methods() if xw.get_method(name).changes_model]
+    guide = (Path(__file__).parents[1] / "docs" / "guide" / "adding-a-method.md").read_text()
+    assert "none of the shipped ones does" in guide
+    assert "`changes_model = True`" in guide
+    assert not hasattr(scoped, "HookSet")  # unused: one Scope collects every hook

@@ -147,8 +147,9 @@ class Method:
     #: its own forward pass on the images (see ``Context.pass_target``): the first call
     #: then runs the model once, not a prediction pass plus a gradient pass
     target_from_pass: ClassVar[bool] = False
-    #: True when ``attribute`` changes the model while it runs (LRP's canonizers): the
-    #: Explainer then holds the model exclusively (other threads' calls on it wait)
+    #: True when ``attribute`` changes the model while it runs (no shipped method does:
+    #: LRP canonizes a shadow copy); the Explainer then holds the model exclusively
+    #: (other threads' calls on it wait)
     changes_model: ClassVar[bool] = False
     #: normalise the final 2-D map to [0, 1] (CAM, FEM)
     normalize_output: ClassVar[bool] = False

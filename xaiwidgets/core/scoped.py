@@ -99,16 +99,6 @@ def _delete(obj: Any, name: str) -> None:
         delattr(obj, name)
 
 
-class HookSet(Scope):
-    """Hook handles collected in one place and removed in one call (a :class:`Scope`)."""
-
-    def add(self, handle: RemovableHandle) -> None:
-        self.handle(handle)
-
-    def remove(self) -> None:
-        self.close()
-
-
 # ----------------------------------------------------------------- model guard
 # Explanations may run in several threads on one model (widgets, user threads): the
 # guard is a per-model readers-writer lock. Shared entries (methods that only run the
