@@ -52,6 +52,8 @@ SLIDERS = (
     Slider("lrp: gamma", "lrp", "gamma", (0.25, 0.5, 1.0, 0.1),
            {"composite": "epsilon_gamma_box"}),
     Slider("lrp: alpha/beta", "lrp", "alpha", (2.0, 1.0, 3.0), {"composite": "alpha_beta"}),
+    # a click on a channel's bar (CRP, #23: ≤ 0.5× a fresh gradient), default layer
+    Slider("lrp: channel (CRP)", "lrp", "channels", ([0], [1], [2], [3])),
     Slider("method: gradient → gradcam", "switch", "method", ("gradient", "gradcam")),
 )
 
@@ -92,7 +94,7 @@ def slider_call(ex: xw.Explainer, slider: Slider, target: int) -> Callable[[Any]
         return lambda value: xw.fuse(stack, **{slider.param: value})
     if slider.method not in xw.methods():
         return None
-    declared = {p.name for p in xw.get_method(slider.method).params}
+    declared = {p.name for p in xw.get_method(slider.method).params} | {"channels"}
     if slider.param not in declared:
         return None
 

@@ -62,7 +62,7 @@ def test_fem_sliders_reuse_the_cached_forward(result):
     # FEM/MLFEM re-threshold cached activations; an LRP parameter change is one
     # backward on the kept graph: none of them runs the model again
     for name in ("fem: K", "mlfem: K", "mlfem: operator", "mlfem: alpha",
-                 "lrp: epsilon", "lrp: gamma", "lrp: alpha/beta"):
+                 "lrp: epsilon", "lrp: gamma", "lrp: alpha/beta", "lrp: channel (CRP)"):
         assert sliders[name]["model_calls"] == 0, name
         assert sliders[name]["median_ms"] > 0
     # a gradient needs a new pass on every call: the counter does count

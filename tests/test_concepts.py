@@ -193,3 +193,19 @@ def test_bad_input_gets_clear_errors(vgg):
         ex.channels("features.99", "lrp")
     # fine again after the errors
     assert ex.explain("fem", layer=LAYER, channels=[0]).dims == ("image", "y", "x")
+
+
+def test_the_crp_worked_example_of_the_docs():
+    """docs/methods.md, Concepts: x = (1, 2), a = ReLU((x1 + x2, x2)), f = a1 + 2·a2 = 7."""
+    conv = nn.Conv2d(2, 2, 1, bias=False)
+    head = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 1.0]]).reshape(2, 2, 1, 1))
+        head.weight.copy_(torch.tensor([[1.0, 2.0], [0.0, 0.0]]))
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), head).eval()
+    ex = xw.Explainer(model, torch.tensor([1.0, 2.0]).reshape(1, 2, 1, 1), progress=False)
+    R = ex.channels("1", "lrp", target=0, composite="zero")
+    np.testing.assert_allclose(R.values, [[3.0, 4.0]], rtol=1e-5)
+    maps = [ex.explain("lrp", target=0, layer="1", channels=[k], composite="zero",
+                       reduce=None).values[0, :, 0, 0] for k in (0, 1)]
+    np.testing.assert_allclose(maps, [[1.0, 2.0], [0.0, 4.0]], rtol=1e-5, atol=1e-6)

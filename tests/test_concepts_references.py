@@ -245,3 +245,15 @@ def test_bad_arguments_get_clear_errors(setup):
     with pytest.raises(ValueError, match="no channels"):
         xw.concepts.references(model, ds, "classifier.0", preprocess=preprocess,
                                progress=False)
+
+
+def test_a_failing_call_leaves_no_store(setup, tmp_path):
+    model, preprocess, ds = setup
+    path = tmp_path / "refs.zarr"
+    with pytest.raises(ValueError, match="no channels"):
+        xw.concepts.references(model, ds, "classifier.0", preprocess=preprocess,
+                               store=str(path), progress=False)
+    with pytest.raises(ValueError, match="target class 7 is out of range"):
+        xw.concepts.references(model, ds, LAYER, by="relevance", target=7,
+                               preprocess=preprocess, store=str(path), progress=False)
+    assert not path.exists()

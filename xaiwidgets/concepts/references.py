@@ -63,9 +63,9 @@ def dataset_fingerprint(source: ImageSource, batch_size: int) -> str:
     digest = hashlib.sha256(f"{len(source)}|{source.classes}".encode())
     if source.labels is not None:
         digest.update(source.labels.tobytes())
-    if source.data is not None:
-        digest.update(np.ascontiguousarray(source.data["image"].values,
-                                           dtype=np.float32).tobytes())
+    if source.data is not None:  # chunk by chunk: a lazy (dask, zarr) dataset stays lazy
+        for indices in chunks(source, batch_size):
+            digest.update(source.images(indices).numpy().tobytes())
     else:
         last = max(0, len(source) - batch_size)
         for start in sorted({0, last}):
@@ -117,6 +117,17 @@ def _chunk(model: Any, images: np.ndarray, indices: np.ndarray, layer: str, top:
     values, maps = channel_maps(model, x, layer, by, target, preprocess, composite)
     return chunk_candidates(values.detach().cpu(), maps.detach().cpu(), indices, top,
                             tuple(x.shape[-2:]))
+
+
+def _check(model: nn.Module, source: ImageSource, layer: str, target: Any,
+           preprocess: Callable | None) -> None:
+    """The layer has channels, the target is a class, the images suit the model: checked
+    on the first image (the construction probe is remembered per model)."""
+    ex = Explainer(model, source.images([0]), preprocess=preprocess, progress=False)
+    resolve_layer(ex.model, layer)
+    channel_count(ex.context, layer)
+    if target is not None:
+        ex.context.check_target(ex.context.parse_target(target), ex.num_classes)
 
 
 def _as_dataset(candidates: dict[str, np.ndarray]) -> xr.Dataset:
@@ -210,7 +221,6 @@ def references(model: nn.Module, dataset: Any, layer: str, top: int = 8,
     if len(source) == 0:
         raise ValueError("the dataset has no images")
     parts = chunks(source, int(batch_size))
-    # the first chunk checks the layer, target and images before anything is stored
     args = (layer, int(top), by, target, preprocess, composite)
     settings = {"top": int(top), "by": by, "target": target, "batch_size": int(batch_size),
                 "preprocess": repr(preprocess), "composite": composite if by == "relevance"
@@ -222,6 +232,7 @@ def references(model: nn.Module, dataset: Any, layer: str, top: int = 8,
     saved = Store(store, fingerprint, overwrite=overwrite) if store is not None else None
     if saved is not None and saved.result() is not None:
         return saved.result()
+    _check(model, source, layer, target, preprocess)  # before anything is stored
     kept = None
     done = saved.done_chunks() if saved is not None else []
     for i in done:

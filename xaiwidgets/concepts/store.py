@@ -52,6 +52,9 @@ class Store:
         _need_zarr()
         self.path = Path(path)
         self.fingerprint = json.loads(json.dumps(fingerprint))
+        #: whether the folder holds this fingerprint's store (else it is (re)made on the
+        #: first write: a call that fails before then leaves the folder as it was)
+        self.ready = False
         if self.path.exists():
             found = self._read_fingerprint()
             if found != self.fingerprint:
@@ -66,12 +69,21 @@ class Store:
                 if not overwrite:
                     warnings.warn(f"the store {str(self.path)!r} was written with other "
                                   f"{', '.join(differ)}: recomputing into it", stacklevel=3)
-                self._clear()
-        if not self.path.exists():
+            else:
+                self.ready = True
+                for stale in self.path.glob("**/.tmp-*"):  # left by an interrupted write
+                    shutil.rmtree(stale, ignore_errors=True)
+
+    def _prepare(self) -> None:
+        """Make the folder this fingerprint's store (emptied if it held another)."""
+        if self.ready:
+            return
+        if self.path.exists():
+            self._clear()
+        else:
             self.path.mkdir(parents=True)
             self._write_fingerprint()
-        for stale in self.path.glob("**/.tmp-*"):  # left by an interrupted write
-            shutil.rmtree(stale, ignore_errors=True)
+        self.ready = True
 
     def _read_fingerprint(self) -> dict[str, Any]:
         file = self.path / "fingerprint.json"
@@ -97,6 +109,7 @@ class Store:
         self._write_fingerprint()
 
     def _put(self, relative: str, data: xr.Dataset) -> None:
+        self._prepare()
         final = self.path / relative
         final.parent.mkdir(parents=True, exist_ok=True)
         temporary = final.parent / f".tmp-{uuid.uuid4().hex}"
@@ -112,7 +125,7 @@ class Store:
     def done_chunks(self) -> list[int]:
         """The indices of the chunks written completely, ascending."""
         folder = self.path / "chunks"
-        if not folder.exists():
+        if not self.ready or not folder.exists():
             return []
         return sorted(int(p.name[1:]) for p in folder.iterdir() if p.name.startswith("c"))
 
@@ -126,6 +139,6 @@ class Store:
 
     def result(self) -> xr.Dataset | None:
         """The final result, or ``None`` while the run is not complete."""
-        if not (self.path / "result").exists():
+        if not self.ready or not (self.path / "result").exists():
             return None
         return xr.open_zarr(self.path / "result", consolidated=False).load()
