@@ -16,6 +16,12 @@ from torch.utils.hooks import RemovableHandle
 import xaiwidgets as xw
 
 
+def cnn_methods() -> list[str]:
+    """Every registered method a CNN can run: those without ``Method.requires`` (attention
+    rollout needs self-attention; tests/test_transformers.py covers it)."""
+    return [name for name in xw.methods() if not xw.get_method(name).requires]
+
+
 class TinyBlock(nn.Module):
     """A residual block with a ReLU module used twice and an in-place add (like torchvision)."""
 

@@ -12,6 +12,8 @@ from torch import nn
 import xaiwidgets as xw
 from xaiwidgets.rendering import display_image
 
+from .conftest import cnn_methods
+
 
 def model_for(channels: int) -> nn.Module:
     torch.manual_seed(channels)
@@ -23,7 +25,7 @@ def model_for(channels: int) -> nn.Module:
 
 
 @pytest.mark.parametrize("channels", [1, 5])
-@pytest.mark.parametrize("method", xw.methods())
+@pytest.mark.parametrize("method", cnn_methods())
 def test_every_method_on_grayscale_and_multispectral(method, channels):
     x = torch.rand(2, channels, 28, 28, generator=torch.Generator().manual_seed(0))
     ex = xw.Explainer(model_for(channels), x)

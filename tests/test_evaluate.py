@@ -14,7 +14,7 @@ import xaiwidgets as xw
 from xaiwidgets import metrics
 from xaiwidgets.evaluation.evaluate import evaluate, variants, wins
 
-from .conftest import make_tiny_cnn
+from .conftest import cnn_methods, make_tiny_cnn
 
 FAST_METRICS = ("pcc", "sim", "kld", "nss", "auc_judd")
 
@@ -89,7 +89,7 @@ def test_every_scheduler_gives_bit_identical_numbers_for_every_method(dataset):
     import dask
 
     model = make_tiny_cnn()
-    names = xw.methods()
+    names = cnn_methods()
     params = {n: dict(xw.get_method(n).quick_params) for n in names
               if xw.get_method(n).quick_params}
     small = dataset.isel(image=slice(0, 4))
@@ -145,7 +145,7 @@ def test_target_label(dataset):
 
 def test_every_registered_method_runs(dataset):
     small = dataset.isel(image=slice(0, 2))
-    names = xw.methods()
+    names = cnn_methods()
     params = {name: dict(xw.get_method(name).quick_params) for name in names
               if xw.get_method(name).quick_params}
     result = evaluate(make_tiny_cnn(), small, names, ("pcc", "nss"), params=params,

@@ -13,7 +13,7 @@ from torch import nn
 
 import xaiwidgets as xw
 
-from .conftest import TinyBlock, quick
+from .conftest import TinyBlock, cnn_methods, quick
 
 
 class Bomb(nn.Module):
@@ -83,7 +83,7 @@ def explain_armed(ex: xw.Explainer, model: nn.Sequential, method: str) -> None:
         model[9].armed = False
 
 
-@pytest.mark.parametrize("method", xw.methods())
+@pytest.mark.parametrize("method", cnn_methods())
 def test_method_leaves_model_untouched_on_success(method, tmp_path):
     model = make_model().train()  # explained in eval mode, train mode restored
     before = snapshot(model)
@@ -106,7 +106,7 @@ def test_method_leaves_model_untouched_on_success(method, tmp_path):
     assert back.attrs["method"] == method
 
 
-@pytest.mark.parametrize("method", xw.methods())
+@pytest.mark.parametrize("method", cnn_methods())
 def test_method_leaves_model_untouched_when_it_raises(method):
     model = make_model().train()
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -254,7 +254,7 @@ def test_threads_sharing_a_model_do_not_mix_rules_or_captures():
     assert torch.nn.functional.relu.__module__ == "torch.nn.functional"
 
 
-@pytest.mark.parametrize("method", xw.methods())
+@pytest.mark.parametrize("method", cnn_methods())
 def test_failure_inside_a_method_leaves_torch_and_the_thread_clean(method):
     """After a failure deep in a call no rule stays active: the thread's function mode
     stack is empty, torch's functions are the same objects, and plain gradients of an

@@ -21,7 +21,7 @@ from xaiwidgets.core.scoped import (
     relu_like_call,
 )
 
-from .conftest import make_tiny_cnn
+from .conftest import cnn_methods, make_tiny_cnn
 
 
 def torch_identities() -> dict[str, int]:
@@ -138,7 +138,7 @@ def test_in_place_relu_under_a_rule_still_writes_in_place():
     assert y.tolist() == [0.0, 2.0] and grad.tolist() == [0.0, 1.0]
 
 
-@pytest.mark.parametrize("method", xw.methods())
+@pytest.mark.parametrize("method", cnn_methods())
 def test_no_function_in_torch_is_replaced_during_or_after_a_call(method):
     before = torch_identities()
     model = make_tiny_cnn()

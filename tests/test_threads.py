@@ -13,7 +13,7 @@ import torch
 import xaiwidgets as xw
 from xaiwidgets.core.scoped import model_guard
 
-from .conftest import make_tiny_cnn, make_tiny_resnet, quick
+from .conftest import cnn_methods, make_tiny_cnn, make_tiny_resnet, quick
 
 
 def run_together(jobs: list[Callable[[], object]]) -> list[object]:
@@ -71,7 +71,7 @@ def test_another_threads_plain_gradient_is_untouched(method):
 def test_every_registered_method_concurrently_equals_serial():
     model = make_tiny_cnn()
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    names = xw.methods()
+    names = cnn_methods()
 
     def explain(name: str) -> np.ndarray:
         ex = xw.Explainer(model, images, progress=False)

@@ -298,3 +298,15 @@ def test_propagation_rules_refuse_attention_models_instead_of_nan(method):
     with pytest.raises(ValueError, match="self-attention.*AttnLRP"):
         xw.explain(model, images(), method)
     assert_model_unchanged(model, before, method)
+
+
+def test_rollout_in_threads_equals_serial():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, x = vit(), images()
+    serial = xw.explain(model, x, "attention_rollout", head_fusion="max").values
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: xw.explain(model, x, "attention_rollout",
+                                                     head_fusion="max").values, range(4)))
+    for result in results:
+        assert (result == serial).all()

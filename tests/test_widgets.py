@@ -19,7 +19,7 @@ from xaiwidgets.core.registry import Param
 from xaiwidgets.widgets import controls as C
 from xaiwidgets.widgets.figures import colorscale, display_values
 
-from .conftest import count_calls, count_forwards, make_tiny_resnet
+from .conftest import cnn_methods, count_calls, count_forwards, make_tiny_resnet
 from .helpers import assert_display_close
 
 IMAGES = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -98,7 +98,7 @@ def test_shared_name_is_reranged_per_method():
 
 
 # ---------------------------------------------------------- every method, live
-@pytest.mark.parametrize("method", xw.methods())
+@pytest.mark.parametrize("method", cnn_methods())
 def test_every_method_updates_result_and_figure(widget, model, method):
     m = xw.get_method(method)
     with widget.hold():

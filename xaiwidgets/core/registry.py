@@ -157,6 +157,9 @@ class Method:
     quick_params: ClassVar[dict[str, Any]] = {}
     #: why the method cannot explain video clips (N, C, T, H, W); empty when it can
     clip_refusal: ClassVar[str] = ""
+    #: the kind of model the method needs (``"self-attention"``: attention rollout), empty
+    #: when any classifier will do; on other models it refuses, naming the reason
+    requires: ClassVar[str] = ""
 
     def attribute(
         self, ctx: Context, target: torch.Tensor, layer: str | None, **params: Any

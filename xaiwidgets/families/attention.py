@@ -248,6 +248,7 @@ class AttentionRollout(Method):
     class_agnostic = True  # the class token's attention, whatever the target
     normalize_output = True
     clip_refusal = "it reads the attention of image transformers"
+    requires = "self-attention"
     params = (
         Param("head_fusion", "mean", kind="choice", choices=("mean", "max", "min"),
               doc="how the heads' attentions are combined per block"),
