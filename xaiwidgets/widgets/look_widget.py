@@ -55,6 +55,8 @@ SCORES = ("pcc", "sim", "nss")
 OBSERVER = "observer"
 #: a fully transparent colour scale: the click-catching layer over the image
 CLEAR = [[0.0, "rgba(0,0,0,0)"], [1.0, "rgba(0,0,0,0)"]]
+#: the score tables' attributes
+TABLE = "style='border-collapse:collapse;font-size:13px' cellpadding='3'"
 
 
 def images_fingerprint(images: torch.Tensor) -> str:
@@ -429,7 +431,7 @@ class LookWidget(Exportable, W.VBox):
             for s, name in enumerate(scores.student.values))
         table = W.HTML(
             "<b>each student against the rest of the class</b> (image "
-            f"{i})<table style='border-collapse:collapse;font-size:13px'><tr><th>student</th>"
+            f"{i})<table {TABLE}><tr><th>student</th>"
             f"<th>PCC</th><th>SIM</th></tr>{rows}</table>")
         return W.VBox([grid.figure, table])
 
@@ -487,6 +489,7 @@ class LookWidget(Exportable, W.VBox):
             title=dict(text=" ", font=dict(size=14)), dragmode=False,
             xaxis=dict(visible=False, range=[-0.5, width - 0.5], constrain="domain"),
             yaxis=dict(visible=False, range=[height - 0.5, -0.5], scaleanchor="x"))
+        self.figure._config = {"displayModeBar": False}  # no toolbar over the title
         self.figure.data[1].on_click(self._on_plot_click)
         panels = ["you (GFDM)", *self.methods, *([OBSERVER] if self.gaze is not None else [])]
         self.reveal_grid = MapGrid(len(panels), cols=min(4, len(panels)), titles=panels,
@@ -576,7 +579,7 @@ class LookWidget(Exportable, W.VBox):
         self.reveal_table.value = (
             f"{prediction}PCC and SIM: how much a map looks like your GFDM (1 = the same); "
             "NSS: how high the map is where you clicked (0 = chance)."
-            "<table style='border-collapse:collapse;font-size:13px'><tr><th>map</th>"
+            f"<table {TABLE}><tr><th>map</th>"
             "<th>PCC</th><th>SIM</th><th>NSS</th></tr>" + rows + "</table>")
 
     def _say(self, text: str) -> None:
