@@ -268,3 +268,66 @@ def test_twelve_megabyte_photo_is_what_tornado_dropped():
     assert len(data) > _default_max_message_size
     assert Image.open(io.BytesIO(data)).size == (4000, 3000)
     assert np.asarray(Image.open(io.BytesIO(data)).reduce(16)).std() > 5
+
+
+# ------------------------------------------------------------- notebook 07 in JupyterLab
+def video_widget_notebook(path: Path) -> Path:
+    """Notebook 07's setup cell and its widget cell, as they are in the notebook."""
+    import importlib.util
+
+    import nbformat
+
+    spec = importlib.util.spec_from_file_location("make_notebooks",
+                                                  ROOT / "notebooks" / "make_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cells = module.parse_cells((ROOT / "notebooks" / "src" / "07_video.py").read_text())
+    code = [source for kind, source in cells if kind == "code"]
+    assert "ExplainerWidget" in code[-1] and "load(\"shapes-video\")" in code[0]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(code[0]), nbformat.v4.new_code_cell(code[-1])]
+    nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python",
+                                  "name": "python3"}}
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lab_video(tmp_path_factory):
+    home = tmp_path_factory.mktemp("lab_video")
+    yield from serve("lab", home, video_widget_notebook(home / "video_07.ipynb"))
+
+
+@browser
+@pytest.mark.timeout(400)
+def test_video_widget_of_notebook_07_fits_one_laptop_screen(lab_video, chromium_fixture):  # noqa: F811
+    """In JupyterLab with the file browser open on a 1280x800 laptop screen, the Play
+    button and the picture are on one screen (the picture sat under the whole controls
+    column before)."""
+    from tests.test_browser import run_notebook
+
+    with open_page(chromium_fixture, "lab_video_07_failed.png", width=1280) as page:
+        page.set_viewport_size({"width": 1280, "height": 800})
+        run_notebook(page, f"{lab_video}/lab/tree/video_07.ipynb")
+        page.wait_for_function(HEATMAP, timeout=240_000)
+        page.evaluate("window.jupyterapp.shell.expandLeft()")  # the file browser open
+        page.wait_for_timeout(1500)
+        play = page.locator(".widget-play button:visible").first
+        plot = page.locator(".js-plotly-plot:visible", has=page.locator(".heatmaplayer")).first
+        play.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        a, b = play.bounding_box(), plot.bounding_box()
+        page.screenshot(path=ARTIFACTS / "lab_video_07_laptop.png")
+        # the notebook's visible area (below Lab's menus and toolbar, above its status bar)
+        screen = page.locator(".jp-NotebookPanel:visible .jp-WindowedPanel-outer").first
+        view = screen.bounding_box()
+        top, bottom = min(a["y"], b["y"]), max(a["y"] + a["height"], b["y"] + b["height"])
+        assert bottom - top <= view["height"], (a, b, view)  # one screen high ...
+        assert b["x"] > a["x"] + a["width"], (a, b)            # ... the picture beside
+        assert b["x"] + b["width"] <= view["x"] + view["width"], (b, view)
+        titles = page.evaluate("""() => [...document.querySelectorAll(
+            '.js-plotly-plot .annotation-text')].filter(t => t.textContent.trim()).map(
+            t => { const r = t.getBoundingClientRect(); return [r.left, r.right]; })""")
+        titles.sort()
+        assert len(titles) >= 2 and all(left[1] <= right[0] for left, right
+                                        in zip(titles[:-1], titles[1:], strict=True)), titles

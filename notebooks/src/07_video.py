@@ -216,8 +216,9 @@ strip(rows + [ds.gfdm[i].values], ["clip", *maps, "GFDM"])
 # %%
 w = xw.ExplainerWidget(model, clips[:4], preprocess=preprocess, classes=classes, method="fem",
                        gaze=ds.gfdm[:4])
-# compact: the picture fits beside the controls (Play is at their top) in JupyterLab with
-# its file browser open, so the Play button and the picture share one screen
-w.figure.layout.width = 500
-w.figure.layout.height = 320
+# compact: the picture fits beside the controls (Play is at their top), so the Play button
+# and the picture share one screen, even on a laptop with JupyterLab's file browser open
+w.figure.layout.width = 430
+w.figure.layout.height = 290
+w.figure.update_annotations(font_size=10)  # the panels' titles, smaller to fit
 display(w)
