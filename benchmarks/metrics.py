@@ -30,6 +30,9 @@ from xaiwidgets.evaluation import metrics
 
 #: the metrics of issue #14 item 6, in xw.evaluate's order
 METRIC_NAMES = ("pcc", "sim", "kld", "nss", "auc_judd", "ssim", "spearman")
+#: the map-only metrics of issue #25 (``--metrics new``); EMD is timed on its own (``emd``)
+NEW_METRICS = ("pointing_game", "relevance_mass", "relevance_rank", "sparseness", "complexity",
+               "shuffled_auc", "info_gain")
 
 
 def make_pool(count: int, size: int, fixations: int, ties: float,
@@ -52,8 +55,19 @@ def make_pool(count: int, size: int, fixations: int, ties: float,
     fix = np.zeros((count, size * size))
     for row in fix:
         row[rng.choice(size * size, size=min(fixations, size * size), replace=False)] = 1
-    return {"saliency": saliency, "gfdm": rng.random((count, size, size)),
-            "fixations": fix.reshape(count, size, size)}
+    fix = fix.reshape(count, size, size)
+    mask = np.zeros((count, size, size), bool)  # a centred box of a quarter of the image
+    mask[:, size // 4:3 * size // 4, size // 4:3 * size // 4] = True
+    return {"saliency": saliency, "gfdm": rng.random((count, size, size)), "fixations": fix,
+            "mask": mask, "others": np.roll(fix, 1, axis=0) > 0}
+
+
+def references(name: str, pool: dict[str, np.ndarray], rows: slice) -> tuple:
+    """What metric ``name`` compares the maps with, for the pool's ``rows``."""
+    needs = metrics.METRICS[name].needs
+    keys = {"map": ("gfdm",), "fixations": ("fixations",), "mask": ("mask",), "none": (),
+            "shuffled": ("fixations", "others")}[needs]
+    return tuple(pool[k][rows] for k in keys)
 
 
 def scorer(names: tuple[str, ...], pool: dict[str, np.ndarray], n: int,
@@ -70,9 +84,7 @@ def scorer(names: tuple[str, ...], pool: dict[str, np.ndarray], n: int,
     def run() -> None:
         for rows in batches:
             for name in names:
-                metric = metrics.METRICS[name]
-                reference = pool["fixations" if metric.needs == "fixations" else "gfdm"]
-                metric(pool["saliency"][rows], reference[rows])
+                metrics.METRICS[name](pool["saliency"][rows], *references(name, pool, rows))
 
     return run
 
@@ -106,17 +118,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="metrics.THREADS: threads that score a stack's chunks (default: "
                    "%(default)s, the CPUs of this process)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
-    p.add_argument("--metrics", default=",".join(METRIC_NAMES), help="comma-separated")
+    p.add_argument("--metrics", default=",".join(METRIC_NAMES),
+                   help="comma-separated, or 'new' for the map-only metrics of issue #25")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="write every sample as JSON here")
     p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--memory", type=int, default=0,
+                   help="also score this many maps (e.g. 50000) and report the peak memory")
+    p.add_argument("--vs-quantus", action="store_true",
+                   help="also time ROAD, IROF, faithfulness correlation against Quantus 0.6")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns (and with ``--out`` writes) the rows and the setup."""
     args = parse_args(argv)
-    names = tuple(metrics.get(m).name for m in args.metrics.split(","))
+    listed = ",".join(NEW_METRICS) if args.metrics == "new" else args.metrics
+    names = tuple(metrics.get(m).name for m in listed.split(","))
     metrics.THREADS = args.threads
     count = min(-(-args.pool // args.batch) * args.batch, args.n)
     pool = make_pool(count, args.size, args.fixations, args.ties, args.seed)
@@ -137,11 +155,110 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "samples": times}
     result = {"setup": {k: v for k, v in vars(args).items() if k not in ("out", "quiet")},
               "load_average": list(os.getloadavg()), "rows": rows}
+    if args.memory:
+        result["memory"] = memory(names, args.memory, args.size, args.batch)
+    if args.vs_quantus:
+        result["versus_quantus"] = versus_quantus()
     if not args.quiet:
         print(table(result))
+        for row in result.get("memory", []):
+            print(f"memory: {row['maps']} maps scored, peak RSS {row['peak_rss_mib']:.0f} MiB")
+        for name, row in result.get("versus_quantus", {}).items():
+            print(f"{name}: {row['ours']:.2f} s here, {row['quantus']:.2f} s Quantus (CPU), "
+                  f"ratio {row['ratio']:.2f}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return result
+
+
+def memory(names: tuple[str, ...], total: int = 50_000, size: int = 224, batch: int = 100,
+           checkpoints: int = 5, seed: int = 0) -> list[dict[str, float]]:
+    """Peak resident memory (MiB) while scoring ``total`` maps with ``names``, ``batch`` at a
+    time (a pool of one batch, cycled), read after each of ``checkpoints`` equal parts:
+    flat when nothing accumulates.
+
+    >>> rows = memory(("sparseness",), total=20, size=16, batch=5, checkpoints=2)
+    >>> [r["maps"] for r in rows]
+    [10, 20]
+    """
+    import resource
+
+    pool = make_pool(batch, size, 50, 0.0, seed)
+    part = total // checkpoints
+    run = scorer(names, pool, part, batch)
+    rows = []
+    for k in range(1, checkpoints + 1):
+        start = time.process_time()
+        run()
+        rows.append({"maps": k * part, "cpu_s": time.process_time() - start,
+                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    return rows
+
+
+def tiny_model(size: int) -> Any:
+    """A small seeded 1-channel CNN (3 classes) for the faithfulness timings."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                         nn.Flatten(), nn.Linear(8 * 16, 3)).eval()
+
+
+def versus_quantus(n: int = 8, size: int = 64, repeats: int = 1) -> dict[str, dict[str, float]]:
+    """CPU seconds of ROAD, IROF and faithfulness correlation here and in Quantus 0.6 on
+    the same model, images, maps and settings (Quantus' defaults; one image per IROF and
+    per Infidelity call there, its batch quirks), median of ``repeats``; ``ratio`` =
+    ours / Quantus (<= 1: not slower). Needs ``quantus`` (the ``test`` extra)."""
+    import warnings
+
+    import torch
+
+    import xaiwidgets as xw
+    from xaiwidgets.evaluation import faithfulness
+
+    if not hasattr(np, "trapz"):  # Quantus still calls it
+        np.trapz = np.trapezoid
+    import quantus
+
+    model = tiny_model(size)
+    rng = np.random.default_rng(0)
+    x = rng.random((n, 1, size, size)).astype(np.float32)
+    a = rng.random((n, size, size))
+    ex = xw.Explainer(model, torch.as_tensor(x), progress=False)
+    y = ex.logits().argmax(1).numpy()
+
+    def ours(name: str) -> Callable[[], Any]:
+        fn = getattr(faithfulness, name)
+        return lambda: fn(xw.Explainer(model, torch.as_tensor(x), progress=False), a, target=y)
+
+    def theirs(name: str) -> Callable[[], Any]:
+        metric = {"road": quantus.ROAD, "irof": quantus.IROF,
+                  "faithfulness_correlation": quantus.FaithfulnessCorrelation}[name]
+
+        def run() -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                parts = [slice(i, i + 1) for i in range(n)] if name == "irof" else [slice(0, n)]
+                for part in parts:
+                    metric(disable_warnings=True, return_aggregate=False)(
+                        model=model, x_batch=x[part], y_batch=y[part], a_batch=a[part, None],
+                        device="cpu")
+        return run
+
+    out = {}
+    for name in ("road", "irof", "faithfulness_correlation"):
+        times = {}
+        for side, fn in (("ours", ours(name)), ("quantus", theirs(name))):
+            samples = []
+            for _ in range(repeats):
+                start = time.process_time()
+                fn()
+                samples.append(time.process_time() - start)
+            times[side] = statistics.median(samples)
+        out[name] = {**times, "ratio": times["ours"] / times["quantus"]}
+    return out
 
 
 def table(result: dict[str, Any]) -> str:

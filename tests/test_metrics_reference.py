@@ -283,7 +283,7 @@ def test_info_gain_matches_pysaliency():
 def test_emd_matches_pot():
     ot = pytest.importorskip("ot")
     rng = np.random.default_rng(2)
-    for h, w in ((5, 7), (12, 9), (32, 20)):
+    for h, w in ((5, 7), (12, 9), (16, 11)):
         a, b = rng.random((h, w)) ** 3, rng.random((h, w))
         y, x = np.divmod(np.arange(h * w), w)
         pts = np.stack([y, x], 1).astype(float)
@@ -293,12 +293,13 @@ def test_emd_matches_pot():
     a, b = np.zeros((8, 8)), np.zeros((8, 8))
     a[1, 1], b[4, 5] = 1.0, 2.0
     assert metrics.emd(a, b) == pytest.approx(5.0)
-    # a 64x48 map is block-summed by 2: the same as POT on the 2x2 block sums, distances x2
-    a, b = rng.random((64, 48)), rng.random((64, 48))
-    ab, bb = (m.reshape(32, 2, 24, 2).sum((1, 3)) for m in (a, b))
-    y, x = np.divmod(np.arange(32 * 24), 24)
+    # a 64x46 map is block-summed by 4 (46 zero-padded to 48): the same as POT on the 4x4
+    # block sums, distances x4
+    a, b = rng.random((64, 46)), rng.random((64, 46))
+    ab, bb = (np.pad(m, ((0, 0), (0, 2))).reshape(16, 4, 12, 4).sum((1, 3)) for m in (a, b))
+    y, x = np.divmod(np.arange(16 * 12), 12)
     pts = np.stack([y, x], 1).astype(float)
-    ref = ot.emd2(ab.ravel() / ab.sum(), bb.ravel() / bb.sum(), 2 * ot.dist(pts, pts, "euclidean"))
+    ref = ot.emd2(ab.ravel() / ab.sum(), bb.ravel() / bb.sum(), 4 * ot.dist(pts, pts, "euclidean"))
     assert metrics.emd(a, b) == pytest.approx(ref, rel=RTOL)
     with pytest.raises(ValueError, match="non-negative"):
         metrics.emd(a - 0.5, b)

@@ -68,7 +68,7 @@ def relevance_mass(saliency: Any, mask: Any) -> Any:
     """
     s, m = _flat(saliency), _flat(mask)
     total = s.sum(axis=1)
-    inside = np.einsum("ij,ij->i", s, m.astype(np.float64))
+    inside = np.add.reduce(s, axis=1, where=m)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = inside / total
     out[~m.any(axis=1) | (total == 0)] = np.nan
