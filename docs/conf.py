@@ -43,7 +43,8 @@ extensions = [
 # --------------------------------------------------------------- sources
 # .rst first: autosummary writes its stubs with the first suffix, in reST
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
-exclude_patterns = ["_build", "notebooks/.ipynb_checkpoints", "**/.ipynb_checkpoints"]
+exclude_patterns = ["_build", "_handouts", "notebooks/.ipynb_checkpoints",
+                    "**/.ipynb_checkpoints"]
 templates_path = ["_templates"]
 root_doc = "index"
 
@@ -101,6 +102,32 @@ def copy_notebooks() -> None:
 
 copy_notebooks()
 
+# ------------------------------------------------------------ handout
+HANDOUTS = DOCS / "_handouts"  # not tracked; copied to the site's root (html_extra_path)
+
+
+def make_handout() -> None:
+    """The handout embedded in guide/teaching.md: an ExplainerWidget of two shapes images
+    with FEM's K slider, exported with ``w.export_html`` (no kernel in the page). Made
+    again only when the exporter changed (a few seconds on 2 cores)."""
+    import xaiwidgets.widgets.export as export
+
+    target = HANDOUTS / "handout-fem.html"
+    if target.exists() and target.stat().st_mtime > Path(export.__file__).stat().st_mtime:
+        return
+    HANDOUTS.mkdir(exist_ok=True)
+    model, preprocess, classes = xaiwidgets.models.load("shapes-vgg")
+    images = xaiwidgets.datasets.shapes(n=2, seed=1).image.values
+    w = xaiwidgets.ExplainerWidget(model, images, preprocess=preprocess, classes=classes,
+                                   method="fem", background=False)
+    w.export_html(target, sweep={"image": [0, 1], "K": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]},
+                  progress=False,
+                  title="FEM on two shapes images: move K (a handout, no kernel)")
+    w.close()
+
+
+make_handout()
+
 nb_execution_mode = os.environ.get("XAIWIDGETS_DOCS_EXECUTE", "cache")
 nb_execution_cache_path = str(DOCS / "_build" / ".jupyter_cache")
 nb_execution_timeout = 600  # seconds per notebook (each takes about a minute on 2 cores)
@@ -114,4 +141,5 @@ os.environ.setdefault("MPLBACKEND", "agg")
 html_theme = "furo"
 html_title = f"xaiwidgets {release}"
 html_static_path = ["_static"]
+html_extra_path = ["_handouts"]  # the teaching guide's handout (make_handout above)
 html_theme_options = {"navigation_with_keys": True}

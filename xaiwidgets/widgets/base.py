@@ -71,8 +71,9 @@ Publish = Callable[[], "str | None"]
 class ExplorerBase(Exportable, W.VBox):
     """Base of the widgets: holds the images, one cached :class:`Explainer` per image,
     the controls, the status line, the background worker and the exports (PNG,
-    netCDF, and :meth:`export_html` handouts from :class:`~.export.Exportable`). Subclasses
-    build their controls and figures and implement ``_compute(changed) -> publish``.
+    netCDF, and :meth:`~xaiwidgets.widgets.export.Exportable.export_html`
+    handouts). Subclasses build their controls and figures and implement
+    ``_compute(changed) -> publish``.
 
     ``background``: ``None`` (default) computes in a background thread inside a
     running Jupyter kernel and synchronously in plain Python.

@@ -50,8 +50,8 @@ MISSING = 255
 
 # ----------------------------------------------------------------- the hooks
 class Exportable:
-    """What a widget needs for :meth:`export_html`; the defaults fit a widget with
-    ``controls`` (name -> ipywidgets control), a plotly ``figure``, ``wait()``,
+    """What a widget needs for its handout (``export_html`` below); the defaults
+    fit a widget with ``controls`` (name -> ipywidgets control), a plotly ``figure``, ``wait()``,
     ``error`` and (optionally) ``hold()``. Override the ``_export_*`` hooks where a
     widget differs."""
 

@@ -614,8 +614,12 @@ class LookWidget(Exportable, W.VBox):
 
     # ---------------------------------------------------------------- handout
     def export_html(self, path: str | Path, **kwargs: Any) -> Path:
-        """A handout of every image revealed (see :meth:`Exportable.export_html`); what
-        the student has revealed in the widget stays as it was."""
+        """A handout of every image revealed (see
+        :meth:`~xaiwidgets.widgets.export.Exportable.export_html`); what the student has
+        revealed in the widget stays as it was.
+
+        >>> g.export_html("look.html")                                 # doctest: +SKIP
+        """
         revealed = set(self._revealed)
         try:
             return super().export_html(path, **kwargs)
