@@ -209,3 +209,19 @@ def test_the_crp_worked_example_of_the_docs():
     maps = [ex.explain("lrp", target=0, layer="1", channels=[k], composite="zero",
                        reduce=None).values[0, :, 0, 0] for k in (0, 1)]
     np.testing.assert_allclose(maps, [[1.0, 2.0], [0.0, 4.0]], rtol=1e-5, atol=1e-6)
+
+
+def test_channels_and_conditional_maps_on_clips():
+    model, preprocess, _ = xw.models.load("shapes-video")
+    clip = xw.datasets.moving_shapes(n=1, seed=0).image.values
+    ex = xw.Explainer(model, clip, preprocess=preprocess, progress=False)
+    layer = ex.default_layer()
+    count = ex.context.shapes()[layer][1]
+    for method in ("lrp", "gradcam", "fem", "activation"):
+        assert ex.channels(layer, method).shape == (1, count), method
+    for method in ("gradcam", "fem"):
+        assert ex.explain(method, layer=layer, channels=[0]).dims == ("image", "t", "y", "x")
+    full = ex.explain("lrp", reduce=None).values
+    halves = [list(range(start, count, 2)) for start in (0, 1)]
+    parts = sum(ex.explain("lrp", layer=layer, channels=h, reduce=None).values for h in halves)
+    np.testing.assert_allclose(parts, full, atol=1e-5 * np.abs(full).max())

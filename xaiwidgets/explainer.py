@@ -279,7 +279,8 @@ class Explainer:
         ctx = self.context
         resolved = m.bind(ctx, m.resolve_params(params))
         if channels is not None and m.name not in _channels.CONDITIONAL:
-            m.conditional(ctx, None, "", torch.empty(0))  # raises: names the methods that can
+            raise ValueError(f"method {m.name!r} has no conditional map (channels=); use one "
+                             f"of {list(_channels.CONDITIONAL)}")
         if layer is not None and not m.uses_layer and channels is None:
             raise TypeError(
                 f"method {m.name!r} does not take a layer; layer methods: "
