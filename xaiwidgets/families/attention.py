@@ -44,6 +44,8 @@ _REFUSED = {
           "attention is not a square token-to-token matrix",
     "partition_size": "attends within window or grid partitions (MaxViT): no token "
                       "attends to the whole image, so there is no token-to-token matrix",
+    "rel_pos": "adds relative-position biases inside its kernel (CoAtNet), which the "
+               "queries and keys alone do not give",
     "attention_biases": "adds learned attention biases inside its kernel (LeViT), which "
                         "the queries and keys alone do not give",
 }
@@ -78,7 +80,7 @@ def _readable(module: nn.Module) -> str | None:
     if isinstance(module, nn.MultiheadAttention):
         return None if module._qkv_same_embed_dim else "has separate key/value sizes"
     for attribute, reason in _REFUSED.items():
-        if hasattr(module, attribute):
+        if getattr(module, attribute, None) is not None:
             return reason
     if all(isinstance(getattr(module, part, None), nn.Module) for part in ("q_norm", "k_norm")) \
             and hasattr(module, "scale") and hasattr(module, "num_heads"):
@@ -143,7 +145,7 @@ class _Recorder:
                 f"{name!r} attends from {q.shape[-2]} queries to {k.shape[-2]} keys: the "
                 "attention is not a square token-to-token matrix")
             return
-        logits = (q.float() @ k.float().transpose(-2, -1)) * scale
+        logits = (q.float() * scale) @ k.float().transpose(-2, -1)  # scaled before: smaller
         attention = logits.softmax(dim=-1)
         fused = getattr(attention, self.fuse)(dim=1)
         fused = fused.values if not isinstance(fused, torch.Tensor) else fused
