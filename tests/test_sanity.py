@@ -103,3 +103,72 @@ def test_data_randomisation(images):
     assert (other.spearman < 0.9).all()
     np.testing.assert_array_equal(other.target, [1, 1])
     assert other.attrs["method"] == "gradient"
+
+
+# ------------------------------------------------ sMPRT and eMPRT against Quantus 0.6
+def _quantus_setup():
+    quantus = pytest.importorskip("quantus")
+    if not hasattr(np, "trapz"):  # Quantus' NumPy 1 name, for it only
+        np.trapz = np.trapezoid
+    from torch import nn
+
+    import xaiwidgets as xw
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    x = np.random.default_rng(0).random((2, 1, 16, 16)).astype(np.float32)
+    y = xw.Explainer(model, torch.as_tensor(x), progress=False).logits().argmax(1).numpy()
+
+    def explain(model, inputs, targets, **kwargs):
+        ex = xw.Explainer(model, torch.as_tensor(np.asarray(inputs)), progress=False)
+        return ex.explain("gradient", target=[int(t) for t in targets]).values[:, None]
+
+    return quantus, model, x, y, explain
+
+
+def test_smooth_mprt_matches_quantus():
+    import warnings
+
+    quantus, model, x, y, explain = _quantus_setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ours = model_randomization(model, torch.as_tensor(x), "gradient", variant="smooth",
+                               target=y, n_samples=4, progress=False)
+    assert list(ours.layer.values) == ["original", "0", "4"]
+    for i in range(len(x)):  # Quantus on one image at a time, NumPy seeded before each
+        np.random.seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # Quantus' sMPRT explains through quantus.explain, whatever explain_func says:
+            # captum's Saliency (|gradient|) is our "gradient" on one channel
+            ref = quantus.SmoothMPRT(nr_samples=4, seed=0, return_aggregate=False,
+                                     disable_warnings=True)(
+                model=model, x_batch=x[i:i + 1], y_batch=y[i:i + 1], a_batch=None,
+                explain_func=explain, explain_func_kwargs={"method": "Saliency"},
+                device="cpu")
+        assert list(ref) == ["original", "0", "4"]
+        np.testing.assert_allclose(ours.smprt.values[:, i], [v[0] for v in ref.values()],
+                                   rtol=1e-4)
+    for k, v in model.state_dict().items():  # the user's model is untouched
+        assert torch.equal(v, before[k])
+
+
+def test_efficient_mprt_matches_quantus_and_entropy_by_hand():
+    import warnings
+
+    from xaiwidgets.evaluation.sanity import discrete_entropy
+
+    quantus, model, x, y, explain = _quantus_setup()
+    ours = model_randomization(model, torch.as_tensor(x), "gradient", variant="efficient",
+                               target=y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = quantus.EfficientMPRT(seed=0, return_aggregate=False, disable_warnings=True)(
+            model=model, x_batch=x, y_batch=y, a_batch=None, explain_func=explain,
+            device="cpu")
+    np.testing.assert_allclose(ours.emprt.values, ref, rtol=1e-4)
+    # four values in two bins, 3:1 -> -(3/4 ln 3/4 + 1/4 ln 1/4)
+    h = discrete_entropy(np.array([[[0.0, 0.0], [0.0, 1.0]]]), n_bins=2)[0]
+    assert h == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
+    with pytest.raises(ValueError, match="variant"):
+        model_randomization(model, torch.as_tensor(x), "gradient", variant="shuffle")
