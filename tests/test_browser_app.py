@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -331,3 +332,29 @@ def test_video_widget_of_notebook_07_fits_one_laptop_screen(lab_video, chromium_
         titles.sort()
         assert len(titles) >= 2 and all(left[1] <= right[0] for left, right
                                         in zip(titles[:-1], titles[1:], strict=True)), titles
+
+
+@pytest.fixture(scope="module")
+def binder_server(tmp_path_factory):
+    """A Jupyter server configured as postBuild configures Binder's (the repository's
+    binder/jupyter_server_config.json in a Jupyter config folder); it serves the app
+    through Voilà's server extension, as Binder's ``?urlpath=voila/render/...`` does."""
+    home = tmp_path_factory.mktemp("binder")
+    (home / "config").mkdir()
+    shutil.copy(BINDER_CONFIG, home / "config" / "jupyter_server_config.json")
+    yield from serve("lab", home, APP)
+
+
+@browser
+@pytest.mark.timeout(400)
+def test_phone_photo_through_binders_voila(binder_server, chromium_fixture, tmp_path):  # noqa: F811
+    photo = tmp_path / "phone.jpg"
+    photo.write_bytes(phone_photo())
+    with open_page(chromium_fixture, "app_binder_failed.png") as page:
+        page.goto(f"{binder_server}/voila/render/{APP.name}", wait_until="commit",
+                  timeout=120_000)
+        page.wait_for_function(HEATMAP, timeout=180_000)
+        choose(page, photo)
+        assert "Added phone.jpg (image 6)" in wait_message(page, "phone.jpg (image 6)",
+                                                           timeout=240_000)
+        page.screenshot(path=ARTIFACTS / "app_binder_phone_photo.png")
