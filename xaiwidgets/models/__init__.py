@@ -28,7 +28,8 @@ from .architectures import ARCHITECTURES, build
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 #: models whose weights ship with the package (see models/README.md)
-SHIPPED = ("shapes-vgg", "shapes-resnet", "shapes-vgg-shuffled", "shapes-video", "digits")
+SHIPPED = ("shapes-vgg", "shapes-resnet", "shapes-vgg-shuffled", "shapes-video", "digits",
+           "shapes-vit")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -169,7 +170,8 @@ def load(name: str, weights: Any = "default", device: str | torch.device = "cpu"
     name
         A shipped model (``available()``: ``"shapes-vgg"``, ``"shapes-resnet"``,
         ``"shapes-vgg-shuffled"``, trained on :func:`xaiwidgets.datasets.shapes` at
-        128 px; ``"digits"``, grayscale 32×32 handwritten digits) or any
+        128 px; ``"shapes-vit"``, a small Vision Transformer on the same data;
+        ``"digits"``, grayscale 32×32 handwritten digits) or any
         ``torchvision.models`` classifier (``"resnet50"``, ``"vgg16"``, ...).
     weights
         ``"default"``: the shipped weights, or torchvision's default pretrained weights

@@ -14,12 +14,14 @@ torch.Size([2, 4])
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from .video_architectures import ShapesVideo3D
-from .vit import ShapesViT
+from .vit import HybridEmbed, ShapesViT
 
 #: VGG-style configuration: conv widths, "M" for a 2x2 max-pool (VGG11's pattern)
 VGG_CONFIG = (16, "M", 16, "M", 32, 32, "M", 64, 64, "M", 64, 64, "M")
@@ -104,11 +106,30 @@ class ShapesResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+#: the layers of :class:`ShapesResNet` that ``shapes-vit`` uses as its patch embedding
+HYBRID_STEM = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
+
+
+def shapes_vit(num_classes: int = 4) -> ShapesViT:
+    """The hybrid ViT of ``shapes-vit`` (the ViT paper's "R+ViT" form, timm's
+    ``HybridEmbed``): :class:`ShapesResNet`'s stem and first three stages (total stride
+    16, 64 channels: an 8 × 8 token grid at 128 px) embed the patches, then a
+    :class:`~xaiwidgets.models.vit.ShapesViT` with 4 blocks, 3 heads, dimension 96.
+
+    >>> shapes_vit()(torch.rand(1, 3, 128, 128)).shape
+    torch.Size([1, 4])
+    """
+    resnet = ShapesResNet(num_classes)
+    backbone = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in HYBRID_STEM))
+    features = resnet.layer3[-1].bn2.num_features
+    return ShapesViT(num_classes, patch_embed=HybridEmbed(backbone, features))
+
+
 ARCHITECTURES = {
     "shapes-vgg": ShapesVGG,
     "shapes-resnet": ShapesResNet,
     "shapes-video": ShapesVideo3D,
-    "shapes-vit": ShapesViT,
+    "shapes-vit": shapes_vit,
 }
 
 

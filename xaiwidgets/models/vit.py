@@ -31,13 +31,33 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        if height % self.patch_size[0] or width % self.patch_size[1]:
-            raise ValueError(
-                f"input size {height}×{width} is not a multiple of the patch size "
-                f"{self.patch_size[0]}: resize or crop the images to a multiple of it"
-            )
+        _check_multiple(x, self.patch_size)
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class HybridEmbed(nn.Module):
+    """A CNN's feature map → tokens (timm's ``HybridEmbed``, the ViT paper's hybrids):
+    ``backbone`` (total stride ``patch_size``), a 1 × 1 convolution ``proj`` to the
+    embedding dimension, flattened to (N, h·w, dim) in row-major order."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, embed_dim: int = 96,
+                 patch_size: int = 16) -> None:
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)
+        self.backbone = backbone
+        self.proj = nn.Conv2d(feature_dim, embed_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_multiple(x, self.patch_size)
+        return self.proj(self.backbone(x)).flatten(2).transpose(1, 2)
+
+
+def _check_multiple(x: torch.Tensor, patch_size: tuple[int, int]) -> None:
+    height, width = x.shape[-2:]
+    if height % patch_size[0] or width % patch_size[1]:
+        raise ValueError(
+            f"input size {height}×{width} is not a multiple of the patch size "
+            f"{patch_size[0]}: resize or crop the images to a multiple of it")
 
 
 class Attention(nn.Module):
@@ -101,18 +121,21 @@ class ShapesViT(nn.Module):
 
     The defaults (128 px, patch 16, dim 96, 4 blocks, 3 heads) are timm's
     ``VisionTransformer(img_size=128, patch_size=16, embed_dim=96, depth=4, num_heads=3,
-    num_classes=4)``; the input size is fixed by the position embedding.
+    num_classes=4)``; the input size is fixed by the position embedding. ``patch_embed``:
+    another embedding with the same ``patch_size`` and ``embed_dim`` (a
+    :class:`HybridEmbed`), default a :class:`PatchEmbed`.
     """
 
     def __init__(self, num_classes: int = 4, img_size: int = 128, patch_size: int = 16,
                  embed_dim: int = 96, depth: int = 4, num_heads: int = 3,
-                 mlp_ratio: float = 4.0) -> None:
+                 mlp_ratio: float = 4.0, patch_embed: nn.Module | None = None) -> None:
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.img_size = (img_size, img_size)
         self.num_prefix_tokens = 1
-        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        self.patch_embed = (patch_embed if patch_embed is not None
+                            else PatchEmbed(patch_size, 3, embed_dim))
         tokens = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + tokens, embed_dim))
