@@ -83,7 +83,9 @@ def resolve_metric(metric: str | None, gaze: Sequence[str]) -> str:
     missing = [v for v in dataset_needs(metric) if v not in gaze]
     if missing:
         raise ValueError(
-            f"metric {metric!r} compares maps with `{missing[0]}`, which this dataset "
+            f"metric {metric!r} compares maps with "
+            f"{'the target mask' if missing[0] == 'mask' else 'gaze data'} (`{missing[0]}`), "
+            "which this dataset "
             f"lacks (it has {list(gaze) or 'none'}); use metric='deletion' or 'insertion' "
             "(perturbation AUC), a metric that needs no data (e.g. 'sparseness', 'road'), "
             "or add a `gfdm`/`fixations`/`mask` variable (xw.gfdm makes a density map "
