@@ -382,3 +382,20 @@ def test_chunks_on_threads_give_the_same_scores(monkeypatch):
     seen.clear()
     metrics._in_chunks(core, [s, g], {})
     assert {name for name, _ in seen} == {threading.current_thread().name}
+
+
+@pytest.mark.parametrize("value", [0.4, 0.7, 0.1, 1 / 3, 1e-9])
+def test_constant_maps_whose_mean_rounds_give_zero(value):
+    # the mean of 0.4 repeated rounds one step: the residuals are ~1e-17, not 0, and a
+    # check of std > 0 standardised them into +-0.999 (issue #25)
+    flat = np.full((7, 9), value)
+    fix = np.zeros((7, 9))
+    fix[1, 2] = fix[5, 5] = 1
+    g = random_maps(7, 9)
+    assert metrics.nss(flat, fix) == 0.0
+    assert metrics.pcc(flat, g) == 0.0 and metrics.pcc(g, flat) == 0.0
+    assert metrics.spearman(flat, g) == 0.0
+    assert metrics.auc_judd(flat, fix) == 0.5
+    assert metrics.sim(flat, g) == pytest.approx(metrics.sim(np.ones((7, 9)), g))
+    stack = np.stack([flat, g])  # and in a stack, next to a map that varies
+    np.testing.assert_array_equal(metrics.nss(stack, fix)[:1], [0.0])

@@ -303,3 +303,23 @@ def test_emd_matches_pot():
     assert metrics.emd(a, b) == pytest.approx(ref, rel=RTOL)
     with pytest.raises(ValueError, match="non-negative"):
         metrics.emd(a - 0.5, b)
+
+
+def test_single_map_and_shuffled_metrics_take_every_input_kind():
+    import torch
+
+    rng = np.random.default_rng(9)
+    maps = rng.random((3, 10, 12))
+    fix = rng.random((3, 10, 12)) > 0.8
+    others = rng.random((3, 10, 12)) > 0.7
+    for name, refs in (("sparseness", ()), ("complexity", ()), ("shuffled_auc", (fix, others)),
+                       ("info_gain", (fix,))):
+        f = metrics.METRICS[name]
+        stacked = f(maps, *refs)
+        np.testing.assert_allclose(stacked, [f(m, *(r[i] for r in refs))
+                                             for i, m in enumerate(maps)], rtol=1e-12)
+        np.testing.assert_allclose(f(torch.as_tensor(maps), *map(torch.as_tensor, refs)),
+                                   stacked)
+        da = f(xr.DataArray(maps, dims=("image", "y", "x")), *refs)
+        assert da.dims == ("image",) and da.name == name
+        np.testing.assert_allclose(da.values, stacked)
