@@ -10,16 +10,24 @@ gives an array of results (a DataArray over the leading dims for DataArray input
 * ``"fixations"`` metrics take a fixation map (counts or a mask; a pixel counts as
   fixated when > 0): :func:`nss`, :func:`auc_judd`, :func:`auc_borji`.
 
+The other families live in their own modules and are re-exported here (one registry,
+:data:`METRICS`): localisation against a boolean ``mask`` (``pointing_game``,
+``relevance_mass``, ``relevance_rank``: :mod:`.localisation`), complexity of the map
+alone (``sparseness``, ``complexity``: :mod:`.complexity`), the saliency benchmark's
+``shuffled_auc``, ``info_gain`` and ``emd`` (:mod:`.benchmark`), and, registered for
+``xw.evaluate`` and the widgets, the explainer-based metrics of :mod:`.faithfulness` and
+:mod:`.robustness`.
+
 Video: a DataArray with a ``t`` dim (a clip's (t, y, x) volume, e.g. a result on
 ``xw.datasets.moving_shapes``) is scored **per frame, then averaged over t**
 (frames whose score is NaN, e.g. NSS/AUC on a frame without fixations, are left
 out of the average). Plain arrays are never averaged: a (T, H, W) array gives one
 score per frame.
 
-Degenerate inputs give defined values, never NaN or a crash: a constant map has
-PCC/Spearman/NSS 0 and AUC 0.5, a map with no mass is the uniform density for SIM
-and KLD. Only a fixation map without fixations gives NaN (NSS, AUC), as the
-question has no answer.
+Degenerate inputs give defined values, never NaN or a crash: a constant map (max ==
+min, even where its mean rounds) has PCC/Spearman/NSS 0 and AUC 0.5, a map with no
+mass is the uniform density for SIM and KLD. Only a fixation map without fixations
+gives NaN (NSS, AUC), as the question has no answer (and an empty mask, localisation).
 
 Speed: a stack is scored a chunk of about one 224² map at a time (:data:`CHUNK_PIXELS`)
 on :data:`THREADS` threads; every metric is vectorised over the chunk (SSIM's Gaussian
