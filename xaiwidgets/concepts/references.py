@@ -25,6 +25,7 @@ from torch import nn
 
 from ..core.channels import channel_count
 from ..core.layers import resolve_layer
+from ..core.ops import model_device
 from ..core.registry import get_method
 from ..core.scoped import model_guard
 from ..datasets.adapters import ImageSource, image_source
@@ -113,7 +114,7 @@ def _chunk(model: Any, images: np.ndarray, indices: np.ndarray, layer: str, top:
         import cloudpickle
 
         model = cloudpickle.loads(model)
-    x = torch.as_tensor(np.asarray(images))
+    x = torch.as_tensor(np.asarray(images)).to(model_device(model))
     values, maps = channel_maps(model, x, layer, by, target, preprocess, composite)
     return chunk_candidates(values.detach().cpu(), maps.detach().cpu(), indices, top,
                             tuple(x.shape[-2:]))
@@ -123,7 +124,8 @@ def _check(model: nn.Module, source: ImageSource, layer: str, target: Any,
            preprocess: Callable | None) -> None:
     """The layer has channels, the target is a class, the images suit the model: checked
     on the first image (the construction probe is remembered per model)."""
-    ex = Explainer(model, source.images([0]), preprocess=preprocess, progress=False)
+    ex = Explainer(model, source.images([0]).to(model_device(model)), preprocess=preprocess,
+                   progress=False)
     resolve_layer(ex.model, layer)
     channel_count(ex.context, layer)
     if target is not None:

@@ -17,6 +17,7 @@ import numpy as np
 import xarray as xr
 from torch import nn
 
+from ..core.ops import model_device
 from ..datasets.adapters import image_source
 from ..explainer import Explainer
 from .references import chunks
@@ -37,6 +38,7 @@ def class_usage(model: nn.Module, dataset: Any, layer: str,
         raise ValueError("class_usage needs labels: pass an xr.Dataset with a `label` "
                          "variable (xw.datasets.shapes(), from_folder()) or a torch dataset "
                          "of (image, label) pairs")
+    device = model_device(model)
     sums: np.ndarray | None = None
     counts: np.ndarray | None = None
     parts = chunks(source, int(batch_size))
@@ -45,7 +47,8 @@ def class_usage(model: nn.Module, dataset: Any, layer: str,
 
         parts = tqdm(parts, desc=f"class usage {layer}", leave=False)
     for indices in parts:
-        ex = Explainer(model, source.images(indices), preprocess=preprocess, progress=False)
+        ex = Explainer(model, source.images(indices).to(device), preprocess=preprocess,
+                       progress=False)
         if sums is None:
             source.check_labels(ex.num_classes)
             sums = np.zeros((0, ex.num_classes))
