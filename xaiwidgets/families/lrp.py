@@ -38,6 +38,7 @@ import contextlib
 import copy
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -1245,15 +1246,25 @@ def _rules_key(rules: dict[str, Any]) -> tuple:
         if isinstance(v, torch.Tensor) else (name, v) for name, v in rules.items()))
 
 
+class _Outputs(dict):
+    """A dict that can be weakly referenced (see :func:`_record_outputs`)."""
+
+
 def _record_outputs(shadow: nn.Module) -> dict[str, torch.Tensor]:
     """Forward hooks on a canonized copy that keep each named module's output (the last
-    call's), after its rule's hook: the tensors of the kept graph CRP starts from."""
-    outputs: dict[str, torch.Tensor] = {}
+    call's), after its rule's hook: the tensors of the kept graph CRP starts from.
+
+    The hooks reach the dict through a weak reference: a strong one would close a
+    cycle through the autograd graph (output -> _Cut's slot -> module -> hook ->
+    dict -> output) that Python's collector cannot see, and keep every graph alive."""
+    outputs = _Outputs()
+    store = weakref.ref(outputs)
 
     def keeper(name: str):
         def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                outputs[name] = output
+            kept = store()
+            if kept is not None and isinstance(output, torch.Tensor) and output.requires_grad:
+                kept[name] = output
         return hook
 
     for name, module in shadow.named_modules():
