@@ -227,19 +227,23 @@ def references(model: nn.Module, dataset: Any, layer: str, top: int = 8,
     settings = {"top": int(top), "by": by, "target": target, "batch_size": int(batch_size),
                 "preprocess": repr(preprocess), "composite": composite if by == "relevance"
                 else None}
-    fingerprint = {"kind": "concept-references", "model": architecture(model), "layer": layer,
-                   "weights": weights_hash(model),
-                   "dataset": dataset_fingerprint(source, int(batch_size)),
-                   "settings": settings}
-    saved = Store(store, fingerprint, overwrite=overwrite) if store is not None else None
-    if saved is not None and saved.result() is not None:
-        return saved.result()
+    saved, attrs = None, {"settings": json.dumps(settings)}
+    if store is not None:  # hashing weights and images costs time: only for a store
+        fingerprint = {"kind": "concept-references", "model": architecture(model),
+                       "layer": layer, "weights": weights_hash(model),
+                       "dataset": dataset_fingerprint(source, int(batch_size)),
+                       "settings": settings}
+        saved = Store(store, fingerprint, overwrite=overwrite)
+        found = saved.result()
+        if found is not None:
+            return found
+        attrs = {"fingerprint": json.dumps(fingerprint)}
     _check(model, source, layer, target, preprocess)  # before anything is stored
     kept = None
     done = saved.done_chunks() if saved is not None else []
     for i in done:
         kept = merge(kept, _from_dataset(saved.chunk(i)), int(top))
-    todo = [i for i in range(len(parts)) if i not in set(done)]
+    todo = sorted(set(range(len(parts))) - set(done))
     work = (_local(todo, parts, source, model, args) if client is None
             else _distributed(todo, parts, source, model, args, client))
     if progress and todo:
@@ -255,7 +259,7 @@ def references(model: nn.Module, dataset: Any, layer: str, top: int = 8,
                                   rank=np.arange(result.sizes["rank"]))
     result.attrs = {"layer": layer, "by": by, "target": "none" if target is None else target,
                     "top": int(top), "n_images": len(source),
-                    "model": type(model).__name__, "fingerprint": json.dumps(fingerprint)}
+                    "model": type(model).__name__, **attrs}
     if source.classes:
         result.attrs["classes"] = json.dumps(source.classes)
     if saved is not None:
