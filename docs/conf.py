@@ -34,6 +34,9 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # MathJax 3 shipped with the site (copied to _static/mathjax, mathjax_path local):
+    # formulas render offline, no CDN
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     "myst_nb",  # brings myst_parser: Markdown pages and notebooks
     "sphinx_copybutton",

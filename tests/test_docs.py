@@ -255,3 +255,25 @@ def test_every_notebook_is_in_the_gallery():
     for notebook in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         assert f"(notebooks/{notebook.name})" in gallery, (
             f"docs/notebooks.md: add a row for {notebook.name}")
+
+
+def test_formulas_render_offline_with_the_bundled_mathjax(tmp_path):
+    # docs/conf.py loads the extension that ships MathJax with the site; a one-page build
+    # with it references the local script, which is copied next to the pages
+    sphinx = pytest.importorskip("sphinx.application")
+    conf = (DOCS / "conf.py").read_text()
+    assert re.search(r'^\s*"sphinx-mathjax-offline",', conf, re.MULTILINE)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "conf.py").write_text(
+        'extensions = ["sphinx.ext.mathjax", "sphinx-mathjax-offline"]\n')
+    (source / "index.rst").write_text("Title\n=====\n\n:math:`a^2 + b^2 = c^2`\n")
+    out = tmp_path / "html"
+    app = sphinx.Sphinx(str(source), str(source), str(out), str(tmp_path / "doctrees"),
+                        "html", status=None, warning=None, freshenv=True)
+    app.build()
+    page = (out / "index.html").read_text()
+    scripts = re.findall(r'<script[^>]*src="([^"]*mathjax[^"]*)"', page, re.IGNORECASE)
+    assert scripts and all(not s.startswith(("http:", "https:", "//")) for s in scripts)
+    assert (out / scripts[0].split("?")[0]).is_file()
+    assert (out / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").is_dir()
