@@ -310,3 +310,16 @@ def test_rollout_in_threads_equals_serial():
                                                      head_fusion="max").values, range(4)))
     for result in results:
         assert (result == serial).all()
+
+
+@pytest.mark.parametrize("build", [
+    lambda: vit(),
+    lambda: tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
+                                  hidden_dim=16, mlp_dim=16, num_classes=5),
+])
+def test_an_input_size_the_patch_embedding_rejects_says_how_to_fix_it(build):
+    model = build().eval()
+    before = model_snapshot(model)
+    with pytest.raises(ValueError, match=r"built for 32×32 inputs and rejects 48×48.*img_size"):
+        xw.Explainer(model, images(48))
+    assert_model_unchanged(model, before, "a rejected size")

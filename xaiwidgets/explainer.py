@@ -23,6 +23,7 @@ from torch import nn
 
 from .core import channels as _channels
 from .core import layers as _layers
+from .core import tokens as _tokens
 from .core.context import Context, OutputSelector, ProgressCallback
 from .core.inputs import as_image_batch, channel_mismatch
 from .core.ops import (
@@ -143,6 +144,11 @@ class Explainer:
             self.context.shapes()
         except RuntimeError as error:  # e.g. grayscale images for an RGB model
             mismatch = channel_mismatch(self.model, self.context.inputs)
+            if mismatch is None:
+                raise
+            raise mismatch from error
+        except AssertionError as error:  # a ViT built for another input size
+            mismatch = _tokens.size_mismatch(self.model, self.context.inputs, error)
             if mismatch is None:
                 raise
             raise mismatch from error

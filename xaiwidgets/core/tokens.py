@@ -265,3 +265,25 @@ def class_token_layer(model: nn.Module, block: str, grids: Mapping[str, Grid]) -
         if sub and "norm" in type(child).__name__.lower() and name in grids:
             return name
     return block
+
+
+def size_mismatch(model: nn.Module, inputs: torch.Tensor, error: Exception) -> ValueError | None:
+    """A clear error for inputs whose size a transformer's patch embedding rejects (timm's
+    and torchvision's ViTs assert the size they were built for), or ``None``.
+
+    >>> size_mismatch(nn.Identity(), torch.zeros(1, 3, 8, 8), AssertionError("x")) is None
+    True
+    """
+    embed = getattr(model, "patch_embed", None)
+    expected = getattr(embed, "img_size", None) or getattr(model, "image_size", None)
+    if expected is None:
+        return None
+    expected = tuple(expected) if isinstance(expected, (tuple, list)) else (expected, expected)
+    got = tuple(int(s) for s in inputs.shape[-2:])
+    if got == tuple(int(s) for s in expected):
+        return None
+    return ValueError(
+        f"the model's patch embedding was built for {expected[0]}×{expected[1]} inputs and "
+        f"rejects {got[0]}×{got[1]} ({error}); resize the images (or pass a preprocess that "
+        f"does), or build the model for this size: timm.create_model(..., img_size={got}) "
+        "or dynamic_img_size=True; torchvision VisionTransformer(image_size=...)")
