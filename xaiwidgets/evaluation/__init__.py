@@ -5,10 +5,11 @@ It builds on the engine (the Explainer, the method families and fusion) and neve
 imports the widgets.
 """
 
-from . import metrics  # noqa: E402, F401  (first: the registry)
-from .faithfulness import faithfulness_correlation, infidelity, irof, road  # noqa: E402
-from .robustness import avg_sensitivity, max_sensitivity, random_logit  # noqa: E402
-from .sanity import model_randomization  # noqa: E402
+# the metric families register themselves in metrics.METRICS on import
+from . import benchmark, complexity, localisation, metrics  # noqa: F401
+from .faithfulness import faithfulness_correlation, infidelity, irof, road
+from .robustness import avg_sensitivity, max_sensitivity, random_logit
+from .sanity import model_randomization
 
 __all__ = ["avg_sensitivity", "faithfulness_correlation", "infidelity", "irof",
            "max_sensitivity", "model_randomization", "random_logit", "road"]

@@ -657,17 +657,23 @@ def auc_borji(saliency: Any, fixations: Any, seed: int = 0, n_splits: int = 100)
     return out
 
 
-# the other map metrics live in one module per family; registered on import, and
-# re-exported here so that ``xw.metrics.pointing_game`` etc. work (API.md)
-# the explainer-based metrics register themselves (needs "explainer" / "method")
-from . import faithfulness as _faithfulness  # noqa: E402, F401
-from . import robustness as _robustness  # noqa: E402, F401
-from .benchmark import emd, info_gain, shuffled_auc  # noqa: E402
-from .complexity import complexity, sparseness  # noqa: E402
-from .localisation import pointing_game, relevance_mass, relevance_rank  # noqa: E402
+# the other map metrics live in one module per family (they import this module's
+# registry, so it cannot import them: they register when ``xaiwidgets.evaluation`` is
+# imported, and are looked up here on first use so that ``xw.metrics.pointing_game`` and
+# ``from xaiwidgets.metrics import emd`` work, as API.md says)
+_FAMILIES = {"pointing_game": "localisation", "relevance_mass": "localisation",
+             "relevance_rank": "localisation", "sparseness": "complexity",
+             "complexity": "complexity", "shuffled_auc": "benchmark", "info_gain": "benchmark",
+             "emd": "benchmark"}
 
-__all__ = [
-    "METRICS", "Metric", "auc_borji", "auc_judd", "available", "complexity", "emd", "get",
-    "info_gain", "kld", "l1", "nss", "pcc", "pointing_game", "register", "relevance_mass",
-    "relevance_rank", "shuffled_auc", "sim", "sparseness", "spearman", "ssim",
-]
+
+def __getattr__(name: str) -> Any:
+    if name in _FAMILIES:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{_FAMILIES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_FAMILIES])
