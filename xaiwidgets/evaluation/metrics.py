@@ -12,11 +12,11 @@ gives an array of results (a DataArray over the leading dims for DataArray input
 
 The other families live in their own modules and are re-exported here (one registry,
 :data:`METRICS`): localisation against a boolean ``mask`` (``pointing_game``,
-``relevance_mass``, ``relevance_rank``: :mod:`.localisation`), complexity of the map
-alone (``sparseness``, ``complexity``: :mod:`.complexity`), the saliency benchmark's
-``shuffled_auc``, ``info_gain`` and ``emd`` (:mod:`.benchmark`), and, registered for
-``xw.evaluate`` and the widgets, the explainer-based metrics of :mod:`.faithfulness` and
-:mod:`.robustness`.
+``relevance_mass``, ``relevance_rank``: ``evaluation.localisation``), complexity of the map
+alone (``sparseness``, ``complexity``: ``evaluation.complexity``), the saliency benchmark's
+``shuffled_auc``, ``info_gain`` and ``emd`` (``evaluation.benchmark``), and, registered for
+``xw.evaluate`` and the widgets, the explainer-based metrics of ``evaluation.faithfulness`` and
+``evaluation.robustness``.
 
 Video: a DataArray with a ``t`` dim (a clip's (t, y, x) volume, e.g. a result on
 ``xw.datasets.moving_shapes``) is scored **per frame, then averaged over t**
