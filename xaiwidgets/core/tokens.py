@@ -31,6 +31,7 @@ torch.Size([2, 192, 8, 8])
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -121,8 +122,9 @@ def _token_grids(length: int, prefix: int, size: Sequence[int]) -> list[tuple[in
     model's prefix count, else (stages without class tokens) none."""
     for lead in dict.fromkeys((prefix, 0)):  # the model's own count first
         patches = length - lead
-        found = [(lead, h, patches // h) for h in range(1, patches + 1)
-                 if patches % h == 0 and _fits(h, patches // h, size)]
+        divisors = [d for d in range(1, math.isqrt(max(patches, 0)) + 1) if patches % d == 0]
+        sides = sorted({side for d in divisors for side in (d, patches // d)})
+        found = [(lead, h, patches // h) for h in sides if _fits(h, patches // h, size)]
         if found:
             return found
     return []
