@@ -118,6 +118,9 @@ def test_road_works_on_rgb_where_quantus_does_not():
     maps = ex.explain("gradient")
     ds = F.road(ex, maps)
     assert ds.road.shape == (2,) and np.isfinite(ds.road).all()
+    y = ex.logits().argmax(1).numpy()
+    with pytest.raises(IndexError):  # Quantus 0.6 ranks channel-pixels, counts pixels (#333)
+        _call(quantus.ROAD(return_aggregate=False), model, x.numpy(), y, maps.values)
 
 
 def test_irof_matches_quantus(setup):

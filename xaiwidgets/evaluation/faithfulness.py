@@ -23,8 +23,8 @@ numbers of one image at a time (whatever the batch, the chunk or the scheduler).
 returns an ``xr.Dataset`` with a per-image variable named after the metric (and ``curve``
 where there is one).
 
-Where Quantus 0.6 fails, these do not: its ROAD indexes channel-pixels with a pixel
-count (multi-channel inputs give wrong curves, its issue #333), its IROF asserts on
+Where Quantus 0.6 fails, these do not: its ROAD ranks channel-pixels but counts pixels
+(multi-channel inputs raise an IndexError; its issue #333), its IROF asserts on
 multi-channel inputs and mixes the images of a batch into one "mean", and its
 Infidelity cannot pad images whose side is not a multiple of the patch. Here each image
 is perturbed on its own (a stack gives the numbers of one image at a time).
