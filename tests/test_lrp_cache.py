@@ -17,8 +17,10 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 import xaiwidgets as xw
 from xaiwidgets.families import lrp as lrp_module
+from xaiwidgets.families.lrp import engine as lrp_engine
 
 from .helpers import assert_model_unchanged, model_snapshot, randomise_batchnorms
+from .lrp_reference import relevance
 
 #: (composite, parameters) in the order a user moves the sliders
 CHANGES = [
@@ -146,8 +148,8 @@ def test_fused_stabiliser_and_sum_layout_give_zennits_numbers(images, monkeypatc
     fused = [fused_ex.explain("lrp", composite="epsilon", epsilon=e, target=[1, 2],
                               reduce=None).values for e in changes]
     calls = []
-    real_shift = lrp_module._shift
-    monkeypatch.setattr(lrp_module, "_shift", lambda hook: calls.append(real_shift(hook)))
+    real_shift = lrp_engine._shift
+    monkeypatch.setattr(lrp_engine, "_shift", lambda hook: calls.append(real_shift(hook)))
     generic_ex = xw.Explainer(model, images, progress=False)
     for e, ours in zip(changes, fused, strict=True):
         generic = generic_ex.explain("lrp", composite="epsilon", epsilon=e, target=[1, 2],
@@ -181,14 +183,14 @@ def test_nonnegative_input_path_equals_the_rules_own_terms(images, monkeypatch, 
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4), nn.ReLU(),
                           nn.Linear(4, 3)).eval()
     used = []
-    real = lrp_module._nonnegative_layer
+    real = lrp_engine.nonnegative_layer
 
     def spy(*args):
         result = real(*args)
         used.append(result is not None)
         return result
 
-    monkeypatch.setattr(lrp_module, "_nonnegative_layer", spy)
+    monkeypatch.setattr(lrp_engine, "nonnegative_layer", spy)
     ex = xw.Explainer(model, images, progress=False)
     fast = []
     for i, value in enumerate(values):
@@ -200,7 +202,7 @@ def test_nonnegative_input_path_equals_the_rules_own_terms(images, monkeypatch, 
     # per call, in backward order: conv 4 and 3 fast, conv 2 falls back (its input has
     # negatives), then conv 1 unless it is γ's z^B first layer; the Linears get LRP-ε
     assert used == used_per_call * len(values)
-    monkeypatch.setattr(lrp_module, "_nonnegative_layer", lambda *args: None)
+    monkeypatch.setattr(lrp_engine, "nonnegative_layer", lambda *args: None)
     generic = xw.Explainer(model, images, progress=False)
     for value, ours in zip(values, fast, strict=True):
         theirs = generic.explain("lrp", composite=composite, target=[0, 2], reduce=None,
@@ -222,7 +224,7 @@ def test_kept_epsilon_equals_zennits_generic_rule(images):
     torch.manual_seed(3)
     composite = LayerMapComposite([(Activation, Pass()), (AvgPool, Norm()),
                                    (Convolution, Epsilon(0.25)), (AnyLinear, Epsilon(0.25))])
-    reference = lrp_module.relevance(model, images, torch.tensor([0, 2]), composite)
+    reference = relevance(model, images, torch.tensor([0, 2]), composite)
     ours = xw.explain(model, images, "lrp", composite="epsilon", epsilon=0.25, target=[0, 2],
                       reduce=None)
     np.testing.assert_allclose(ours.values, reference.numpy(), rtol=1e-5,

@@ -29,11 +29,11 @@ from xaiwidgets.families.lrp import (
     CONSERVATION_TOLERANCE,
     LRPWarning,
     make_composite,
-    relevance,
     rule,
 )
 
 from .helpers import assert_model_unchanged, model_snapshot, randomise_batchnorms
+from .lrp_reference import relevance
 
 # ---------------------------------------------------------------- SPEC worked example
 # x = (1, 2); hidden z = (x1 + 2 x2, -x1 + x2) = (5, 1); y = a1 - 2 a2 = 3 (no biases)

@@ -102,7 +102,7 @@ def test_lrp_failures_inside_canonizers_and_rules_leave_the_zoo_untouched(name, 
     from zennit import rules
     from zennit.torchvision import ResNetBasicBlockCanonizer
 
-    from xaiwidgets.families import lrp
+    from xaiwidgets.families.lrp import engine as lrp_engine
 
     build, size = ZOO[name]
     torch.manual_seed(0)
@@ -110,7 +110,7 @@ def test_lrp_failures_inside_canonizers_and_rules_leave_the_zoo_untouched(name, 
     x = torch.rand(1, 3, size, size)
     before = model_snapshot(model)
     calls = {"merge": 0}
-    real_merge = lrp.merge_batchnorm
+    real_merge = lrp_engine.merge_batchnorm
 
     def failing_merge(layer, norm):
         calls["merge"] += 1
@@ -125,7 +125,7 @@ def test_lrp_failures_inside_canonizers_and_rules_leave_the_zoo_untouched(name, 
         raise RuntimeError("injected canonizer failure")
 
     for target, attribute, replacement, message in [
-        (lrp, "merge_batchnorm", failing_merge, "merge"),
+        (lrp_engine, "merge_batchnorm", failing_merge, "merge"),
         (rules.ZPlus, "backward", failing_rule, "rule"),
         (rules.Pass, "backward", failing_rule, "rule"),
         (ResNetBasicBlockCanonizer, "register", failing_block, "canonizer"),
