@@ -183,7 +183,8 @@ def test_reading_grids_runs_no_model_call_after_the_probe():
 # ------------------------------------------------------------------ rollout
 def unfused_rollout(model: nn.Module, x: torch.Tensor, fusion: str, discard: float,
                     prefix: int) -> torch.Tensor:
-    """Abnar & Zuidema on the attention weights an unfused copy computes (N, L-prefix)."""
+    """Abnar & Zuidema on the attention weights an unfused copy computes (N, L-prefix):
+    the class token's row, or without one the mean row."""
     copy_ = copy.deepcopy(model)
     weights: list[torch.Tensor] = []
     for block in copy_.blocks:
@@ -205,7 +206,8 @@ def unfused_rollout(model: nn.Module, x: torch.Tensor, fusion: str, discard: flo
         fused = fused + torch.eye(fused.shape[-1])
         fused = fused / fused.sum(-1, keepdim=True)
         rollout = fused if rollout is None else fused @ rollout
-    return rollout[:, 0, prefix:]
+    rows = rollout[:, 0] if prefix else rollout.mean(dim=1)
+    return rows[:, prefix:]
 
 
 def _normalised(rows: torch.Tensor, side: int, size: int) -> torch.Tensor:
@@ -226,6 +228,16 @@ def test_rollout_equals_the_recursion_on_unfused_attention(fusion, discard):
     assert_model_unchanged(model, before, "rollout")
     assert ours.attrs["head_fusion"] == fusion and ours.attrs["discard_ratio"] == discard
     theirs = _normalised(unfused_rollout(model, x, fusion, discard, prefix=3), 4, 32)
+    torch.testing.assert_close(torch.from_numpy(ours.values), theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_rollout_without_a_class_token_reads_the_mean_row():
+    model, x = vit(class_token=False, global_pool="avg"), images()
+    assert prefix_tokens(model) == 0
+    ex = xw.Explainer(model, x, progress=False)
+    assert ex.default_layer() == "blocks.2"  # a pooled head reads every output token
+    ours = ex.explain("attention_rollout", discard_ratio=0.3)
+    theirs = _normalised(unfused_rollout(model, x, "mean", 0.3, prefix=0), 4, 32)
     torch.testing.assert_close(torch.from_numpy(ours.values), theirs, atol=1e-4, rtol=1e-4)
 
 
