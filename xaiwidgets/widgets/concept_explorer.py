@@ -36,6 +36,8 @@ import torch
 import xarray as xr
 
 from .. import rendering
+from ..concepts import class_usage, factorize, references
+from ..concepts.patches import patch_boxes
 from ..core.inputs import as_image_batch
 from ..core.ops import did_you_mean, minmax, upsample
 from ..datasets.adapters import ImageSource, image_source
@@ -179,6 +181,9 @@ class ConceptExplorer(ExplorerBase):
         self.figure = self.grid.figure
         self.figure.layout.width = FIT_PX
         self.figure.layout.dragmode = "select"
+        # no hover events: each is a message to the kernel, and a busy kernel's widget
+        # messages are coalesced in the browser (a hover after a drag would replace it)
+        self.figure.layout.hovermode = False
         self._add_box_catcher()
         self.bar_figure = LiveFigureWidget(go.Bar(
             x=[], y=[], marker={"color": []},
@@ -204,6 +209,11 @@ class ConceptExplorer(ExplorerBase):
         """An invisible grid of points over the map panel: plotly selects points, not
         pixels, so a box dragged there reports its range through them."""
         size = self.images.shape[-2:]
+        # fixed ranges: the points' markers would pad the panel's autorange
+        self.figure.update_xaxes(autorange=False, range=[-0.5, int(size[1]) - 0.5],
+                                 row=1, col=1)
+        self.figure.update_yaxes(autorange=False, range=[int(size[0]) - 0.5, -0.5],
+                                 row=1, col=1)
         ys, xs = (np.unique(np.linspace(0, s - 1, min(s, SELECT_GRID)).round()) for s in size)
         grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
         hidden = {"marker": {"opacity": 0}}
@@ -428,19 +438,18 @@ class ConceptExplorer(ExplorerBase):
             return None, "reference patches and class usage need still images"
         by_target = target if self.by == "relevance" else None
         key = (layer, self.by, by_target)
-        from .. import concepts
-
         if key not in self._refs:
             self._computing(f"reference patches of {layer} over {len(self.source)} images")
-            self._refs[key] = concepts.references(
+            self._refs[key] = references(
                 self.model, self.dataset, layer, top=self.top, by=self.by, target=by_target,
-                preprocess=self.preprocess, store=self.store)
+                preprocess=self.preprocess, store=self.store, progress=False)
         refs = self._refs[key].sel(channel=channel)
         if layer not in self._usage:
             self._computing(f"class usage of {layer}")
             try:
-                self._usage[layer] = concepts.class_usage(self.model, self.dataset, layer,
-                                                          preprocess=self.preprocess)
+                self._usage[layer] = class_usage(self.model, self.dataset, layer,
+                                                          preprocess=self.preprocess,
+                                                          progress=False)
             except ValueError as err:  # e.g. a dataset without labels: said in the panel
                 self._usage[layer] = str(err)
         usage = self._usage[layer]
@@ -450,12 +459,10 @@ class ConceptExplorer(ExplorerBase):
         n = int(self.controls["concepts"].value)
         key = (layer, n, len(self.images))
         if key not in self._factors:
-            from .. import concepts
-
             self._computing(f"{n} NMF concepts of {layer}")
             ex = Explainer(self.model, self.images, preprocess=self.preprocess,
                            classes=self.classes, progress=self._report_progress)
-            self._factors[key] = concepts.factorize(ex, layer=layer, n=n, seed=0)
+            self._factors[key] = factorize(ex, layer=layer, n=n, seed=0)
         return self._factors[key]
 
     # ---------------------------------------------------------------- drawing
@@ -536,10 +543,12 @@ class ConceptExplorer(ExplorerBase):
         self.patches.children = tiles
 
     def _patch_tile(self, index: int, box: tuple[int, int, int, int], label: str,
-                    click: Callable[[Any], None], tooltip: str,
-                    border: str = "#ddd") -> W.VBox:
-        image = (self.source.images([index])[0] if self.source is not None
-                 else self.images[index])
+                    click: Callable[[Any], None], tooltip: str, border: str = "#ddd",
+                    picked: bool = False) -> W.VBox:
+        """A cropped thumbnail over a button; ``index`` is a dataset index, or a position
+        in the picker when ``picked``."""
+        image = (self.images[index] if picked or self.source is None
+                 else self.source.images([index])[0])
         picture = W.Image(value=thumbnail_png(crop_thumbnail(image, box)), format="png",
                           layout=W.Layout(width=f"{PATCH_PX}px", height=f"{PATCH_PX}px"))
         button = W.Button(description=label, tooltip=f"open image {index} ({tooltip})",
@@ -556,49 +565,46 @@ class ConceptExplorer(ExplorerBase):
             self.usage_html.value = (f"<i style='color:#555'>class usage: "
                                      f"{html.escape(usage)}</i>")
         else:
-            names = [str(c) for c in usage["class"].values]
+            names = [str(c) for c in (usage.class_name.values if "class_name" in usage.coords
+                                      else self.classes or usage["class"].values)]
             self.usage_html.value = (f"<b>channel {self.channel}</b> per class (mean relevance "
                                      "over the dataset)" + usage_html(usage.values, names))
 
     # -------------------------------------------------------------- concepts
-    def _concept_maps(self, index: int) -> np.ndarray:
-        maps = self.factors["maps"] if not hasattr(self.factors, "maps") else self.factors.maps
-        return np.asarray(maps.isel(image=index).values, dtype=np.float64)
-
     def _draw_concept_map(self, index: int) -> None:
-        maps = self._concept_maps(index)
-        if maps.ndim == 4:  # clips: the frame shown
-            maps = maps[:, min(self.frame, maps.shape[1] - 1)]
+        maps = np.asarray(self.factors.maps.isel(image=index).values, dtype=np.float64)
         composite = concept_overlay(maps, self.image_frame(index))
         self.grid.image(1).source = image_uri(composite.transpose(2, 0, 1) / 255.0)
         self.grid.heatmap(1).z = None
-        self.grid.set_title(1, f"{maps.shape[0]} NMF concepts (colour = strongest)")
+        self.grid.set_title(1, f"{len(maps)} NMF concepts (colour: the strongest)")
 
     def _draw_concept_bars(self, index: int) -> None:
-        maps = self._concept_maps(index)
-        share = maps.reshape(len(maps), -1).sum(axis=1)
+        maps = self.factors.maps.isel(image=index)
+        strength = maps.sum(("y", "x")).values.astype(float)
         with self.bar_figure.batch_update():
             bar = self.bar_figure.data[0]
-            bar.x = [f"concept {j}" for j in range(len(maps))]
-            bar.y = share.tolist()
-            bar.marker.color = [_css(CONCEPT_COLORS[j]) for j in range(len(maps))]
-            self.bar_figure.layout.title.text = "NMF concepts of the image (summed maps)"
+            bar.x = [f"concept {j}" for j in range(len(strength))]
+            bar.y = strength.tolist()
+            bar.marker.color = [_css(CONCEPT_COLORS[j]) for j in range(len(strength))]
+            self.bar_figure.layout.title.text = (f"NMF concepts of {self.factors.attrs['layer']}"
+                                                 " in this image (summed maps)")
 
-    def _draw_concept_patches(self) -> None:
-        maps = self.factors["maps"] if not hasattr(self.factors, "maps") else self.factors.maps
-        values = np.asarray(maps.values, dtype=np.float64)
-        if values.ndim == 5:  # clips: the frame shown
-            values = values[:, :, min(self.frame, values.shape[2] - 1)]
+    def _draw_concept_patches(self, per_concept: int = 3) -> None:
+        """Each concept's strongest images in the picker, cropped as the references are
+        (the box of its map above half the maximum, at the layer's resolution)."""
+        small = torch.as_tensor(self.factors.maps_layer.values)  # (image, concept, v, u)
+        peaks = small.flatten(2).amax(dim=2)                     # (image, concept)
         self.patches_title.value = ("<b>NMF concepts</b>: each one's strongest patches among "
-                                    "the images in the picker")
+                                    "the images in the picker (a button opens the image)")
         tiles = []
-        for j in range(values.shape[1]):
-            for position in np.argsort(-values[:, j].reshape(len(values), -1).max(axis=1))[:3]:
-                box = half_max_box(values[position, j])
+        for j in range(small.shape[1]):
+            best = torch.sort(-peaks[:, j], stable=True).indices[:per_concept].tolist()
+            boxes = patch_boxes(small[best, j], self.images.shape[-2:]).tolist()
+            for position, box in zip(best, boxes, strict=True):
                 tiles.append(self._patch_tile(
-                    int(position), box, f"c{j} · {self.controls['image'].options[position][0]}",
-                    lambda _, p=int(position): setattr(self.controls["image"], "value", p),
-                    f"concept {j}", border=_css(CONCEPT_COLORS[j])))
+                    position, tuple(box), f"c{j} {self.controls['image'].options[position][0]}",
+                    lambda _, p=position: setattr(self.controls["image"], "value", p),
+                    f"concept {j}", border=_css(CONCEPT_COLORS[j]), picked=True))
         self.patches.children = tiles
 
     def _export_panels(self) -> list[tuple[xr.DataArray, Any]]:
@@ -671,19 +677,6 @@ def activation_map(ex: Explainer, layer: str, channels: Sequence[int] | None = N
     return xr.DataArray(values.cpu().numpy().astype(np.float32), dims=dims,
                         attrs={"method": "activation", "layer": layer, "signed": 0,
                                "channels": list(channels) if channels is not None else []})
-
-
-def half_max_box(values: np.ndarray) -> tuple[int, int, int, int]:
-    """The bounding box (y0, x0, y1, x1), end exclusive, of a 2-D map above half its
-    maximum (the whole map when it is flat).
-
-    >>> half_max_box(np.array([[0, 0, 0], [0, 4, 3], [0, 1, 0]]))
-    (1, 1, 2, 3)
-    """
-    peak = values.max()
-    mask = values > peak / 2 if peak > 0 else np.ones_like(values, dtype=bool)
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
 def crop_thumbnail(image: Any, box: tuple[int, int, int, int], px: int = PATCH_PX
