@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -36,6 +38,16 @@ def test_shapes_vit_ships_and_is_small(loaded) -> None:
     assert isinstance(loaded.model, ShapesViT) and not loaded.model.training
     checkpoint = torch.load(WEIGHTS_DIR / "shapes-vit.pt", weights_only=True)
     assert checkpoint["test_accuracy"] >= 0.95 and checkpoint["architecture"] == "shapes-vit"
+
+
+def test_loads_without_network(monkeypatch) -> None:
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    model, _, classes = xw.models.load("shapes-vit")
+    assert isinstance(model, ShapesViT) and len(classes) == 4
 
 
 def test_accuracy_on_fresh_shapes(loaded, fresh_shapes) -> None:
