@@ -13,7 +13,8 @@ The attention is read without changing the model: forward hooks on each attentio
 recompute ``softmax(q kᵀ · scale)`` in the one forward pass, so timm's ``fused_attn``
 stays on. Refused, with the reason: windowed attention (Swin, MaxViT), spatial-
 reduction attention (PVT), attention with learned biases (LeViT), attention over
-unfolded patches (MobileViT), rotary embeddings or masks, and models without attention.
+unfolded patches (MobileViT), masks, and models without attention. EVA-02's rotary
+embeddings are applied to the hooked queries and keys with timm's own function.
 
 >>> import timm, torch, xaiwidgets as xw  # doctest: +SKIP
 >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8)  # doctest: +SKIP
@@ -129,6 +130,7 @@ class _Recorder:
         self.rollout: torch.Tensor | None = None
         self.grids: list[int] = []  # token count of every attention met
         self.query: torch.Tensor | None = None
+        self.rope: torch.Tensor | None = None  # the rotary embedding of the current call
         self.refusal: str | None = None
         self.prefix = 0
         self.owner = threading.get_ident()
@@ -171,13 +173,20 @@ class _Recorder:
                     self.attend(name, q, k, q.shape[-1] ** -0.5)
             return [module.register_forward_pre_hook(on_call, with_kwargs=True)]
 
+        rotary = isinstance(getattr(module, "num_prefix_tokens", None), int)  # timm's EVA
+
         def on_attention(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            extra = {k: v for k, v in kwargs.items() if v is not None and k != "is_causal"}
+            if threading.get_ident() != self.owner:
+                return
+            self.rope = kwargs.get("rope") if rotary else None
+            extra = {k: v for k, v in kwargs.items() if v is not None
+                     and k != "is_causal" and not (rotary and k == "rope")}
             extra.update({str(i): a for i, a in enumerate(args[1:]) if a is not None})
-            if extra and threading.get_ident() == self.owner:
+            if extra:
                 self.refusal = self.refusal or (
-                    f"{name!r} is called with {sorted(extra)} (rotary embeddings or a "
-                    "mask): its attention is not softmax(q kᵀ · scale) of the hooked q, k")
+                    f"{name!r} is called with {sorted(extra)} (a mask or rotary embeddings "
+                    "it applies its own way): its attention is not softmax(q kᵀ · scale) "
+                    "of the hooked q, k")
 
         def on_query(_mod: nn.Module, _args: Any, output: torch.Tensor) -> None:
             if threading.get_ident() == self.owner:
@@ -185,12 +194,26 @@ class _Recorder:
 
         def on_key(_mod: nn.Module, _args: Any, output: torch.Tensor) -> None:
             if threading.get_ident() == self.owner and self.query is not None:
-                self.attend(name, self.query, output, float(module.scale))
+                q, k = self.query, output
+                if self.rope is not None:  # EVA-02: rotate the patch tokens, as it does
+                    q, k = (_rotate(t, self.rope, module) for t in (q, k))
+                self.attend(name, q, k, float(module.scale))
                 self.query = None
 
         return [module.register_forward_pre_hook(on_attention, with_kwargs=True),
                 module.q_norm.register_forward_hook(on_query),
                 module.k_norm.register_forward_hook(on_key)]
+
+
+def _rotate(t: torch.Tensor, rope: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """timm EVA's rotary embedding of queries or keys ``t`` (N, heads, L, d): the patch
+    tokens rotated by ``rope`` with timm's own function, the prefix tokens kept."""
+    from timm.layers import apply_rot_embed_cat
+
+    lead = module.num_prefix_tokens
+    half = getattr(module, "rotate_half", False)
+    return torch.cat([t[:, :, :lead], apply_rot_embed_cat(t[:, :, lead:], rope, half=half)],
+                     dim=2)
 
 
 def _discard(fused: torch.Tensor, ratio: float, prefix: int) -> torch.Tensor:
