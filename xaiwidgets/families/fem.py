@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import xarray as xr
+from torch import nn
 
 from ..core import layers as _layers
 from ..core.ops import map_dims, minmax, model_tag, upsample
@@ -90,6 +91,58 @@ def fem_channel_shares(activation: torch.Tensor, K: float = 1.0) -> torch.Tensor
     return torch.where(total != 0, terms / total.where(total != 0, 1), 0)
 
 
+#: modules whose output is an affine map of their input: before any activation, signed
+_PRE_ACTIVATION = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
+                   nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def post_activation(ctx: Context, layer: str) -> str | None:
+    """The nearest layer after the activation, when ``layer``'s output comes before it
+    (the last module to finish inside it is a convolution or a normalisation: signed
+    values); ``None`` when ``layer`` is an activation or a block output, or when no
+    activation follows it. The nearest is the first activation module (called once)
+    after ``layer`` in execution order, or the block it ends.
+
+    FEM is defined on non-negative features: with a signed channel, μ_k < 0 subtracts
+    where the channel fires, and on the shipped shapes-video model FEM on convolution
+    outputs anti-correlates with the gaze (docs/methods.md, FEM on video).
+    """
+    order = list(ctx.shapes())
+    if layer not in order:
+        return None
+    at = order.index(layer)
+    inside = [name for name in order[:at] if name.startswith(layer + ".")]
+    last = _layers.resolve_layer(ctx.model, inside[-1] if inside else layer)
+    if not isinstance(last, _PRE_ACTIVATION):
+        return None
+    blocks = set(ctx.block_layers())
+    calls = ctx._calls
+    for position in range(at + 1, len(order)):
+        name = order[position]
+        if name in blocks:
+            return name
+        module = _layers.resolve_layer(ctx.model, name)
+        if isinstance(module, _layers._ACTIVATIONS) and calls.get(name, 1) == 1:
+            # the activation that ends a block is named by the block (ex.layers())
+            after = order[position + 1] if position + 1 < len(order) else None
+            if after in blocks and ctx.shapes()[after] == ctx.shapes()[name]:
+                return after
+            return name
+    return None
+
+
+def check_post_activation(ctx: Context, layer: str) -> None:
+    """Refuse a ``layer`` before its activation, naming :func:`post_activation`'s."""
+    nearest = post_activation(ctx, layer)
+    if nearest is not None:
+        raise ValueError(
+            f"FEM is defined on activations after the non-linearity; {layer!r} is a "
+            "convolution's (or normalisation's) output before its activation, whose "
+            "signed values make channels with a negative mean subtract where they fire "
+            f"(the map then anti-correlates with the features). Use layer={nearest!r}, "
+            "the nearest layer after the activation")
+
+
 def resolve_layers(ctx: Context, layers: str | Sequence[str] | None) -> list[str]:
     """Layer names for a FEM stack: ``None`` = ``ctx.block_layers()``; a comma-joined
     string or a sequence of names, each checked against the model."""
@@ -107,6 +160,8 @@ def resolve_layers(ctx: Context, layers: str | Sequence[str] | None) -> list[str
         raise ValueError("layers is empty: pass layer names from Explainer.layers()")
     for name in names:
         _layers.resolve_layer(ctx.model, name)  # unknown names fail before any forward pass
+    for name in names:
+        check_post_activation(ctx, name)
     return names
 
 
@@ -193,6 +248,14 @@ class FEM(Method):
     class_agnostic = True
     normalize_output = True
     params = (K_PARAM,)
+
+    def check(self, ctx, layer, params) -> None:
+        check_post_activation(ctx, layer)
+
+    def default_layer(self, ctx: Context) -> str | None:
+        """The deepest feature map (``ctx.default_layer()``), after its activation."""
+        layer = ctx.default_layer()
+        return post_activation(ctx, layer) or layer
 
     def attribute(self, ctx, target, layer, K) -> torch.Tensor:
         return fem_map(ctx.activations([layer])[layer], K)
