@@ -110,7 +110,7 @@ def _sensitivity_result(name: str, reduce: Callable, explainer: Any, method: str
 def max_sensitivity(explainer: Explainer | nn.Module, method: str, target: Any = None,
                     seed: int = 0, **options: Any) -> Any:
     """Max-sensitivity (Yeh et al. 2019; Quantus ``MaxSensitivity``): the largest relative
-    change of the map over the perturbations of :func:`sensitivity` (``options`` as
+    change of the map over the perturbations of ``sensitivity`` (``options`` as
     there: ``n_samples``, ``radius``, ``params``, ...); ≥ 0, lower is better.
 
     Returns an ``xr.Dataset`` with ``max_sensitivity`` (image).
@@ -124,7 +124,7 @@ def max_sensitivity(explainer: Explainer | nn.Module, method: str, target: Any =
 def avg_sensitivity(explainer: Explainer | nn.Module, method: str, target: Any = None,
                     seed: int = 0, **options: Any) -> Any:
     """Avg-sensitivity (Yeh et al. 2019; Quantus ``AvgSensitivity``): the mean relative
-    change of the map over the perturbations of :func:`sensitivity`; ≥ 0, lower is better.
+    change of the map over the perturbations of ``sensitivity``; ≥ 0, lower is better.
 
     Returns an ``xr.Dataset`` with ``avg_sensitivity`` (image).
 
@@ -158,7 +158,7 @@ def random_logit(
     explainer: Explainer | nn.Module, method: str, target: Any = None, seed: int = 0, *,
     params: Mapping | None = None, images: Any = None, preprocess: Callable | None = None,
 ) -> Any:
-    """Random logit test (Sixt et al. 2020; Quantus ``RandomLogit``): :func:`flat_ssim` of
+    """Random logit test (Sixt et al. 2020; Quantus ``RandomLogit``): ``flat_ssim`` of
     the map for the target and the map for a random other class, each divided by its
     largest absolute value (Quantus' ``normalise=True``, which divides by the largest
     value of the whole batch: here each map is its own), the class drawn as Quantus does
