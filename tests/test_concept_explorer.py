@@ -109,11 +109,15 @@ def test_controls_change_the_channels(explorer, model, images, measure):
                                   expected_ranking(expected, 10))
     assert explorer.controls["target"].disabled == (measure in ("fem", "activation"))
     # another layer: its own channels
-    explorer.controls["layer"].value = "0"
-    assert explorer.contributions.sizes["channel"] == 6
+    explorer.controls["layer"].value = "1"
+    assert explorer.error is None and explorer.contributions.sizes["channel"] == 6
     np.testing.assert_allclose(explorer.contributions.values,
-                               ex.channels("0", method=measure, target=target).values[0],
+                               ex.channels("1", method=measure, target=target).values[0],
                                rtol=1e-5, atol=1e-7)
+    if measure == "fem":  # the engine refuses FEM before the ReLU: shown inline, named
+        explorer.controls["layer"].value = "0"
+        assert explorer.error.startswith("ValueError") and "layer='1'" in explorer.error
+        assert explorer.contributions.sizes["channel"] == 6  # the last result stays
     reset(explorer)
 
 
