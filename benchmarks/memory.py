@@ -1,4 +1,6 @@
-"""Peak memory of IG / SmoothGrad with many samples: bounded by ``batch_size``, not ``n``.
+"""Peak memory of IG / SmoothGrad with many samples: bounded by ``batch_size``, not ``n``;
+and resident memory over many rounds of explanations (``python -m benchmarks.memory
+rounds 60``: with and without :mod:`xaiwidgets.core.memory`'s trim).
 
 Each configuration runs in a fresh subprocess (``python -m benchmarks.memory '<json>'``)
 so one run's allocations cannot hide another's. On CPU the peak resident set size
@@ -69,8 +71,54 @@ def attribution(spec: dict[str, Any], setup) -> Any:
         stdevs=0.15 * float(x.max() - x.min()), target=setup.targets, abs=False)
 
 
+#: the long-running-kernel case: five methods per round, each round a fresh Explainer
+ROUND_METHODS: dict[str, dict[str, Any]] = {
+    "gradient": {}, "integrated_gradients": {"steps": 16}, "lrp": {}, "deeplift": {},
+    "gradcam": {},
+}
+#: rounds before the reference resident size is taken (caches, allocator pools)
+WARMUP_ROUNDS = 5
+
+
+def rounds_rss(spec: dict[str, Any]) -> dict[str, Any]:
+    """Resident memory over ``spec["rounds"]`` rounds of :data:`ROUND_METHODS` on fresh
+    Explainers (torchvision ResNet18, random weights, ``batch`` images at ``size``²).
+
+    ``trim=False`` switches :mod:`xaiwidgets.core.memory` off: glibc then keeps the
+    freed heap (the retention this measures). Reported: the resident size after
+    :data:`WARMUP_ROUNDS` rounds and the largest and final growth over it (MiB).
+    """
+    import gc
+
+    import torchvision
+
+    from xaiwidgets.core import memory
+
+    memory.ENABLED = bool(spec.get("trim", True))
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    images = torch.rand(spec.get("batch", 4), 3, spec.get("size", 64), spec.get("size", 64))
+    rss = []
+    for _ in range(int(spec["rounds"])):
+        ex = xw.Explainer(model, images, progress=False)
+        for method, params in ROUND_METHODS.items():
+            ex.explain(method, **params)
+        del ex
+        gc.collect()
+        rss.append(rss_bytes() or 0)
+    warm = rss[min(WARMUP_ROUNDS, len(rss)) - 1]
+    after = rss[WARMUP_ROUNDS:] or [warm]
+    return {**spec, "warm_mib": warm / 2**20, "max_growth_mib": (max(after) - warm) / 2**20,
+            "final_growth_mib": (after[-1] - warm) / 2**20, "xaiwidgets": xw.__version__}
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """Peak memory (MiB) of one configuration, in this process."""
+    """Peak memory (MiB) of one configuration, in this process (a ``rounds`` spec:
+    :func:`rounds_rss`)."""
+    if "rounds" in spec:
+        return rounds_rss(spec)
     device = torch.device(spec.get("device", "cpu"))
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -126,4 +174,17 @@ def memory_specs(model: str, size: int, device: str, n: int, batch_sizes: list[i
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(json.loads(sys.argv[1]))))
+    if sys.argv[1:2] == ["rounds"]:  # python -m benchmarks.memory rounds [N]
+        n = int(sys.argv[2]) if len(sys.argv) > 2 else 60
+        print("| malloc_trim | rounds | RSS after warm-up (MiB) | max growth | final growth |")
+        print("|---|---|---|---|---|")
+        for trim in (False, True):
+            row = measure_in_subprocess({"rounds": n, "trim": trim, "size": 64, "batch": 4},
+                                        timeout=3600)
+            if "error" in row:
+                print(f"| {'on' if trim else 'off'} | {n} | error: {row['error']} | | |")
+                continue
+            print(f"| {'on' if trim else 'off'} | {n} | {row['warm_mib']:.0f} | "
+                  f"{row['max_growth_mib']:+.0f} | {row['final_growth_mib']:+.0f} |")
+    else:
+        print(json.dumps(measure(json.loads(sys.argv[1]))))

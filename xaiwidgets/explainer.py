@@ -23,6 +23,7 @@ from torch import nn
 
 from .core import channels as _channels
 from .core import layers as _layers
+from .core import memory as _memory
 from .core import tokens as _tokens
 from .core.context import Context, OutputSelector, ProgressCallback
 from .core.inputs import as_image_batch, channel_mismatch
@@ -325,7 +326,11 @@ class Explainer:
                 raw = attribute(ctx, target_t, layer, **resolved)
         if channels is not None:
             extra["channels"] = chosen.tolist()
-        return self.pack(raw, m, target_t, layer, reduce, resolved, extra)
+        packed = self.pack(raw, m, target_t, layer, reduce, resolved, extra)
+        # the call's transient buffers are freed: hand the heap pages back to the OS
+        # (glibc keeps them otherwise; rate-limited, see core.memory)
+        _memory.release_memory()
+        return packed
 
     def pack(
         self,
