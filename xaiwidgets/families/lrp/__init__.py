@@ -221,8 +221,9 @@ def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite: str,
 
     1. A :func:`shadow_copy` of the model is traced (:func:`trace`); each BatchNorm is
        merged into the conv/linear layer whose output it normalises (on the copy).
-    2. Rules go on the copy; one modified forward/backward pass gives the relevance,
-       and operations the rules cannot see are recorded (:func:`unseen_operations`).
+    2. Rules go on the copy (the kept engine, :class:`Canonized`, with ``keep=False``):
+       one forward and one backward pass give the relevance, and operations the rules
+       cannot see are recorded (:func:`unseen_operations`).
     3. The canonized logits must equal the plain ones (see :meth:`Canonized.build`).
 
     The user's model is only read: nothing is registered, merged or flagged on it.

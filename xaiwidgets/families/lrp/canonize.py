@@ -203,7 +203,7 @@ def block_canonizers(model: nn.Module) -> list[Canonizer]:
     """zennit's canonizers that make torchvision ResNet residual sums explicit ``Sum``
     modules (the Norm rule then splits relevance in proportion), if the model has such
     blocks, and :class:`VideoBlockCanonizer` for the video ResNets' blocks. Other
-    residual additions are reported by :func:`unseen_operations`."""
+    residual additions are reported by ``unseen.unseen_operations``."""
     found = []
     if any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
         found += [ResNetBasicBlockCanonizer(), ResNetBottleneckCanonizer()]

@@ -12,7 +12,7 @@ from .rules import EPSILON_LOW
 from .unseen import describe_unseen
 
 #: relative conservation error above which a warning fires, where the rules must
-#: conserve (see :func:`lrp`): float32 LRP-0 without biases conserves to ~1e-5 and the
+#: conserve (see ``lrp.lrp``): float32 LRP-0 without biases conserves to ~1e-5 and the
 #: stabilisers (1e-6, ε ≤ 1e-3) absorb well under 1 %; what the rules cannot see
 #: (a functional residual add doubles relevance, a functional 2x2 mean divides it by 4)
 #: is off by far more
@@ -20,7 +20,7 @@ CONSERVATION_TOLERANCE = 0.05
 
 
 class LRPWarning(UserWarning):
-    """An LRP map that is not what its rules promise (see :func:`lrp`)."""
+    """An LRP map that is not what its rules promise (see :func:`~xaiwidgets.families.lrp.lrp`)."""
 
 
 def warn_about(result: Explanation) -> None:

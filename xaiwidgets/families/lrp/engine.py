@@ -43,7 +43,7 @@ from .unseen import unseen_operations
 
 @dataclass
 class Explanation:
-    """Result of :func:`lrp`: relevance and what was done to get it."""
+    """Result of :func:`~xaiwidgets.families.lrp.lrp`: relevance and what was done to get it."""
 
     relevance: torch.Tensor
     #: |Σ R − f_target(x)| / |f_target(x)| per image
@@ -371,7 +371,7 @@ def _record_outputs(shadow: nn.Module) -> dict[str, torch.Tensor]:
 
     for name, module in shadow.named_modules():
         if name:
-            module.register_forward_hook(keeper(name))
+            module.register_forward_hook(keeper(name))  # on the copy, as in _attach
     return outputs
 
 
@@ -390,6 +390,8 @@ def _attach(shadow: nn.Module, merged: frozenset[int]) -> dict[int, _Slot]:
         slot = _Slot(module, own=isinstance(module, (AnyLinear, BatchNorm, Sum, AvgPool)))
         if id(module) in merged:  # now the identity: relevance passes, no BN backward
             slot.own, slot.rule = False, Pass()
+        # the copy's own hook dictionary (shadow_copy): it lives as long as the copy and
+        # never reaches the user's model, so there is nothing for a Scope to undo
         module.register_forward_hook(slot.hook, with_kwargs=True)
         slots[id(module)] = slot
     return slots

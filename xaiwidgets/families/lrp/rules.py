@@ -67,7 +67,7 @@ class _ShiftedDenominator:
     """Mixin for zennit rules whose only modification is the division of the output
     gradient by ``z + ε·sign(z)`` (sign 0 → +1): it remembers ε, a float, so the kept
     engine can evaluate that stabiliser with a kept sign in one fused op
-    (:meth:`_Slot.relevance`); the numbers are zennit's, bit for bit."""
+    (``engine._Slot.relevance``); the numbers are zennit's, bit for bit."""
 
     epsilon: float
 
@@ -104,7 +104,7 @@ class NormRule(_ShiftedDenominator, Norm):
 
 class ZPlusRule(ZPlus):
     """zennit's LRP-z⁺ that remembers its stabiliser (a float), for the kept engine's
-    path on non-negative inputs (:func:`nonnegative_layer`).
+    path on non-negative inputs (``fast_terms.nonnegative_layer``).
 
     >>> ZPlusRule(1e-6).copy().stabilizer
     1e-06
@@ -120,7 +120,7 @@ class ZPlusRule(ZPlus):
 
 class GammaRule(Gamma):
     """zennit's generalised LRP-γ that remembers γ and its stabiliser (floats), so the
-    kept engine can use its linearity in γ (:func:`nonnegative_layer`).
+    kept engine can use its linearity in γ (``fast_terms.nonnegative_layer``).
 
     >>> GammaRule(0.5).copy().gamma
     0.5
