@@ -55,6 +55,14 @@ def test_layouts_of_hand_worked_shapes(shape, size, prefix, expected):
     assert layout_of(nn.Identity(), "layer", shape, size, prefix=prefix) == expected
 
 
+def test_a_grid_given_for_every_layer_skips_layers_it_does_not_fit():
+    assert layout_of(nn.Identity(), "a", (1, 50, 8), (28, 28), grid=(7, 7)) == Grid(
+        "tokens", 1, 7, 7)
+    assert layout_of(nn.Identity(), "b", (1, 196, 8), (28, 28), grid=(7, 7)) is None
+    assert layout_of(nn.Identity(), "b", (1, 196, 8), (28, 28), grid={"b": (14, 14)}) == Grid(
+        "tokens", 0, 14, 14)
+
+
 def test_to_map_keeps_the_patch_tokens_in_row_major_order():
     tokens = torch.arange(2 * 7 * 3, dtype=torch.float32).reshape(2, 7, 3)  # 1 + 2x3
     fmap = Grid("tokens", 1, 2, 3).to_map(tokens)

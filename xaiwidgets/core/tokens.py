@@ -205,7 +205,9 @@ def layout_of(model: nn.Module, name: str, shape: Sequence[int], size: Sequence[
     length = shape[1]
     if isinstance(given, tuple):
         lead = length - given[0] * given[1]
-        if lead < 0:
+        # a grid given for every layer fits only where the leading tokens are fewer than
+        # the patches (another stage of a hierarchical model is no such layer)
+        if lead < 0 or (not isinstance(grid, Mapping) and lead >= given[0] * given[1]):
             return None
         return Grid("tokens", lead, *given)
     lead = prefix_tokens(model) if prefix is None else prefix
