@@ -19,7 +19,8 @@ when only ``(N, h, w, C)`` has that aspect ratio. When both readings fit (``C`` 
 layer norms: channels-last); when nothing decides, or several token grids fit, the
 layer is *ambiguous* and asking for it raises :class:`TokenGridError`, which says how
 to give the grid: ``Explainer(model, images, grid=(h, w))`` (every token layer of that
-grid) or ``grid={"blocks.3": (h, w)}`` per layer.
+grid) or ``grid={"blocks.3": (h, w)}`` per layer (``"channels_last"`` or
+``"channels_first"`` for a 4-D output whose channel count equals its side).
 
 >>> model = torch.nn.Identity()
 >>> grid = layout_of(model, "blocks.0", (1, 65, 192), (32, 32), prefix=1)
