@@ -362,3 +362,15 @@ def test_clips_get_channels_and_conditional_maps():
     np.testing.assert_allclose(np.asarray(c.grid.heatmap(1).z, dtype=float),
                                expected.values[0, 3], rtol=1e-3, atol=1e-4)
     assert isinstance(c.usage, str)  # no patches for clips: said in the panel
+
+
+def test_exports(explorer, tmp_path):
+    """PNG: the measure's map and the channel's map; the handout steps through measures
+    with both figures (bars included) in each state."""
+    reset(explorer)
+    assert explorer.png_bytes().startswith(b"\x89PNG")
+    page = explorer.export_html(tmp_path / "concepts.html", sweep={"measure": ["lrp", "fem"]},
+                                progress=False)
+    text = page.read_text()
+    assert "top channels of" in text and "by fem" in text and "by lrp" in text
+    reset(explorer)

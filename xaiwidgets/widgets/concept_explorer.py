@@ -607,6 +607,16 @@ class ConceptExplorer(ExplorerBase):
                     f"concept {j}", border=_css(CONCEPT_COLORS[j]), picked=True))
         self.patches.children = tiles
 
+    def _export_sweep(self) -> list[str]:
+        """A handout steps through the images and the measures."""
+        return ["image", "measure"]
+
+    def _export_figures(self) -> list[Any]:
+        return [self.figure, self.bar_figure]
+
+    def _export_html_parts(self) -> list[str]:
+        return [self.usage_html.value]
+
     def _export_panels(self) -> list[tuple[xr.DataArray, Any]]:
         return [(self.overall, self.image_frame()), (self.result, self.image_frame())]
 
