@@ -168,6 +168,14 @@ def choose(page, path: Path) -> None:
     chooser.value.set_files(str(path))
 
 
+def wait_drawn(page, name: str) -> None:
+    """Wait until a figure's panel title names the uploaded file (the picture is drawn)."""
+    page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot "
+                           ".annotation-text')].some(t => t.textContent.includes("
+                           f"{json.dumps(name)}))", timeout=120_000)
+    page.wait_for_timeout(1000)  # plotly finishes drawing the picture
+
+
 def wait_message(page, text: str, timeout: float = 120_000) -> str:
     page.wait_for_function(f"() => ({MESSAGE})().includes({json.dumps(text)})",
                            timeout=timeout)
@@ -198,10 +206,7 @@ def test_real_uploads_in_voila(voila_app, chromium_fixture, tmp_path):  # noqa: 
         choose(page, photo)
         text = wait_message(page, "phone.jpg (image 6)", timeout=240_000)
         assert "Added" in text
-        # it shows: the picker, the first panel's title and a seventh thumbnail
-        page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot "
-                               ".gtitle, .js-plotly-plot .annotation-text')].some("
-                               "t => t.textContent.includes('phone.jpg'))", timeout=120_000)
+        wait_drawn(page, "phone.jpg")   # the picture panel's title, the picker below
         assert page.locator("select:visible option", has_text="6: phone.jpg").count() == 1
         page.wait_for_timeout(1500)
         shot = page.screenshot(path=ARTIFACTS / "app_1_phone_photo.png", full_page=True)
@@ -247,9 +252,15 @@ def test_real_uploads_in_voila(voila_app, chromium_fixture, tmp_path):  # noqa: 
           const g = [...document.querySelectorAll('.js-plotly-plot')].find(
               g => g.offsetParent && g.querySelector('.legend .traces'));
           const r = e => { const b = e.getBoundingClientRect(); return [b.top, b.bottom]; };
-          return {legend: r(g.querySelector('.legend')), title: r(g.querySelector('.xtitle'))};
+          const entries = [...g.querySelectorAll('.legend .traces')];
+          return {legend: r(g.querySelector('.legend')), title: r(g.querySelector('.xtitle')),
+                  figure: r(g.querySelector('.main-svg')), entries: entries.length,
+                  rows: new Set(entries.map(e => Math.round(r(e)[0]))).size};
         }""")
-        assert boxes["legend"][0] >= boxes["title"][1] - 1, boxes
+        (ARTIFACTS / "app_legend.json").write_text(json.dumps(boxes))
+        assert boxes["legend"][0] >= boxes["title"][1] - 1, boxes      # below the title
+        assert boxes["legend"][1] <= boxes["figure"][1] + 1, boxes     # inside the figure
+        assert boxes["rows"] == -(-boxes["entries"] // 2), boxes       # two entries a row
         scores = page.locator(".js-plotly-plot:visible", has=page.locator(".legend .traces"))
         scores.first.screenshot(path=ARTIFACTS / "app_5_compare_scores.png")
         # the thumbnails wrap inside the controls column: none sticks out of the window
@@ -357,4 +368,5 @@ def test_phone_photo_through_binders_voila(binder_server, chromium_fixture, tmp_
         choose(page, photo)
         assert "Added phone.jpg (image 6)" in wait_message(page, "phone.jpg (image 6)",
                                                            timeout=240_000)
+        wait_drawn(page, "phone.jpg")
         page.screenshot(path=ARTIFACTS / "app_binder_phone_photo.png")

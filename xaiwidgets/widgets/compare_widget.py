@@ -109,7 +109,8 @@ class CompareWidget(ExplorerBase):
         self.figure.layout.width = cols * (FIT_PX // 2)  # fits a notebook at a 900 px window
         self._shown_image: int | None = None
         self.top5.value = top5_html(self.controls["target"].options)
-        self.live = LiveScores(enabled=self.background)  # every map: deletion/insertion
+        self.live = LiveScores(enabled=self.background,  # every map: deletion/insertion
+                               maps=len(self.methods))
         side = self._side([*self._frame_row(), self._box(["target"]), self.top5,
                            self._box(["layer", *sorted(VIEW)]), self.live,
                            self._upload_control(), self._export_controls(), self.busy_box])

@@ -35,7 +35,7 @@ from .figures import LiveFigureWidget
 #: fraction of the pixels removed / inserted per step of the curves
 STEP = 0.05
 #: the curves' plot: its height without legend, the bottom margin for the tick labels and
-#: the axis title, and one row of the legend below them (two entries a row), in px
+#: the axis title, and one row of the legend below them (one map's two curves), in px
 PLOT_PX, AXIS_PX, LEGEND_ROW_PX = 190, 40, 18
 #: one colour per scored map (deletion solid, insertion dotted)
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
@@ -98,10 +98,11 @@ class LiveScores(W.VBox):
     ``update(explainer, saliency, gaze=None)`` computes and shows them; widgets call
     :meth:`run` from their background job once the map is drawn. ``scores`` and
     ``curves`` hold the last values (per label when several maps are scored);
-    ``clear()`` marks them stale while a new map is computed.
+    ``clear()`` marks them stale while a new map is computed. ``maps``: how many maps are
+    scored together (the plot leaves room for their legend).
     """
 
-    def __init__(self, step: float = STEP, enabled: bool = True) -> None:
+    def __init__(self, step: float = STEP, enabled: bool = True, maps: int = 1) -> None:
         super().__init__()
         self.step = step
         #: :meth:`run` scores only when enabled (widgets: in the background, where the
@@ -111,11 +112,19 @@ class LiveScores(W.VBox):
         self.curves: dict[str, Any] = {}
         self.table = W.HTML(layout=W.Layout(min_height="1.6em"))
         self.figure = LiveFigureWidget()
+        # room for the legend of ``maps`` maps (two curves each) below the axis title, set
+        # once: a size changed later is lost when a page first draws the plot in a hidden tab
+        legend_px = LEGEND_ROW_PX * max(1, int(maps))
         self.figure.update_layout(
-            width=300, height=PLOT_PX, margin={"l": 40, "r": 10, "t": 10, "b": AXIS_PX},
+            width=300, height=PLOT_PX + legend_px,
+            margin={"l": 40, "r": 10, "t": 10, "b": AXIS_PX + legend_px},
             xaxis={"title": "fraction of pixels", "range": [0, 1]},
             yaxis={"title": "probability", "range": [0, 1.02]},
-            legend={"font": {"size": 9}}, showlegend=True)
+            # below the axis title, two entries (a map's deletion and insertion) a row
+            legend={"font": {"size": 9}, "orientation": "h", "yref": "container", "y": 0,
+                    "yanchor": "bottom", "x": 0, "entrywidthmode": "fraction",
+                    "entrywidth": 0.5},
+            showlegend=True)
         #: the curves' plot in a box (plotly's ``layout`` is not a widget layout: hide the box)
         self.figure_box = W.Box([self.figure])
         self.children = [self.table, self.figure_box]
@@ -198,15 +207,9 @@ class LiveScores(W.VBox):
         self.table.value = "<br>".join(lines)
         # clips have no curves (deletion/insertion: still images only): no empty plot
         set_visible(self.figure_box, any(len(c) for r in results.values() for c in r[1].values()))
-        # the legend below the axis title, two entries a row, the plot grown to hold them
-        legend_px = LEGEND_ROW_PX * -(-len(traces) // 2)
         with self.figure.batch_update():
             self.figure.data = []
             self.figure.add_traces(traces)
-            self.figure.update_layout(
-                height=PLOT_PX + legend_px, margin={"b": AXIS_PX + legend_px},
-                legend={"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom",
-                        "x": 0, "entrywidthmode": "fraction", "entrywidth": 0.5})
 
     def show_error(self, err: BaseException) -> None:
         self.clear(f"scores unavailable: {type(err).__name__}: {err}")
