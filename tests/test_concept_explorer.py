@@ -298,7 +298,8 @@ def test_concept_overlay_colours_the_strongest_concept():
     maps[0, 0, 0], maps[1, 1, 1] = 1.0, 0.5
     out = cx.concept_overlay(maps, np.zeros((3, 2, 2)), opacity=1.0)
     np.testing.assert_array_equal(out[0, 0], cx.CONCEPT_COLORS[0])
-    np.testing.assert_array_equal(out[1, 1], np.round(np.asarray(cx.CONCEPT_COLORS[1]) * 0.5))
+    np.testing.assert_array_equal(out[1, 1],
+                                  np.round(np.asarray(cx.CONCEPT_COLORS[1]) * np.sqrt(0.5)))
     np.testing.assert_array_equal(out[0, 1], [0, 0, 0])
 
 

@@ -339,7 +339,8 @@ class ConceptExplorer(ExplorerBase):
     def _redraw(self, changed: set[str]) -> None:
         if changed & VIEW:
             self.grid.restyle(*self._view_values(changed))
-        if changed & {"frame", "mode", "concepts"}:
+        if changed & {"frame", "mode", "concepts"} or (
+                "opacity" in changed and self.controls["mode"].value == CONCEPTS):
             self._draw()
 
     def _compute(self, changed: set[str]) -> Publish:
@@ -573,7 +574,8 @@ class ConceptExplorer(ExplorerBase):
     # -------------------------------------------------------------- concepts
     def _draw_concept_map(self, index: int) -> None:
         maps = np.asarray(self.factors.maps.isel(image=index).values, dtype=np.float64)
-        composite = concept_overlay(maps, self.image_frame(index))
+        composite = concept_overlay(maps, self.image_frame(index),
+                                    opacity=0.4 + 0.6 * self.controls["opacity"].value)
         self.grid.image(1).source = image_uri(composite.transpose(2, 0, 1) / 255.0)
         self.grid.heatmap(1).z = None
         self.grid.set_title(1, f"{len(maps)} NMF concepts (colour: the strongest)")
@@ -702,14 +704,14 @@ def crop_thumbnail(image: Any, box: tuple[int, int, int, int], px: int = PATCH_P
 
 def concept_overlay(maps: np.ndarray, image: Any, opacity: float = 0.65) -> np.ndarray:
     """NMF concept maps (n, H, W) over ``image``: each pixel takes the colour of its
-    strongest concept, as opaque as that concept is strong (relative to the maximum).
-    RGB uint8 (H, W, 3)."""
+    strongest concept, as opaque as the square root of its strength relative to the
+    maximum (weak concepts stay visible). RGB uint8 (H, W, 3)."""
     rgb = rendering.display_image(image) * 255.0
     strongest = maps.argmax(axis=0)
     strength = maps.max(axis=0)
     strength = strength / strength.max() if strength.max() > 0 else strength
     colours = np.asarray(CONCEPT_COLORS, dtype=np.float64)[strongest % len(CONCEPT_COLORS)]
-    alpha = (opacity * strength)[..., None]
+    alpha = (opacity * np.sqrt(strength))[..., None]
     return np.round(rgb * (1 - alpha) + colours * alpha).astype(np.uint8)
 
 
