@@ -38,6 +38,7 @@ import xarray as xr
 from .. import rendering
 from ..concepts import class_usage, factorize, references
 from ..concepts.patches import patch_boxes
+from ..core.channels import channel_count
 from ..core.inputs import as_image_batch
 from ..core.ops import did_you_mean, minmax, upsample
 from ..datasets.adapters import ImageSource, image_source
@@ -282,18 +283,11 @@ class ConceptExplorer(ExplorerBase):
         if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)):
             raise TypeError(f"channel must be an int (a channel index of the layer), got "
                             f"{type(channel).__name__}")
-        count = self._channel_count()
+        count = channel_count(self.explainer().context, self.controls["layer"].value)
         if not 0 <= int(channel) < count:
             raise IndexError(f"channel {channel} out of range: layer "
                              f"{self.controls['layer'].value!r} has channels 0..{count - 1}")
         return int(channel)
-
-    def _channel_count(self) -> int:
-        if self.contributions is not None and \
-                self.contributions.attrs.get("layer") == self.controls["layer"].value:
-            return int(self.contributions.sizes["channel"])
-        shape = self.explainer().context.shapes()[self.controls["layer"].value]
-        return int(shape[1])
 
     def _check_box(self, y0: int, x0: int, y1: int, x1: int) -> tuple[int, int, int, int]:
         height, width = (int(s) for s in self.images.shape[-2:])
