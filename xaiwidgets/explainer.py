@@ -213,17 +213,14 @@ class Explainer:
         if m is None and params:
             raise TypeError(f"the activation measure takes no parameters, got {sorted(params)}")
         with model_guard(self.model, exclusive=m is not None and m.changes_model):
-            if m is None or m.class_agnostic:
-                terms = (_channels.activation_terms(ctx.activations([layer])[layer])
-                         if m is None else m.channel_terms(ctx, None, layer, **resolved))
-                target_t = self.resolve_target(target)
-            elif m.target_from_pass and "logits" not in ctx.valid_cache():
-                given = None if target is None else ctx.parse_target(target)
-                terms = m.channel_terms(ctx, given, layer, **resolved)
-                target_t = self.resolve_target(target)
+            if m is None:  # the activation measure ignores the target
+                terms, target_t = _with_target(
+                    ctx, "ignored", target,
+                    lambda _: _channels.activation_terms(ctx.activations([layer])[layer]))
             else:
-                target_t = self.resolve_target(target)
-                terms = m.channel_terms(ctx, target_t, layer, **resolved)
+                terms, target_t = _with_target(
+                    ctx, m.targets, target,
+                    lambda given: m.channel_terms(ctx, given, layer, **resolved))
         coords: dict[str, Any] = {"image": np.arange(self.n_images),
                                   "channel": np.arange(terms.shape[1]),
                                   "target": ("image", target_t.cpu().numpy())}
@@ -310,20 +307,8 @@ class Explainer:
             )
         with model_guard(self.model, exclusive=m.changes_model), ctx.recording() as extra:
             m.check(ctx, layer, resolved)
-            if m.class_agnostic:
-                # the target only labels the result (FEM): computing first lets the
-                # pass that fills the activation cache also give the predictions
-                raw = attribute(ctx, None, layer, **resolved)
-                target_t = self.resolve_target(target)
-            elif m.target_from_pass and "logits" not in ctx.valid_cache():
-                # the method's own pass on the images gives the predicted classes (and
-                # checks explicit ones): no separate prediction pass before it
-                given = None if target is None else ctx.parse_target(target)
-                raw = attribute(ctx, given, layer, **resolved)
-                target_t = self.resolve_target(target)
-            else:
-                target_t = self.resolve_target(target)
-                raw = attribute(ctx, target_t, layer, **resolved)
+            raw, target_t = _with_target(
+                ctx, m.targets, target, lambda given: attribute(ctx, given, layer, **resolved))
         if channels is not None:
             extra["channels"] = chosen.tolist()
         packed = self.pack(raw, m, target_t, layer, reduce, resolved, extra)
@@ -394,6 +379,31 @@ class Explainer:
             raw.to(torch.float32).cpu().numpy(), dims=dims, coords=coords, attrs=attrs,
             name=method.name,
         )
+
+
+def _with_target(ctx: Context, targets: str, target: Any,
+                compute: Callable[[torch.Tensor | None], torch.Tensor],
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``compute(t)`` with the ``t`` a method's ``targets`` declares, and the resolved
+    targets (one class index per image) that label its result.
+
+    ``"ignored"``: ``t`` is ``None``; computing first lets the pass that fills the
+    activation cache also give the predictions. ``"from_own_pass"`` (no logits cached
+    yet): ``t`` is ``None`` or the parsed given targets; the method's own pass gives the
+    predicted classes (and checks given ones), so no prediction pass runs before it.
+    Otherwise (``"resolved"``) ``t`` is the resolved targets.
+
+    >>> ctx = Context(torch.nn.Flatten(), torch.rand(2, 3, 1, 1))
+    >>> _with_target(ctx, "ignored", 1, lambda t: torch.zeros(2))[1].tolist()
+    [1, 1]
+    """
+    if targets == "ignored" or (targets == "from_own_pass"
+                                and "logits" not in ctx.valid_cache()):
+        given = None if targets == "ignored" or target is None else ctx.parse_target(target)
+        result = compute(given)
+        return result, ctx.resolve_target(target)
+    resolved = ctx.resolve_target(target)
+    return compute(resolved), resolved
 
 
 def explain(

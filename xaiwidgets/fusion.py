@@ -189,7 +189,7 @@ class MLFEM(Method):
     name = "mlfem"
     family = "fem"
     default_reduce = "map"
-    class_agnostic = True
+    targets = "ignored"
     params = (
         Param("layers", None, kind="any", optional=True,
               doc="layer names, shallowest first (default: every block output)"),

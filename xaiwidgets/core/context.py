@@ -328,8 +328,8 @@ class Context:
         """``target`` checked against this pass's ``logits``, or (``None``) their
         predicted classes.
 
-        Methods with ``Method.target_from_pass`` get targets before any prediction
-        pass: ``None`` or explicit targets whose range only this pass can check.
+        Methods whose ``Method.targets`` is ``"from_own_pass"`` get targets before any
+        prediction pass: ``None`` or explicit targets whose range only this pass can check.
         """
         if target is None:
             return logits.detach().argmax(dim=1)

@@ -28,6 +28,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .context import Context
 
 _REGISTRY: dict[str, Method] = {}
+#: the values of :attr:`Method.targets`: how a method's ``target`` is resolved
+TARGETS = ("resolved", "ignored", "from_own_pass")
+#: class attributes that ``targets`` replaces, and the value that says the same
+_REPLACED_FLAGS = {"class_agnostic": "ignored", "target_from_pass": "from_own_pass"}
 
 
 @dataclass(frozen=True)
@@ -140,13 +144,16 @@ class Method:
     uses_layer: ClassVar[bool] = False
     #: True when the map keeps a meaningful sign (diverging colormap)
     signed: ClassVar[bool] = False
-    #: True when the method ignores the target class (FEM); its ``attribute`` then gets
-    #: ``target=None`` (the target, resolved after it, only labels the result)
-    class_agnostic: ClassVar[bool] = False
-    #: True when the method accepts ``target=None`` and reads the predicted classes from
-    #: its own forward pass on the images (see ``Context.pass_target``): the first call
-    #: then runs the model once, not a prediction pass plus a gradient pass
-    target_from_pass: ClassVar[bool] = False
+    #: what ``attribute`` gets as ``target`` (one of :data:`TARGETS`):
+    #: ``"resolved"``: one class index per image, the given ones or the predicted ones
+    #: (a prediction pass runs first when none is cached);
+    #: ``"ignored"``: ``None``; the method ignores the target class (FEM), which, resolved
+    #: after it, only labels the result;
+    #: ``"from_own_pass"``: ``None`` or the given targets, unchecked; the method reads the
+    #: predicted classes from its own forward pass on the images and checks given ones
+    #: there (``Context.pass_target``), so a first call runs the model once, not a
+    #: prediction pass plus a gradient pass (with logits cached it gets resolved targets)
+    targets: ClassVar[str] = "resolved"
     #: True when ``attribute`` changes the model while it runs (no shipped method does:
     #: LRP canonizes a shadow copy); the Explainer then holds the model exclusively
     #: (other threads' calls on it wait)
@@ -160,6 +167,11 @@ class Method:
     #: the kind of model the method needs (``"self-attention"``: attention rollout), empty
     #: when any classifier will do; on other models it refuses, naming the reason
     requires: ClassVar[str] = ""
+
+    @property
+    def class_agnostic(self) -> bool:
+        """Whether the method ignores the target class (``targets == "ignored"``)."""
+        return self.targets == "ignored"
 
     def attribute(
         self, ctx: Context, target: torch.Tensor, layer: str | None, **params: Any
@@ -239,6 +251,14 @@ def register(cls: type[Method]) -> type[Method]:
     """
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    if cls.targets not in TARGETS:
+        raise ValueError(f"{cls.__name__}.targets={cls.targets!r} is not valid; choose one "
+                         f"of {list(TARGETS)}")
+    for klass in cls.__mro__[:-1]:
+        for flag, value in _REPLACED_FLAGS.items():
+            if flag in vars(klass) and klass is not Method:
+                raise TypeError(f"{klass.__name__}.{flag} is no longer read: declare "
+                                f"targets = {value!r} instead (see Method.targets)")
     _REGISTRY[cls.name] = cls()
     return cls
 

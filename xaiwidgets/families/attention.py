@@ -270,7 +270,7 @@ class AttentionRollout(Method):
     name = "attention_rollout"
     family = "attention"
     default_reduce = "map"
-    class_agnostic = True  # the class token's attention, whatever the target
+    targets = "ignored"  # the class token's attention, whatever the target
     normalize_output = True
     clip_refusal = "it reads the attention of image transformers"
     requires = "self-attention"

@@ -69,7 +69,7 @@ class GradCAM(Method):
     family = "cam"
     default_reduce = "map"
     uses_layer = True
-    target_from_pass = True
+    targets = "from_own_pass"
     normalize_output = True
 
     def attribute(self, ctx, target, layer, **params) -> torch.Tensor:
@@ -92,7 +92,7 @@ class GuidedGradCAM(Method):
     family = "cam"
     default_reduce = "map"
     uses_layer = True
-    target_from_pass = True
+    targets = "from_own_pass"
     normalize_output = True
 
     def check(self, ctx, layer, params) -> None:

@@ -303,7 +303,7 @@ class DeepLift(Method):
 
     name = "deeplift"
     family = "deeplift"
-    target_from_pass = True  # its image rows give the predictions
+    targets = "from_own_pass"  # its image rows give the predictions
     default_reduce = "sum"
     signed = True
     params = (

@@ -245,7 +245,7 @@ class FEM(Method):
     family = "fem"
     default_reduce = "map"
     uses_layer = True
-    class_agnostic = True
+    targets = "ignored"
     normalize_output = True
     params = (K_PARAM,)
 

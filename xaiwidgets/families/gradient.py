@@ -85,7 +85,7 @@ class Gradient(Method):
 
     name = "gradient"
     family = "gradient"
-    target_from_pass = True
+    targets = "from_own_pass"
     relu_rule: str | None = None
 
     def check(self, ctx, layer: str | None, params: dict[str, Any]) -> None:
@@ -171,6 +171,7 @@ class IntegratedGradients(Method):
 
     name = "integrated_gradients"
     family = "gradient"
+    targets = "resolved"
     default_reduce = "sum"
     signed = True
     quick_params = {"steps": 4}
@@ -202,6 +203,7 @@ class SmoothGrad(Method):
 
     name = "smoothgrad"
     family = "gradient"
+    targets = "resolved"
     quick_params = {"n": 3}
     params = (
         Param("n", 25, kind="int", low=1, high=10000, doc="noise samples"),

@@ -113,6 +113,7 @@ class Lime(Method):
         "there is no supervoxel segmentation of clips"
     )
     family = "perturbation"
+    targets = "resolved"  # the score drop of the given or predicted class
     default_reduce = "map"
     signed = True
     quick_params = {"n_samples": 16, "n_segments": 8}

@@ -102,6 +102,7 @@ class MeaningfulPerturbation(Method):
     name = "meaningful_perturbation"
     clip_refusal = "its blur and mask are optimised on 2-D images only"
     family = "perturbation"
+    targets = "resolved"  # the mask lowers the given or predicted class's score
     default_reduce = "map"
     quick_params = {"steps": 3}
     params = (

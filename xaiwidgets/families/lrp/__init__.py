@@ -124,7 +124,7 @@ class LRP(Method):
     """
 
     name = "lrp"
-    target_from_pass = True  # the trace pass gives the predictions
+    targets = "from_own_pass"  # the trace pass gives the predictions
     family = "lrp"
     default_reduce = "sum"
     signed = True
