@@ -135,7 +135,10 @@ display(y)
 #
 # `xw.datasets.from_folder(path)` reads an ImageFolder-style tree, `path/<class>/<picture>`,
 # resizes the pictures and labels them by folder. Here we write a few shapes images to a
-# temporary folder, as if they were your photos. A torch `Dataset` or `DataLoader` of
+# temporary folder, as if they were your photos, and one file that only looks like a
+# picture: unreadable files are skipped, with one warning naming them
+# (`on_error="raise"` stops at the first instead). Phone photos are turned upright by their
+# EXIF orientation and centre-cropped, not squashed. A torch `Dataset` or `DataLoader` of
 # `(image, label)` pairs works as well.
 
 # %%
@@ -145,7 +148,8 @@ for i in range(12):
     (folder / label).mkdir(exist_ok=True)
     picture = (ds.image.values[i].transpose(1, 2, 0) * 255).round().astype(np.uint8)
     Image.fromarray(picture).save(folder / label / f"{i}.png")
-mine = xw.datasets.from_folder(folder, size=128, classes=classes)
+(folder / label / "notes.jpg").write_text("not a photo")  # a file named like a picture
+mine = xw.datasets.from_folder(folder, size=128, classes=classes)  # warns: notes.jpg skipped
 print(mine.image.shape, mine.attrs["classes"], list(mine.file.values[:3]))
 z = xw.DatasetExplorer(vgg, mine, preprocess=preprocess, methods=["gradcam"], page_size=4)
 z.wait()
