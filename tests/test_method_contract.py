@@ -107,3 +107,48 @@ def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="choose one of"):
         register(cls)
     assert "_unknown_mode" not in xw.methods()
+
+
+def test_layer_channel_and_conditional_methods_come_from_the_classes(tiny_cnn, images):
+    """Which methods take a layer, measure channels or give conditional maps is read
+    from their classes: a newly registered method joins the lists, no name list to edit."""
+
+    class Conditional(Method):
+        name = "_conditional_probe"
+        uses_layer = True
+
+        def attribute(self, ctx, target, layer):
+            return ctx.activations([layer])[layer].sum(1)
+
+        def conditional(self, ctx, target, layer, channels):
+            return ctx.activations([layer])[layer][:, channels].sum(1)
+
+    register(Conditional)
+    try:
+        assert "_conditional_probe" in registry.layer_methods()
+        assert "_conditional_probe" in registry.conditional_methods()
+        assert "_conditional_probe" not in registry.channel_measures()
+        ex = xw.Explainer(tiny_cnn, images, progress=False)
+        layer = "0"  # the first convolution: at input size, so no upsampling
+        acts = ex.activations([layer])[layer]
+        one = ex.explain("_conditional_probe", layer=layer, channels=[1], reduce=None)
+        whole = ex.explain("_conditional_probe", layer=layer)
+        assert one.attrs["channels"] == [1] and whole.dims == ("image", "y", "x")
+        # the conditional map is the one channel's activation (no normalize_output)
+        assert acts.shape[-2:] == images.shape[-2:]
+        torch.testing.assert_close(torch.from_numpy(one.values), acts[:, 1].float())
+        with pytest.raises(ValueError, match="_conditional_probe"):
+            ex.explain("gradient", channels=[0])
+        with pytest.raises(TypeError, match="_conditional_probe"):
+            ex.explain("gradient", layer=layer)
+        with pytest.raises(ValueError, match="'lrp'"):
+            ex.channels(layer, "_conditional_probe")
+    finally:
+        registry._REGISTRY.pop("_conditional_probe", None)
+    assert registry.channel_measures()[-1] == registry.ACTIVATION
+
+
+@pytest.mark.parametrize("name", xw.methods())
+def test_every_method_says_what_its_progress_counts(name):
+    unit = xw.get_method(name).progress_unit
+    assert isinstance(unit, str) and unit.isalpha()

@@ -36,10 +36,20 @@ from .core.ops import (
     reduce_channels,
     upsample,
 )
-from .core.registry import Method, get_method, methods
+from .core.registry import (
+    ACTIVATION,
+    Method,
+    channel_measures,
+    conditional_methods,
+    get_method,
+    layer_methods,
+    methods,
+)
 from .core.scoped import model_guard
 
 REDUCTIONS = ("default", "sum", "sum_abs", "max_abs", None)
+#: the method whose per-layer maps :meth:`Explainer.fem_stack` gives (FEM by definition)
+FEM_METHOD = "fem"
 #: names the Explainer forwards to its :class:`Context`
 _CONTEXT_NAMES = frozenset({
     "device", "n_images", "size", "forward", "logits", "activations", "num_classes",
@@ -187,7 +197,7 @@ class Explainer:
         cached activations. Fuse them with :func:`xaiwidgets.fuse`.
         """
         # through the registry: the Explainer imports no method family
-        return get_method("fem").stack(self.context, layers, K)
+        return get_method(FEM_METHOD).stack(self.context, layers, K)
 
     def channels(self, layer: str | None = None, method: str = "lrp", target: Any = None,
                  **params: Any) -> xr.DataArray:
@@ -201,14 +211,14 @@ class Explainer:
 
         >>> ex.channels("features.27", "lrp", target=3).argmax("channel")  # doctest: +SKIP
         """
-        if method not in _channels.MEASURES:
+        if method not in channel_measures():
             raise ValueError(f"method={method!r} has no channel measure; choose one of "
-                             f"{list(_channels.MEASURES)}")
+                             f"{channel_measures()}")
         ctx = self.context
         layer = layer if layer is not None else ctx.default_layer()
         _layers.resolve_layer(self.model, layer)
         _channels.channel_count(ctx, layer)  # a layer without channels fails here
-        m = None if method == "activation" else get_method(method)
+        m = None if method == ACTIVATION else get_method(method)
         resolved = {} if m is None else m.bind(ctx, m.resolve_params(params))
         if m is None and params:
             raise TypeError(f"the activation measure takes no parameters, got {sorted(params)}")
@@ -282,14 +292,14 @@ class Explainer:
             raise ValueError(f"reduce={reduce!r} is not valid; choose one of {list(REDUCTIONS)}")
         ctx = self.context
         resolved = m.bind(ctx, m.resolve_params(params))
-        if channels is not None and m.name not in _channels.CONDITIONAL:
+        if channels is not None and not m.has_conditional:
             raise ValueError(f"method {m.name!r} has no conditional map (channels=); use one "
-                             f"of {list(_channels.CONDITIONAL)}")
+                             f"of {conditional_methods()}")
         if layer is not None and not m.uses_layer and channels is None:
-            raise TypeError(
-                f"method {m.name!r} does not take a layer; layer methods: "
-                "gradcam, guided_gradcam, fem (mlfem takes layers=)"
-            )
+            several = [f"{n} (layers=)" for n in methods()
+                       if "layers" in {p.name for p in get_method(n).params}]
+            raise TypeError(f"method {m.name!r} does not take a layer; layer methods: "
+                            f"{', '.join(layer_methods() + several)}")
         if m.uses_layer or channels is not None:
             layer = layer if layer is not None else (
                 m.default_layer(ctx) if m.uses_layer else ctx.default_layer())

@@ -26,12 +26,6 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from .context import Context
 
-#: the channel measures ``Explainer.channels`` knows: the methods with a
-#: ``channel_terms`` and the activation maximum
-MEASURES = ("lrp", "gradcam", "fem", "activation")
-#: the methods that give a conditional map (``explain(..., channels=[...])``)
-CONDITIONAL = ("lrp", "gradcam", "guided_gradcam", "fem")
-
 
 def channel_count(ctx: Context, layer: str) -> int:
     """Number of channels of ``layer``'s output, from the construction probe (no pass).

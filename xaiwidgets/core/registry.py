@@ -32,6 +32,8 @@ _REGISTRY: dict[str, Method] = {}
 TARGETS = ("resolved", "ignored", "from_own_pass")
 #: class attributes that ``targets`` replaces, and the value that says the same
 _REPLACED_FLAGS = {"class_agnostic": "ignored", "target_from_pass": "from_own_pass"}
+#: the channel measure that is no method: each channel's activation maximum
+ACTIVATION = "activation"
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,9 @@ class Method:
     quick_params: ClassVar[dict[str, Any]] = {}
     #: why the method cannot explain video clips (N, C, T, H, W); empty when it can
     clip_refusal: ClassVar[str] = ""
+    #: what one count of the method's progress reports counts ("steps", "samples",
+    #: "windows"): the widgets' status line while first estimates show
+    progress_unit: ClassVar[str] = "steps"
     #: the kind of model the method needs (``"self-attention"``: attention rollout), empty
     #: when any classifier will do; on other models it refuses, naming the reason
     requires: ClassVar[str] = ""
@@ -172,6 +177,16 @@ class Method:
     def class_agnostic(self) -> bool:
         """Whether the method ignores the target class (``targets == "ignored"``)."""
         return self.targets == "ignored"
+
+    @property
+    def has_channel_terms(self) -> bool:
+        """Whether the method measures each channel of a layer (:meth:`channel_terms`)."""
+        return type(self).channel_terms is not Method.channel_terms
+
+    @property
+    def has_conditional(self) -> bool:
+        """Whether the method gives conditional maps (:meth:`conditional`)."""
+        return type(self).conditional is not Method.conditional
 
     def attribute(
         self, ctx: Context, target: torch.Tensor, layer: str | None, **params: Any
@@ -184,7 +199,7 @@ class Method:
         """Each channel's contribution at ``layer`` (N, C) (``Explainer.channels``);
         methods that decompose over a layer's channels override it."""
         raise ValueError(f"method {self.name!r} has no channel measure; use one of "
-                         "'lrp', 'gradcam', 'fem', 'activation'")
+                         f"{channel_measures()}")
 
     def conditional(self, ctx: Context, target: torch.Tensor | None, layer: str,
                     channels: torch.Tensor, **params: Any) -> torch.Tensor:
@@ -192,7 +207,7 @@ class Method:
         channels=[...])``), shaped like :meth:`attribute`'s; methods that have one
         override it."""
         raise ValueError(f"method {self.name!r} has no conditional map (channels=); use one "
-                         "of 'lrp', 'gradcam', 'guided_gradcam', 'fem'")
+                         f"of {conditional_methods()}")
 
     def check(self, ctx: Context, layer: str | None, params: dict[str, Any]) -> None:
         """Preconditions, checked by the Explainer before :meth:`attribute`.
@@ -270,6 +285,34 @@ def methods() -> list[str]:
     ['gradient', 'guided_backprop', 'deconvnet']
     """
     return list(_REGISTRY)
+
+
+def channel_measures() -> list[str]:
+    """The channel measures of ``Explainer.channels``: the methods with
+    :meth:`Method.channel_terms`, then :data:`ACTIVATION` (no method).
+
+    >>> channel_measures()
+    ['gradcam', 'lrp', 'fem', 'activation']
+    """
+    return [n for n, m in _REGISTRY.items() if m.has_channel_terms] + [ACTIVATION]
+
+
+def conditional_methods() -> list[str]:
+    """The methods that give a conditional map (``explain(..., channels=[...])``).
+
+    >>> conditional_methods()
+    ['gradcam', 'guided_gradcam', 'lrp', 'fem']
+    """
+    return [n for n, m in _REGISTRY.items() if m.has_conditional]
+
+
+def layer_methods() -> list[str]:
+    """The methods that take ``layer=`` (``Method.uses_layer``).
+
+    >>> layer_methods()
+    ['gradcam', 'guided_gradcam', 'fem']
+    """
+    return [n for n, m in _REGISTRY.items() if m.uses_layer]
 
 
 def get_method(name: str) -> Method:

@@ -172,6 +172,7 @@ class IntegratedGradients(Method):
     name = "integrated_gradients"
     family = "gradient"
     targets = "resolved"
+    progress_unit = "steps"
     default_reduce = "sum"
     signed = True
     quick_params = {"steps": 4}
@@ -204,6 +205,7 @@ class SmoothGrad(Method):
     name = "smoothgrad"
     family = "gradient"
     targets = "resolved"
+    progress_unit = "samples"
     quick_params = {"n": 3}
     params = (
         Param("n", 25, kind="int", low=1, high=10000, doc="noise samples"),

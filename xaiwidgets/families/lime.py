@@ -114,6 +114,7 @@ class Lime(Method):
     )
     family = "perturbation"
     targets = "resolved"  # the score drop of the given or predicted class
+    progress_unit = "samples"
     default_reduce = "map"
     signed = True
     quick_params = {"n_samples": 16, "n_segments": 8}

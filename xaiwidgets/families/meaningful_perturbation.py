@@ -103,6 +103,7 @@ class MeaningfulPerturbation(Method):
     clip_refusal = "its blur and mask are optimised on 2-D images only"
     family = "perturbation"
     targets = "resolved"  # the mask lowers the given or predicted class's score
+    progress_unit = "steps"
     default_reduce = "map"
     quick_params = {"steps": 3}
     params = (

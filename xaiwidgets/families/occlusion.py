@@ -57,6 +57,7 @@ class Occlusion(Method):
     name = "occlusion"
     family = "perturbation"
     targets = "resolved"  # the score drop of the given or predicted class
+    progress_unit = "windows"
     default_reduce = "map"
     signed = True
     #: a quick run (tests, previews) on the small images they use: few, disjoint windows

@@ -21,9 +21,6 @@ from .live_scores import LiveScores, Randomizer
 DEFAULT_METHOD = "gradcam"
 #: side of the image and map panels (px)
 MAP_PX = 360
-#: what a progress count counts, per method (first estimates' status line)
-UNITS = {"integrated_gradients": "steps", "smoothgrad": "samples", "occlusion": "windows",
-         "meaningful_perturbation": "steps", "lime": "samples"}
 
 
 class ExplainerWidget(ExplorerBase):
@@ -166,8 +163,7 @@ class ExplainerWidget(ExplorerBase):
             da = ex.pack(raw, m, ex.resolve_target(target), layer, "default", params)
             self._show(da.assign_coords(image=[index]), estimate=True)
 
-        ex.context.partial = self._progressive(m.name, UNITS.get(m.name, "steps"),
-                                               first_estimate)
+        ex.context.partial = self._progressive(m.name, m.progress_unit, first_estimate)
         try:
             result = ex.explain(m.name, target=target, layer=layer, **params)
         finally:

@@ -13,6 +13,8 @@ from .base import REDRAW, VIEW, ExplorerBase, Publish
 from .controls import STYLE, ParamControls, set_visible
 from .figures import FIT_PX, MapGrid
 
+#: the registered method whose fusion this widget shows (MLFEM by definition)
+FUSION_METHOD = "mlfem"
 #: MLFEM parameters this widget exposes (read from the registry's mlfem declaration)
 FUSION_PARAMS = ("K", "operator", "alpha", "normalize")
 #: operators whose result depends on alpha
@@ -49,8 +51,8 @@ class FEMStackWidget(ExplorerBase):
         if not self.layers:
             raise ValueError("the model has no block layers for a FEM stack; pass layers=[...]")
         self.net = net
-        self.params = ParamControls(["mlfem"], only=FUSION_PARAMS)
-        self.params.select("mlfem")
+        self.params = ParamControls([FUSION_METHOD], only=FUSION_PARAMS)
+        self.params.select(FUSION_METHOD)
         self._add_controls({
             "image": self._image_control(),
             **self._frame_controls(),
@@ -84,7 +86,7 @@ class FEMStackWidget(ExplorerBase):
 
     def fusion_params(self) -> dict[str, Any]:
         """Current operator, alpha and normalize."""
-        values = self.params.values("mlfem")
+        values = self.params.values(FUSION_METHOD)
         return {k: values[k] for k in ("operator", "alpha", "normalize") if k in values}
 
     def _prepare(self, changed: set[str]) -> None:
@@ -105,7 +107,8 @@ class FEMStackWidget(ExplorerBase):
         stack = self.stack
         if stack is None or changed & {"image", "K"}:
             self._computing("FEM stack")
-            K = self.params.values("mlfem").get("K", get_method("mlfem").param("K").default)
+            K = self.params.values(FUSION_METHOD).get(
+                "K", get_method(FUSION_METHOD).param("K").default)
             stack = self.explainer(index).fem_stack(layers=self.layers, K=K)
             stack = stack.assign_coords(image=[index])
             done.append("FEM stack")

@@ -49,6 +49,8 @@ TIMED_S = 3.0
 #: side of the look figure (px) and of each panel of the reveal
 LOOK_PX = 420
 PANEL_PX = 230
+#: the methods whose maps are revealed against the student's, when the caller names none
+DEFAULT_METHODS = ("gradcam", "fem", "gradient")
 #: the scores of :attr:`LookWidget.scores`
 SCORES = ("pcc", "sim", "nss")
 #: the name of the simulated observer's "method"
@@ -100,7 +102,7 @@ class LookWidget(Exportable, W.VBox):
     def __init__(self, images: Any, classes: Sequence[str] | None = None,
                  model: torch.nn.Module | None = None,
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 methods: Sequence[str] = ("gradcam", "fem", "gradient"), gaze: Any = None,
+                 methods: Sequence[str] = DEFAULT_METHODS, gaze: Any = None,
                  sigma: float | None = None, duration: float = TIMED_S) -> None:
         super().__init__()
         if isinstance(images, xr.Dataset):

@@ -34,6 +34,8 @@ from .figures import MapGrid, image_uri
 SIDES = ("left", "right")
 #: side of each map panel (px)
 PANEL_PX = 300
+#: the method quizzed when the caller names none
+DEFAULT_METHOD = "gradcam"
 
 
 class SanityQuiz(Exportable, W.VBox):
@@ -51,7 +53,7 @@ class SanityQuiz(Exportable, W.VBox):
 
     def __init__(self, model: torch.nn.Module, images: Any,
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 method: str = "gradcam", seed: int = 0,
+                 method: str = DEFAULT_METHOD, seed: int = 0,
                  classes: Sequence[str] | None = None) -> None:
         super().__init__()
         self.method = get_method(method).name
