@@ -1,6 +1,6 @@
 """The package's layers import only downward, and never form a cycle.
 
-core → explainer → families → fusion/net → evaluation → data/models → widgets. Read from
+core → explainer → families/net → fusion → evaluation → data/models → widgets. Read from
 the source with ``ast`` (imports inside functions count too), so a lazy import cannot
 hide a cycle.
 """
@@ -23,7 +23,7 @@ LAYERS = {
     "xaiwidgets._version": 0,
     "xaiwidgets.explainer": 1,
     "xaiwidgets.families": 2,
-    "xaiwidgets.net": 3,
+    "xaiwidgets.net": 2,  # the NET runtime: imports core only; families.mlfem runs it
     "xaiwidgets.fusion": 3,
     "xaiwidgets.rendering": 3,
     "xaiwidgets.evaluation": 4,

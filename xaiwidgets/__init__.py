@@ -4,8 +4,9 @@ The package is layered; each layer imports only the ones before it::
 
     core/        tensor ops, inputs, registry, layers, scoped model changes, Context
     explainer    the Explainer (validation, cache, targets, DataArray packing)
-    families/    one module per method family, each a registered Method
-    fusion, net  MLFEM operators and the NET runtime
+    net          the NET runtime (MLFEM's trained fusion operator; imports core only)
+    families/    one module per method family, each a registered Method (MLFEM too)
+    fusion       xw.fuse: MLFEM fusion of a labelled FEM stack
     evaluation/  gfdm, metrics, perturbation metrics, sanity checks, evaluate on dask
     datasets/, models/   shipped data generators, models and training scripts
     concepts/    channels over a dataset: reference patches, class usage, NMF concepts
@@ -22,7 +23,7 @@ from . import (  # noqa: F401  (rendering: the ``da.xai`` accessor)
     concepts,
     datasets,
     families,  # noqa: F401  (importing the families registers every method)
-    fusion,  # noqa: F401  (registers mlfem)
+    fusion,  # noqa: F401  (xw.fusion: fuse and the MLFEM operators)
     models,
     rendering,
 )

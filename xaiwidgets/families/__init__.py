@@ -10,7 +10,7 @@ import pkgutil
 
 # families in teaching order; any other module follows alphabetically
 _ORDER = ["gradient", "cam", "attention", "lrp", "deeplift", "occlusion", "lime",
-          "meaningful_perturbation", "fem"]
+          "meaningful_perturbation", "fem", "mlfem"]
 _names = [i.name for i in pkgutil.iter_modules(__path__)]
 for _name in sorted(_names, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n)):
     importlib.import_module(f"{__name__}.{_name}")
