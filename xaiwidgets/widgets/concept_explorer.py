@@ -41,6 +41,7 @@ from ..concepts.patches import patch_boxes
 from ..core.channels import channel_count
 from ..core.inputs import as_image_batch
 from ..core.ops import did_you_mean, minmax, upsample
+from ..core.registry import ACTIVATION, get_method
 from ..datasets.adapters import ImageSource, image_source
 from ..explainer import Explainer
 from .base import VIEW, ExplorerBase, Publish, top5_html
@@ -48,10 +49,8 @@ from .controls import LAYOUT, STYLE, set_visible
 from .dataset_explorer import thumbnail_png
 from .figures import FIT_PX, LiveFigureWidget, MapGrid, image_uri
 
-#: the measures of a channel's contribution (``ex.channels(method=...)``)
-MEASURES = ("lrp", "gradcam", "fem", "activation")
-#: the map method of each measure (``activation``: the channels' own activations)
-MAP_METHOD = {"lrp": "lrp", "gradcam": "gradcam", "fem": "fem", "activation": None}
+#: the measures of a channel's contribution (``ex.channels(method=...)``), in menu order
+MEASURES = ("lrp", "gradcam", "fem", ACTIVATION)
 CHANNELS, CONCEPTS = "channels", "concepts (NMF)"
 #: what a change of each control recomputes: everything shown for the image
 FRESH = frozenset({"image", "layer", "measure", "target"})
@@ -322,8 +321,7 @@ class ConceptExplorer(ExplorerBase):
         if "mode" in changed:
             set_visible(self.controls["concepts"], self.controls["mode"].value == CONCEPTS)
         if "measure" in changed:  # FEM and activations ignore the class
-            self.controls["target"].disabled = self.controls["measure"].value in ("fem",
-                                                                                  "activation")
+            self.controls["target"].disabled = ignores_target(self.controls["measure"].value)
 
     def _needs_compute(self, changed: set[str]) -> bool:
         if changed & {"mode", "concepts"} and self.controls["mode"].value == CHANNELS:
@@ -344,7 +342,7 @@ class ConceptExplorer(ExplorerBase):
         fresh = bool(changed & FRESH) or self.contributions is None
         options = self._target_options(ex) if "image" in changed else None
         target = options[0][1] if options else self.controls["target"].value
-        if measure in ("fem", "activation"):
+        if ignores_target(measure):
             target = None
         new: dict[str, Any] = {}
         if fresh:
@@ -391,17 +389,17 @@ class ConceptExplorer(ExplorerBase):
     def _map(self, ex: Explainer, measure: str, layer: str, target: int | None,
              channels: Sequence[int] | None = None) -> xr.DataArray:
         """The measure's map of the image: all channels, or only ``channels`` (conditional)."""
-        method = MAP_METHOD[measure]
-        if method is None:
+        if measure == ACTIVATION:  # the channels' own activations
             return activation_map(ex, layer, channels)
+        method = get_method(measure)
         kwargs: dict[str, Any] = {"layer": layer}
         if channels is not None:
             kwargs["channels"] = list(channels)
-        if method == "lrp" and channels is None:
+        if not method.uses_layer and channels is None:
             kwargs.pop("layer")  # the unconditional LRP map does not depend on the layer
-        if method == "fem":
+        if method.class_agnostic:
             target = None
-        return ex.explain(method, target=target, **kwargs)
+        return ex.explain(measure, target=target, **kwargs)
 
     def _region_scores(self, ex: Explainer, measure: str, layer: str, target: int | None,
                        contributions: xr.DataArray, box: tuple[int, int, int, int]
@@ -474,7 +472,7 @@ class ConceptExplorer(ExplorerBase):
                            limits=self._limits(self.overall),
                            title=f"{self.overall.attrs.get('method', 'activation')} · "
                                  f"{self.controls['target'].label or ''}"
-                                 if self.controls["measure"].value in ("lrp", "gradcam")
+                                 if not ignores_target(self.controls["measure"].value)
                                  else f"{self.controls['measure'].value} · all channels")
             if concept_mode:
                 self._draw_concept_map(index)
@@ -666,6 +664,16 @@ def region_score(conditional: xr.DataArray, measure: str, contribution: float,
         return float(inside.sum())
     total = values.sum()
     return 0.0 if total == 0 else float(contribution * inside.sum() / total)
+
+
+def ignores_target(measure: str) -> bool:
+    """Whether a channel measure ignores the class: the activation maximum, or a method
+    that declares ``targets = "ignored"`` (FEM).
+
+    >>> ignores_target("fem"), ignores_target("lrp"), ignores_target("activation")
+    (True, False, True)
+    """
+    return measure == ACTIVATION or get_method(measure).class_agnostic
 
 
 def activation_map(ex: Explainer, layer: str, channels: Sequence[int] | None = None
