@@ -146,7 +146,7 @@ class Method:
     uses_layer: ClassVar[bool] = False
     #: True when the map keeps a meaningful sign (diverging colormap)
     signed: ClassVar[bool] = False
-    #: what ``attribute`` gets as ``target`` (one of :data:`TARGETS`):
+    #: what ``attribute`` gets as ``target`` (one of ``registry.TARGETS``):
     #: ``"resolved"``: one class index per image, the given ones or the predicted ones
     #: (a prediction pass runs first when none is cached);
     #: ``"ignored"``: ``None``; the method ignores the target class (FEM), which, resolved
