@@ -45,7 +45,14 @@ PHOTOS = {
 
 class PictureError(ValueError):
     """A file that cannot be read as a picture; the message is meant for the person who
-    chose the file ("x.png is not a picture we can read: ...")."""
+    chose the file ("x.png is not a picture we can read: ...").
+
+    >>> try:
+    ...     read_image(b"just some notes", size=(32, 32), name="notes.png")
+    ... except PictureError as error:
+    ...     print(str(error).split(":")[0])
+    notes.png is not a picture we can read
+    """
 
 
 def fit_size(images: torch.Tensor, size: tuple[int, int], how: str = "crop") -> torch.Tensor:
