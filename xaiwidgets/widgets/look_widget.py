@@ -71,6 +71,29 @@ def images_fingerprint(images: torch.Tensor) -> str:
     return hashlib.sha256(data.tobytes() + str(data.shape).encode()).hexdigest()[:16]
 
 
+
+def _scores_against(maps: dict[str, np.ndarray], density: np.ndarray,
+                    counts: np.ndarray) -> dict[str, np.ndarray]:
+    """pcc, sim of each map against ``density`` and nss against the click ``counts``,
+    each (image, method); NaN for images without clicks.
+
+    >>> maps = {"a": np.eye(4)[None], "b": np.ones((1, 4, 4))}
+    >>> counts = np.eye(4, dtype=int)[None]
+    >>> out = _scores_against(maps, np.eye(4)[None], counts)
+    >>> round(float(out["pcc"][0, 0]), 6), float(out["pcc"][0, 1])
+    (1.0, 0.0)
+    """
+    n = len(counts)
+    out = {k: np.full((n, len(maps)), np.nan) for k in SCORES}
+    clicked = counts.reshape(n, -1).sum(axis=1) > 0
+    if clicked.any():
+        for j, saliency in enumerate(maps.values()):
+            saliency = saliency[clicked]
+            out["pcc"][clicked, j] = metrics.pcc(saliency, density[clicked])
+            out["sim"][clicked, j] = metrics.sim(saliency, density[clicked])
+            out["nss"][clicked, j] = metrics.nss(saliency, counts[clicked])
+    return out
+
 class LookWidget(Exportable, W.VBox):
     """Look at an image, click where your eyes go, then reveal what the methods saw.
 
@@ -260,16 +283,9 @@ class LookWidget(Exportable, W.VBox):
         dims ("image", "method"); NaN for an image without clicks."""
         maps = self.method_maps()
         names = list(maps)
-        student, counts = self.gfdm.values, self._counts
+        counts = self._counts
         n = len(counts)
-        out = {k: np.full((n, len(names)), np.nan) for k in SCORES}
-        clicked = counts.reshape(n, -1).sum(axis=1) > 0
-        for j, name in enumerate(names):
-            if clicked.any():
-                saliency = maps[name][clicked]
-                out["pcc"][clicked, j] = metrics.pcc(saliency, student[clicked])
-                out["sim"][clicked, j] = metrics.sim(saliency, student[clicked])
-                out["nss"][clicked, j] = metrics.nss(saliency, counts[clicked])
+        out = _scores_against(maps, self.gfdm.values, counts)
         return xr.Dataset({k: (("image", "method"), v) for k, v in out.items()},
                           coords={"image": np.arange(n), "method": names,
                                   "clicks": ("image", counts.reshape(n, -1).sum(axis=1))},
@@ -384,14 +400,7 @@ class LookWidget(Exportable, W.VBox):
         class_map = merged.gfdm.values
         maps = self.method_maps()
         n, names = len(counts), list(maps)
-        clicked = counts.reshape(n, -1).sum(axis=1) > 0
-        out = {k: np.full((n, len(names)), np.nan) for k in SCORES}
-        for j, name in enumerate(names):
-            if clicked.any():
-                s = maps[name][clicked]
-                out["pcc"][clicked, j] = metrics.pcc(s, class_map[clicked])
-                out["sim"][clicked, j] = metrics.sim(s, class_map[clicked])
-                out["nss"][clicked, j] = metrics.nss(s, counts[clicked])
+        out = _scores_against(maps, class_map, counts)
         each = merged.student_fixations.values
         agreement = {k: np.full(each.shape[:2], np.nan) for k in ("pcc", "sim")}
         sigma = float(merged.attrs["sigma"])
