@@ -1,7 +1,7 @@
 """Re-take the widget screenshots of the documentation in a real browser.
 
 JupyterLab runs a small notebook with the shipped ``shapes-vgg`` / ``shapes-resnet``
-models; headless Chromium (Debian's, driven by Playwright, as in ``tests/test_browser.py``)
+models; headless Chromium (Debian's, driven by Playwright, as in ``tests/browser_support.py``)
 waits for each widget's heatmap, switches the ExplainerWidget to FEM, and saves the
 pictures to ``docs/_static/screenshots/``. Not part of the build: the PNGs are committed.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the browser test's helpers
 
-from tests.test_browser import (  # noqa: E402
+from tests.browser_support import (  # noqa: E402
     CHROMIUM,
     CHROMIUM_ARGS,
     control,

@@ -1,10 +1,12 @@
 """Helpers shared by several test modules (never imported from a test module):
 the engine's model contract (:func:`model_snapshot`, :func:`assert_model_unchanged`),
-the model zoo, models with a known answer, and comparisons at the display's precision.
+the lighter snapshots of the safety and widget tests, encoded pictures, the model zoo,
+models with a known answer, and comparisons at the display's precision.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
+from PIL import Image
 from torch import nn
 
 from xaiwidgets.widgets.figures import DIGITS, display_values
@@ -86,6 +89,82 @@ def assert_model_unchanged(model: nn.Module, before: dict[str, Any], what: str =
     assert after["state"].keys() == before["state"].keys(), f"{what}: state_dict keys changed"
     for k, v in before["state"].items():
         assert torch.equal(after["state"][k], v), f"{what}: {k} changed"
+
+
+# ------------------------------------------------------------------ lighter snapshots
+# the safety tests' model snapshot (state, flags, module types, hook count)
+def hook_count(model: nn.Module) -> int:
+    total = 0
+    for m in model.modules():
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                     "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+            total += len(getattr(m, name, {}))
+    return total
+
+
+def snapshot(model: nn.Module):
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [getattr(m, "inplace", None) for m in model.modules()],
+        [type(m) for m in model.modules()],
+        hook_count(model),
+    )
+
+
+def assert_unchanged(model, before):
+    after = snapshot(model)
+    state, training, inplace, types, hooks = before
+    assert after[4] == hooks, "a hook was left on the model"
+    assert after[1] == training, "train/eval flags changed"
+    assert after[2] == inplace, "inplace flags changed"
+    assert after[3] == types, "modules were replaced"
+    assert state.keys() == after[0].keys()
+    for key in state:
+        assert torch.equal(state[key], after[0][key]), f"{key} changed"
+    assert all(p.grad is None for p in model.parameters()), "gradients accumulated on params"
+
+
+# the widgets' model snapshot (state, training flag, hooks per module)
+def state(model: torch.nn.Module) -> tuple:
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()}, model.training,
+            [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+             for m in model.modules()])
+
+
+def assert_untouched(model: torch.nn.Module, before: tuple) -> None:
+    params, training, hooks = before
+    now = model.state_dict()
+    assert now.keys() == params.keys()
+    for k, v in params.items():
+        assert torch.equal(now[k], v), k
+    assert model.training == training
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()] == hooks
+
+
+# ------------------------------------------------------------------ encoded pictures
+def encode(picture: Image.Image, fmt: str = "png", **options) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def phone_photo(height: int = 3000, width: int = 4000, amplitude: int = 32) -> bytes:
+    """A noisy landscape JPEG at quality 95 without chroma subsampling: about 12 MB at
+    4000x3000, as a phone takes them (noise keeps it from compressing)."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, amplitude, (height, width, 3), dtype=np.uint8)
+    pixels += np.linspace(0, 255 - amplitude, width, dtype=np.uint8)[None, :, None]
+    return encode(Image.fromarray(pixels), "jpeg", quality=95, subsampling=0)
+
+
+def halves(height: int, width: int) -> np.ndarray:
+    """uint8 (H, W, 3): red left half, blue right half."""
+    rgb = np.zeros((height, width, 3), np.uint8)
+    rgb[:, : width // 2, 0] = 255
+    rgb[:, width // 2:, 2] = 255
+    return rgb
 
 
 # ------------------------------------------------------------------ hand-written models

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_browser import ARTIFACTS, HEATMAP, browser, open_page, pixels, serve
-from tests.test_browser import chromium as chromium_fixture  # noqa: F401 - a fixture
-from tests.test_photos import encode, halves, phone_photo
+from tests.browser_support import ARTIFACTS, HEATMAP, browser, open_page, pixels, serve
+from tests.browser_support import chromium as chromium_fixture  # noqa: F401 - a fixture
+from tests.helpers import encode, halves, phone_photo
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "notebooks" / "src" / "app.py"
@@ -316,7 +316,7 @@ def test_video_widget_of_notebook_07_fits_one_laptop_screen(lab_video, chromium_
     """In JupyterLab with the file browser open on a 1280x800 laptop screen, the Play
     button and the picture are on one screen (the picture sat under the whole controls
     column before)."""
-    from tests.test_browser import run_notebook
+    from tests.browser_support import run_notebook
 
     with open_page(chromium_fixture, "lab_video_07_failed.png", width=1280) as page:
         page.set_viewport_size({"width": 1280, "height": 800})

@@ -11,7 +11,7 @@ the top channels and the reference patches, then
   box is drawn on the map);
 * (JupyterLab) clicks a reference patch's button: its image opens in the picker.
 
-Servers, Chromium and the screenshot folder are those of ``tests/test_browser.py``;
+Servers, Chromium and the screenshot folder are those of ``tests/browser_support.py``;
 screenshots go to ``test-artifacts/browser/concepts_*.png``.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import (  # noqa: F401 - chromium is a fixture
+from tests.browser_support import (  # noqa: F401 - chromium is a fixture
     ARTIFACTS,
     assert_drawn,
     browser,

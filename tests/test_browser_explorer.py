@@ -1,6 +1,6 @@
 """The DatasetExplorer in a real browser: JupyterLab + headless Chromium (Playwright).
 
-Reuses the JupyterLab server and helpers of ``tests/test_browser.py``; the
+Reuses the JupyterLab server and helpers of ``tests/browser_support.py``; the
 explorer's notebook is written to the server through its contents API. The test
 waits for the gallery's thumbnails, then picks "wrong" in the outcome dropdown and
 clicks a cell of the confusion heatmap, and checks each time that the gallery shows
@@ -17,7 +17,7 @@ import nbformat
 import numpy as np
 import pytest
 
-from tests.test_browser import (  # noqa: F401
+from tests.browser_support import (  # noqa: F401
     ARTIFACTS,
     CHROMIUM,
     CHROMIUM_ARGS,

@@ -3,7 +3,7 @@ headless Chromium: real mouse clicks on the picture become fixations at the pixe
 clicked, Reveal shows the methods' maps and scores, the Compare tab draws its maps and
 the quiz answers a click on its buttons.
 
-Reuses the servers' helpers of ``tests/test_browser.py``. Screenshots go to
+Reuses the servers' helpers of ``tests/browser_support.py``. Screenshots go to
 ``test-artifacts/browser/lesson_*.png``.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import (  # noqa: F401  (chromium: the shared browser fixture)
+from tests.browser_support import (  # noqa: F401  (chromium: the shared browser fixture)
     ARTIFACTS,
     ROOT,
     assert_drawn,

@@ -1,6 +1,6 @@
 """The widgets on a Vision Transformer in a real browser: JupyterLab + headless Chromium.
 
-Reuses the JupyterLab server and helpers of ``tests/test_browser.py``;
+Reuses the JupyterLab server and helpers of ``tests/browser_support.py``;
 ``tests/browser/vit_demo.ipynb`` (the shipped ``shapes-vit``) is written to the server
 through its contents API. Checked: the ExplainerWidget's figure is drawn, its layer
 list is the ViT's patch embedding and blocks (default ``blocks.3.norm1``), choosing a
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_browser import (  # noqa: F401 - lab and chromium are fixtures
+from tests.browser_support import (  # noqa: F401 - lab and chromium are fixtures
     ARTIFACTS,
     CHROMIUM,
     HEATMAP,

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import xaiwidgets as xw
-from tests.test_safety import assert_unchanged, snapshot
+from tests.helpers import assert_unchanged, snapshot
 from xaiwidgets.widgets import concept_explorer as cx
 from xaiwidgets.widgets.concept_explorer import ConceptExplorer
 

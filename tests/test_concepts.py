@@ -16,7 +16,7 @@ from torch import nn
 
 import xaiwidgets as xw
 from tests.conftest import count_forwards
-from tests.test_safety import assert_unchanged, snapshot
+from tests.helpers import assert_unchanged, snapshot
 
 LAYER = "features.20"  # shapes-vgg's third block at 64 px: 64 channels on 8×8
 

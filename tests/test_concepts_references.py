@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import xaiwidgets as xw
 from tests.conftest import count_forwards
-from tests.test_safety import assert_unchanged, snapshot
+from tests.helpers import assert_unchanged, snapshot
 
 refs_module = importlib.import_module("xaiwidgets.concepts.references")
 

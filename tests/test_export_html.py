@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 import xaiwidgets as xw
+from tests.browser_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, browser, pixels
 from tests.conftest import make_tiny_cnn
-from tests.test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, browser, pixels
 from xaiwidgets.widgets.export import MAX_STATES, control_values, quantise
 from xaiwidgets.widgets.figures import block_mean, display_values
 

@@ -12,6 +12,7 @@ import torch
 
 import xaiwidgets as xw
 from tests.conftest import make_tiny_cnn
+from tests.helpers import assert_untouched, state
 from xaiwidgets import metrics
 
 SIZE = 32
@@ -20,23 +21,6 @@ CLICKS = {0: [(5, 6), (10, 12), (10, 12), (30, 1)], 2: [(16, 16)]}
 
 def images(n: int = 3, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-
-
-def state(model: torch.nn.Module) -> tuple:
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()}, model.training,
-            [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-             for m in model.modules()])
-
-
-def assert_untouched(model: torch.nn.Module, before: tuple) -> None:
-    params, training, hooks = before
-    now = model.state_dict()
-    assert now.keys() == params.keys()
-    for k, v in params.items():
-        assert torch.equal(now[k], v), k
-    assert model.training == training
-    assert [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-            for m in model.modules()] == hooks
 
 
 def clicked(widget: xw.LookWidget, clicks: dict = CLICKS) -> xw.LookWidget:

@@ -17,32 +17,10 @@ import torch
 from PIL import Image
 
 import xaiwidgets as xw
+from tests.helpers import encode, halves, phone_photo
 from xaiwidgets.datasets.photos import FITS, PictureError, fit_size, read_image
 
 ORIENTATION = 0x0112  # the EXIF tag
-
-
-def encode(picture: Image.Image, fmt: str = "png", **options) -> bytes:
-    buffer = io.BytesIO()
-    picture.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def phone_photo(height: int = 3000, width: int = 4000, amplitude: int = 32) -> bytes:
-    """A noisy landscape JPEG at quality 95 without chroma subsampling: about 12 MB at
-    4000x3000, as a phone takes them (noise keeps it from compressing)."""
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, amplitude, (height, width, 3), dtype=np.uint8)
-    pixels += np.linspace(0, 255 - amplitude, width, dtype=np.uint8)[None, :, None]
-    return encode(Image.fromarray(pixels), "jpeg", quality=95, subsampling=0)
-
-
-def halves(height: int, width: int) -> np.ndarray:
-    """uint8 (H, W, 3): red left half, blue right half."""
-    rgb = np.zeros((height, width, 3), np.uint8)
-    rgb[:, : width // 2, 0] = 255
-    rgb[:, width // 2:, 2] = 255
-    return rgb
 
 
 def test_exif_orientation_6_is_shown_upright():

@@ -14,6 +14,7 @@ from torch import nn
 import xaiwidgets as xw
 
 from .conftest import TinyBlock, cnn_methods, quick
+from .helpers import assert_unchanged, hook_count, snapshot
 
 
 class Bomb(nn.Module):
@@ -35,38 +36,6 @@ def make_model() -> nn.Sequential:
         nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(inplace=True),
         nn.AdaptiveAvgPool2d(2), nn.Flatten(), Bomb(), nn.Linear(32, 3),
     )
-
-
-def hook_count(model: nn.Module) -> int:
-    total = 0
-    for m in model.modules():
-        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
-            total += len(getattr(m, name, {}))
-    return total
-
-
-def snapshot(model: nn.Module):
-    return (
-        {k: v.detach().clone() for k, v in model.state_dict().items()},
-        [m.training for m in model.modules()],
-        [getattr(m, "inplace", None) for m in model.modules()],
-        [type(m) for m in model.modules()],
-        hook_count(model),
-    )
-
-
-def assert_unchanged(model, before):
-    after = snapshot(model)
-    state, training, inplace, types, hooks = before
-    assert after[4] == hooks, "a hook was left on the model"
-    assert after[1] == training, "train/eval flags changed"
-    assert after[2] == inplace, "inplace flags changed"
-    assert after[3] == types, "modules were replaced"
-    assert state.keys() == after[0].keys()
-    for key in state:
-        assert torch.equal(state[key], after[0][key]), f"{key} changed"
-    assert all(p.grad is None for p in model.parameters()), "gradients accumulated on params"
 
 
 def explain_armed(ex: xw.Explainer, model: nn.Sequential, method: str) -> None:

@@ -10,7 +10,7 @@ import torch
 
 import xaiwidgets as xw
 from tests.conftest import make_tiny_cnn
-from tests.test_look_widget import assert_untouched, state
+from tests.helpers import assert_untouched, state
 from xaiwidgets import metrics
 from xaiwidgets.evaluation.sanity import randomized_copy, weight_layers
 

@@ -23,7 +23,7 @@ import torchvision.models as tvm
 from torch import nn
 
 import xaiwidgets as xw
-from tests.test_zoo import assert_model_unchanged, model_snapshot
+from tests.helpers import assert_model_unchanged, model_snapshot
 from xaiwidgets.core.tokens import Grid, TokenGridError, layout_of, prefix_tokens
 
 timm = pytest.importorskip("timm")
