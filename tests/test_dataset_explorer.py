@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ import xaiwidgets as xw
 from xaiwidgets.evaluation import perturbation
 from xaiwidgets.widgets import dataset_explorer as dx
 from xaiwidgets.widgets.dataset_explorer import DatasetExplorer
+from xaiwidgets.widgets.worker import Superseded
 
 pytest.importorskip("ipywidgets")
 
@@ -256,3 +259,99 @@ def test_clear_pair_clears_the_class_filter_and_the_opened_image_keeps_its_index
     assert head.startswith("<b>image 5</b>")
     assert w.controls["image"].label == "image 5"
     assert w.figure.layout.annotations[0].text == "image 5"
+
+
+def tiny_explorer(background: bool) -> DatasetExplorer:
+    """12 random 16 px images, a 3-class convnet: fast enough to test the update loop."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 3))
+    pairs = TensorDataset(torch.rand(12, 3, 16, 16), torch.randint(0, 3, (12,)))
+    x = DatasetExplorer(model, pairs, methods=["gradient"], background=background,
+                        page_size=4)
+    assert x.wait(timeout=60) and x.error is None
+    return x
+
+
+def test_silencing_in_one_thread_does_not_silence_another():
+    """The explorer had its own ``_silenced`` (one counter for all threads): while the
+    worker re-ranged the page slider, a user's change in another thread was dropped."""
+    x = tiny_explorer(background=False)
+    inside, leave = threading.Event(), threading.Event()
+
+    def worker_side():
+        with x._silenced():
+            inside.set()
+            leave.wait(30)
+
+    other = threading.Thread(target=worker_side)
+    other.start()
+    try:
+        assert inside.wait(30)
+        x.controls["sort"].value = f"confidence {dx.DESCENDING}"  # the user's change counts
+    finally:
+        leave.set()
+        other.join()
+    assert x.shown == np.argsort(-x.confidence, kind="stable")[:4].tolist()
+    with x._silenced():  # the explorer's own change in this thread does not
+        x.controls["sort"].value = dx.ORDER
+    assert x.shown == np.argsort(-x.confidence, kind="stable")[:4].tolist()
+
+
+def test_superseded_propagates_and_a_stale_page_is_never_drawn(monkeypatch):
+    """The explorer's own ``_guarded`` showed ``Superseded`` as an error instead of
+    letting the worker end the stale job; a superseded job neither draws nor errs."""
+    x = tiny_explorer(background=True)
+
+    def replaced():
+        raise Superseded("a newer request came")
+
+    with pytest.raises(Superseded):
+        x._guarded(replaced)
+    assert x.error is None
+    started, release = threading.Event(), threading.Event()
+    compute, drawn = x._compute, []
+
+    def slow_then_fail(method, indices):
+        if not started.is_set():  # the first (soon stale) job: blocks, then fails
+            started.set()
+            release.wait(30)
+            raise RuntimeError("stale failure")
+        compute(method, indices)
+
+    monkeypatch.setattr(x, "_compute", slow_then_fail)
+    monkeypatch.setattr(x, "_draw", lambda page, draw=x._draw: (drawn.append(
+        [int(i) for i in page]), draw(page)))
+    x.controls["sort"].value = f"confidence {dx.ASCENDING}"  # page 1 of the new order
+    assert started.wait(30)
+    x.controls["page"].value = 3  # supersedes it
+    superseded_at = len(drawn)
+    release.set()
+    assert x.wait(timeout=60) and x.error is None
+    last_page = np.argsort(x.confidence, kind="stable")[8:12].tolist()
+    assert x.shown == last_page
+    assert drawn[superseded_at:] and all(page == last_page for page in drawn[superseded_at:])
+    assert "stale failure" not in x.status.value
+
+
+def test_cancel_stops_the_page_and_close_stops_the_worker(monkeypatch):
+    x = tiny_explorer(background=True)
+    started, release = threading.Event(), threading.Event()
+
+    def blocked(method, indices):
+        started.set()
+        release.wait(30)
+        x.worker.check()  # the engine's cancellation point
+
+    monkeypatch.setattr(x, "_compute", blocked)
+    x.controls["page"].value = 2
+    assert started.wait(30) and x.busy
+    assert x.cancel() is True
+    assert "cancelled" in x.status.value and x.progress.layout.display == "none"
+    release.set()
+    assert x.wait(timeout=30) and x.error is None and not x.busy
+    assert x.cancel() is False  # nothing running
+    x.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        x.worker.submit(lambda token: None)

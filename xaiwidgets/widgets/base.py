@@ -68,7 +68,99 @@ SIDE_PX = 400
 Publish = Callable[[], "str | None"]
 
 
-class ExplorerBase(Exportable, W.VBox):
+class BackgroundUpdates:
+    """The update-loop pieces every widget shares (mixed in before ``W.VBox``): silencing
+    the widget's own control changes (per thread), showing errors inline, and the
+    busy / wait / cancel / close of its background :class:`Worker`.
+
+    The widget sets ``worker``, ``status`` (``W.HTML``) and ``error`` in its
+    ``__init__``; :meth:`_hide_busy` hides its progress display.
+
+    >>> class Quiet(BackgroundUpdates, W.VBox): pass
+    >>> q = Quiet(); q.status, q.error = W.HTML(), None
+    >>> q._guarded(lambda: 1 / 0); q.error
+    'ZeroDivisionError: division by zero'
+    """
+
+    #: the status line after a cancel (the drawn result stays)
+    CANCELLED = "cancelled: the map shown is the last one computed"
+    worker: Worker
+    status: W.HTML
+    error: str | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tls = threading.local()  # per thread: silenced / held / pending changes
+
+    def _state(self) -> threading.local:
+        tls = self._tls
+        if not hasattr(tls, "quiet"):
+            tls.quiet, tls.held, tls.pending = 0, 0, set()
+        return tls
+
+    @contextlib.contextmanager
+    def _silenced(self) -> Iterator[None]:
+        """Changes made by the widget itself (re-ranging, new options) are not user edits.
+
+        Per thread: a user's click while the worker re-ranges a control still counts.
+        """
+        state = self._state()
+        state.quiet += 1
+        try:
+            yield
+        finally:
+            state.quiet -= 1
+
+    @property
+    def busy(self) -> bool:
+        """True while a computation runs or waits to run."""
+        return self.worker.busy
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the latest requested result is drawn.
+
+        Returns False when ``timeout`` seconds passed first.
+        """
+        return self.worker.wait(timeout)
+
+    def cancel(self) -> bool:
+        """Stop the running computation at its next chunk (what is drawn stays).
+
+        The cancelled change is kept: the next change computes it too. Returns True
+        when something was running.
+        """
+        with self.worker.lock:
+            active = self.worker.cancel()
+            if active:
+                self._hide_busy()
+                self.status.value = f"<span style='color:#555'>{html.escape(self.CANCELLED)}</span>"
+            return active
+
+    def _hide_busy(self) -> None:
+        """Hide the progress display (subclasses: their own widgets)."""
+
+    def close(self) -> None:
+        """Stop the worker and close the widget."""
+        self.worker.close()
+        super().close()
+
+    def _guarded(self, action: Callable[[], Any]) -> None:
+        """Run ``action``; an exception is shown in the status line, not raised
+        (:class:`Superseded` is: the worker ends the stale job with it)."""
+        try:
+            action()
+        except Superseded:
+            raise
+        except Exception as err:
+            self._show_error(err)
+
+    def _show_error(self, err: BaseException) -> None:
+        self.error = f"{type(err).__name__}: {err}"
+        self.status.value = (f"<b style='color:#b00020'>{type(err).__name__}:</b> "
+                             f"<span style='color:#b00020'>{html.escape(str(err))}</span>")
+
+
+class ExplorerBase(BackgroundUpdates, Exportable, W.VBox):
     """Base of the widgets: holds the images, one cached :class:`Explainer` per image,
     the controls, the status line, the background worker and the exports (PNG,
     netCDF, and :meth:`~xaiwidgets.widgets.export.Exportable.export_html`
@@ -108,7 +200,6 @@ class ExplorerBase(Exportable, W.VBox):
         self.error: str | None = None
         #: seconds taken by the last recomputation (not counting restyles)
         self.last_compute_s: float = 0.0
-        self._tls = threading.local()  # per thread: silenced / held / pending changes
         self._todo: set[str] = set()   # changes not yet drawn (guarded by worker.lock)
         self.status = W.HTML(layout=W.Layout(min_height="1.6em"))
         self.progress = W.FloatProgress(min=0.0, max=1.0, description="computing",
@@ -387,25 +478,6 @@ class ExplorerBase(Exportable, W.VBox):
         return W.VBox([self.controls[n] for n in names if n in self.controls])
 
     # ------------------------------------------------------------ update loop
-    def _state(self) -> threading.local:
-        tls = self._tls
-        if not hasattr(tls, "quiet"):
-            tls.quiet, tls.held, tls.pending = 0, 0, set()
-        return tls
-
-    @contextlib.contextmanager
-    def _silenced(self) -> Iterator[None]:
-        """Changes made by the widget itself (re-ranging, new options) are not user edits.
-
-        Per thread: a user's click while the worker re-ranges a control still counts.
-        """
-        state = self._state()
-        state.quiet += 1
-        try:
-            yield
-        finally:
-            state.quiet -= 1
-
     @contextlib.contextmanager
     def hold(self) -> Iterator[ExplorerBase]:
         """Gather several control changes into one update::
@@ -528,50 +600,8 @@ class ExplorerBase(Exportable, W.VBox):
         raise NotImplementedError
 
     # -------------------------------------------------------- busy and cancel
-    @property
-    def busy(self) -> bool:
-        """True while a computation runs or waits to run."""
-        return self.worker.busy
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the latest requested result is drawn (then ``w.result`` is it).
-
-        Returns False when ``timeout`` seconds passed first.
-        """
-        return self.worker.wait(timeout)
-
-    def cancel(self) -> bool:
-        """Stop the running computation at its next chunk (the last map stays drawn).
-
-        The cancelled change is kept: the next change computes it too. Returns True
-        when something was running.
-        """
-        with self.worker.lock:
-            active = self.worker.cancel()
-            if active:
-                set_visible(self.busy_box, False)
-                self.status.value = ("<span style='color:#555'>cancelled: the map shown is "
-                                     "the last one computed</span>")
-            return active
-
-    def close(self) -> None:
-        """Stop the worker and close the widget."""
-        self.worker.close()
-        super().close()
-
-    def _guarded(self, action: Callable[[], Any]) -> None:
-        """Run ``action``; an exception is shown in the status line, not raised."""
-        try:
-            action()
-        except Superseded:
-            raise
-        except Exception as err:
-            self._show_error(err)
-
-    def _show_error(self, err: BaseException) -> None:
-        self.error = f"{type(err).__name__}: {err}"
-        self.status.value = (f"<b style='color:#b00020'>{type(err).__name__}:</b> "
-                             f"<span style='color:#b00020'>{html.escape(str(err))}</span>")
+    def _hide_busy(self) -> None:
+        set_visible(self.busy_box, False)
 
     def _report_progress(self, done: int, total: int) -> None:
         """The engine's per-chunk callback: the cancellation point of a stale job."""

@@ -44,6 +44,7 @@ from ..evaluation import metrics as _metrics
 from ..evaluation import perturbation
 from ..evaluation.evaluate import dataset_needs, references, score_maps
 from ..explainer import Explainer
+from .base import BackgroundUpdates
 from .controls import LAYOUT, STYLE, set_visible
 from .export import Exportable
 from .figures import LiveFigureWidget
@@ -100,7 +101,7 @@ def higher_is_better(metric: str) -> bool:
     return bool(_metrics.METRICS[metric].higher_is_better)
 
 
-class DatasetExplorer(Exportable, W.VBox):
+class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
     """Browse a dataset's explanations: filter by outcome and class, sort, page, open one.
 
     Parameters
@@ -126,7 +127,7 @@ class DatasetExplorer(Exportable, W.VBox):
 
     Attributes: ``controls`` (``method``, ``outcome``, ``class``, ``sort``, ``page``),
     ``shown``, ``results``, ``confusion``, ``explainer`` (after :meth:`select`),
-    ``busy``, ``error``, ``message``; :meth:`wait`, :meth:`filter_pair`::
+    ``busy``, ``error``, ``message``; :meth:`wait`, :meth:`cancel`, :meth:`filter_pair`::
 
         x = xw.DatasetExplorer(model, xw.datasets.shapes(n=32), preprocess=preprocess)
         x.controls["outcome"].value = "wrong"     # the mistakes first
@@ -171,7 +172,6 @@ class DatasetExplorer(Exportable, W.VBox):
         self.error: str | None = None
         #: the gallery's message when nothing is shown (an empty filter result)
         self.message = ""
-        self._quiet = 0
         #: runs the page computations (newest request supersedes, at its next chunk)
         self.worker = Worker(background=self.background, name="xaiwidgets-explorer")
         self._lock = self.worker.lock
@@ -350,20 +350,11 @@ class DatasetExplorer(Exportable, W.VBox):
         return self.controls["method"].value
 
     # ------------------------------------------------------------ update loop
-    def _silenced(self) -> Any:
-        explorer = self
-
-        class _Quiet:
-            def __enter__(self) -> None:
-                explorer._quiet += 1
-
-            def __exit__(self, *exc: Any) -> None:
-                explorer._quiet -= 1
-
-        return _Quiet()
+    #: the status line after a cancel
+    CANCELLED = "cancelled: the page shows the scores computed so far"
 
     def _on_value(self, name: str) -> None:
-        if self._quiet:
+        if self._state().quiet:  # the explorer's own change (per thread)
             return
         if name in ("outcome", "class"):
             self._pair = None  # the user's own filter replaces a confusion click
@@ -371,17 +362,6 @@ class DatasetExplorer(Exportable, W.VBox):
             with self._silenced():
                 self.controls["page"].value = 1
         self._guarded(self._update)
-
-    def _guarded(self, action: Callable[[], Any]) -> None:
-        try:
-            action()
-        except Exception as err:  # shown inline: the widget stays usable
-            self._show_error(err)
-
-    def _show_error(self, err: BaseException) -> None:
-        self.error = f"{type(err).__name__}: {err}"
-        self.status.value = (f"<b style='color:#b00020'>{type(err).__name__}:</b> "
-                             f"<span style='color:#b00020'>{html.escape(str(err))}</span>")
 
     def _update(self) -> None:
         """Filter, sort and page; compute what the page needs (now or in the background)."""
@@ -431,8 +411,8 @@ class DatasetExplorer(Exportable, W.VBox):
         except Superseded:
             raise
         except Exception as err:
-            set_visible(self.progress, False)
-            if not token.stale:
+            with self.worker.publishing(token):  # a stale job's error is never shown
+                self._hide_busy()
                 self._show_error(err)
 
     def _compute(self, method: str, indices: list[int]) -> None:
@@ -464,14 +444,8 @@ class DatasetExplorer(Exportable, W.VBox):
                 self._maps.popitem(last=False)
 
     # ------------------------------------------------------------ background
-    @property
-    def busy(self) -> bool:
-        """True while a computation runs."""
-        return self.worker.busy
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the latest requested page is drawn; False on timeout."""
-        return self.worker.wait(timeout)
+    def _hide_busy(self) -> None:
+        set_visible(self.progress, False)
 
     # ---------------------------------------------------------------- drawing
     def _draw(self, page: np.ndarray) -> None:
