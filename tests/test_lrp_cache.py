@@ -262,12 +262,12 @@ def test_weights_changed_in_place_rebuild_the_copy(images):
     model = small_resnet()
     ex = xw.Explainer(model, images, progress=False)
     ex.explain("lrp", composite="epsilon_plus", target=[1, 2])
-    old = ex.context.valid_cache()["lrp"]
+    old = ex.context.memoized(lrp_module.canonized, None)
     with torch.no_grad():  # what a model-randomisation sanity check does
         model.fc.weight.normal_()
         model.layer1[0].bn1.running_mean.add_(0.3)
     changed = ex.explain("lrp", composite="epsilon_plus", target=[1, 2], reduce=None)
-    assert ex.context.valid_cache()["lrp"] is not old
+    assert ex.context.memoized(lrp_module.canonized, None) is not old
     fresh = xw.explain(model, images, "lrp", composite="epsilon_plus", target=[1, 2],
                        reduce=None)
     np.testing.assert_allclose(changed.values, fresh.values, rtol=1e-5,
@@ -278,17 +278,17 @@ def test_the_kept_graph_is_released_with_the_cache_and_the_images(images):
     model = small_resnet()
     ex = xw.Explainer(model, images, progress=False)
     ex.explain("lrp", target=[1, 2])
-    kept = ex.context.valid_cache()["lrp"]
+    kept = ex.context.memoized(lrp_module.canonized, None)
     assert kept.keep and kept.logits.grad_fn is not None  # one graph, on this Context
     logits, leaf = weakref.ref(kept.logits), weakref.ref(kept.x)
     del kept
     ex.context.clear_cache()
     assert logits() is None and leaf() is None, "clear_cache left the graph alive"
     ex.explain("lrp", target=[1, 2])
-    logits = weakref.ref(ex.context.valid_cache()["lrp"].logits)
+    logits = weakref.ref(ex.context.memoized(lrp_module.canonized, None).logits)
     ex.set_images(images.flip(-1))  # new images: a new Context, the old graph goes
     assert logits() is None
-    assert "lrp" not in ex.context.valid_cache()
+    assert ex.context.memoized(lrp_module.canonized, None) is None
 
 
 def test_one_call_without_a_context_keeps_nothing(images):

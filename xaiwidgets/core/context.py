@@ -20,8 +20,8 @@ import contextlib
 import functools
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from .scoped import (
     own_output,
 )
 
+T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]
 #: which part of a model's output holds the logits: an index, a key or a callable
 OutputSelector = int | str | Callable[[Any], torch.Tensor] | None
@@ -140,8 +141,51 @@ class Context:
             stack[-1][name] = value
 
     def clear_cache(self) -> None:
-        """Forget cached logits and activations (done automatically when weights change)."""
-        self._cache = {"fingerprint": self._fingerprint(), "acts": {}}
+        """Forget cached logits, activations and :meth:`memo` entries (done automatically
+        when weights change; new images make a new Context)."""
+        self._cache = {"fingerprint": self._fingerprint(), "acts": {}, "memo": {},
+                       "building": {}}
+
+    def memo(self, owner: Hashable, key: Hashable, build: Callable[[], T],
+             limit: int | None = None) -> T:
+        """``build()``, computed once per ``(owner, key)`` and kept with the cache.
+
+        ``owner`` is whoever keeps the value (a method class, a function or a
+        module-level token): two owners never see each other's entries, whatever their
+        keys. ``key`` holds what determines the value (layers, K, targets...). Entries
+        go with the cache: new weights, :meth:`clear_cache`, new images (a new
+        Context). Threads asking for one entry at once run ``build`` once. ``limit``
+        keeps at most that many of ``owner``'s entries (the oldest goes first).
+
+        >>> ctx = Context(torch.nn.Flatten(), torch.rand(1, 3, 1, 1))
+        >>> ctx.memo(len, "k", lambda: 1), ctx.memo(len, "k", lambda: 2)
+        (1, 1)
+        >>> ctx.memo(str, "k", lambda: 2)  # another owner, same key
+        2
+        """
+        cache = self.valid_cache()
+        store, slot = cache["memo"], (owner, key)
+        if slot in store:
+            return store[slot]
+        # dict.setdefault is atomic: threads building one slot share its lock
+        with cache["building"].setdefault(slot, threading.Lock()):
+            if slot not in store:
+                value = build()
+                if limit is not None:
+                    mine = [s for s in list(store) if s[0] == owner]
+                    for old in mine[:max(0, len(mine) - limit + 1)]:
+                        store.pop(old, None)
+                store[slot] = value
+            return store[slot]
+
+    def memoized(self, owner: Hashable, key: Hashable) -> Any:
+        """The :meth:`memo` entry of ``(owner, key)``, or ``None`` when there is none
+        (nothing is built)."""
+        return self.valid_cache()["memo"].get((owner, key))
+
+    def cached_logits(self) -> torch.Tensor | None:
+        """The images' logits if a pass has cached them, else ``None`` (runs nothing)."""
+        return self.valid_cache().get("logits")
 
     def _fingerprint(self) -> tuple:
         # parameters edited in place bump their version counter: the cache then

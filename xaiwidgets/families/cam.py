@@ -36,21 +36,20 @@ def layer_terms(ctx, layer: str, target: torch.Tensor | None
     """``layer``'s activation A and the Grad-CAM weights α (A's shape, spatial dims 1)
     for ``target`` (``None``: the predicted classes), kept in the context's cache per
     (layer, targets): a channel click on a Grad-CAM map runs no model pass."""
-    cache = ctx.valid_cache()
-    if target is None and "logits" in cache:
-        target = cache["logits"].argmax(dim=1)
-    kept = cache.setdefault("cam_terms", {})
-    key = (layer, None if target is None else tuple(target.tolist()))
-    if key not in kept:
+    def terms(target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         activation, grad = ctx.layer_gradient(layer, target)
         if activation.ndim not in (4, 5):
             cam_map(activation, grad, layer)  # raises: not a feature map
-        if target is None:  # the pass gave the predicted classes
-            key = (layer, tuple(ctx.valid_cache()["logits"].argmax(dim=1).tolist()))
-        if len(kept) >= 4:
-            kept.pop(next(iter(kept)))
-        kept[key] = (activation, grad.mean(dim=tuple(range(2, grad.ndim)), keepdim=True))
-    return kept[key]
+        return activation, grad.mean(dim=tuple(range(2, grad.ndim)), keepdim=True)
+
+    if target is None and ctx.cached_logits() is None:
+        found = terms(None)  # this pass gives the predicted classes: kept under them
+        target = ctx.logits().argmax(dim=1)
+        return ctx.memo(layer_terms, (layer, tuple(target.tolist())), lambda: found, limit=4)
+    if target is None:
+        target = ctx.logits().argmax(dim=1)
+    return ctx.memo(layer_terms, (layer, tuple(target.tolist())), lambda: terms(target),
+                    limit=4)
 
 
 def conditional_cam(ctx, target: torch.Tensor | None, layer: str,

@@ -172,14 +172,10 @@ def fem_maps(ctx: Context, layers: Sequence[str], K: float = 1.0) -> torch.Tenso
     Uses ``ctx.activations`` (cached), so only the first call runs the model, and the
     maps themselves are cached per (layers, K) on the context.
     """
-    cache = ctx.valid_cache().setdefault("fem_maps", {})
-    key = (tuple(layers), float(K))
-    if key not in cache:
-        # an operator/alpha/normalize change then only re-fuses; a few K values are kept
-        if len(cache) >= 4:
-            cache.pop(next(iter(cache)))
-        cache[key] = stack_maps(ctx.activations(list(layers)), layers, K, ctx.size)
-    return cache[key]
+    # an operator/alpha/normalize change then only re-fuses; a few K values are kept
+    return ctx.memo(fem_maps, (tuple(layers), float(K)),
+                    lambda: stack_maps(ctx.activations(list(layers)), layers, K, ctx.size),
+                    limit=4)
 
 
 def stack_maps(acts: dict[str, torch.Tensor], layers: Sequence[str], K: float,

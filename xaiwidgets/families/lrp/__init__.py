@@ -42,7 +42,6 @@ The tests' oracle, a slow one-shot computation with zennit's own hooks, lives in
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
@@ -203,16 +202,9 @@ def canonized(ctx: Any) -> Canonized:
     At most one kept forward graph per context: its images are fixed, any composite,
     parameter or target is one backward pass on it.
     """
-    cache = ctx.valid_cache()
-    kept = cache.get("lrp")
-    if kept is None:
-        # two threads asking at once build one copy (dict.setdefault is atomic)
-        with cache.setdefault("lrp_building", threading.Lock()):
-            kept = cache.get("lrp")
-            if kept is None:
-                kept = cache["lrp"] = Canonized.build(ctx.model, ctx.inputs, keep=True,
-                                                      output=ctx.output)
-    return kept
+    # two threads asking at once build one copy (Context.memo)
+    return ctx.memo(canonized, None, lambda: Canonized.build(ctx.model, ctx.inputs, keep=True,
+                                                              output=ctx.output))
 
 
 def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite: str,
