@@ -107,3 +107,22 @@ def test_families_keep_their_entries_under_their_own_owner():
     act, grad = ctx.layer_gradient("2", torch.tensor([0, 1]))
     torch.testing.assert_close(activation, act)
     torch.testing.assert_close(weights, grad.mean(dim=(2, 3), keepdim=True))
+
+
+def test_explainer_offers_the_user_facing_names_and_leaves_passes_to_its_context():
+    ex = xw.Explainer(small_cnn(), torch.rand(2, 3, 8, 8), progress=False)
+    ctx = ex.context
+    assert (ex.device, ex.n_images, ex.size, ex.num_classes) == \
+        (ctx.device, 2, (8, 8), 3)
+    assert ex.layers() == ctx.layers() and ex.block_layers() == ctx.block_layers()
+    assert ex.default_layer() == ctx.default_layer()
+    torch.testing.assert_close(ex.logits(), ctx.logits())
+    with torch.no_grad():
+        torch.testing.assert_close(ex.activations(["1"])["1"], torch.relu(ctx.model[0](ctx.inputs)))
+    assert ex.resolve_target(None).tolist() == ctx.logits().argmax(1).tolist()
+    torch.testing.assert_close(ex.scores(ctx.inputs, torch.tensor(1)), ctx.logits()[:, 1])
+    ex.clear_cache()
+    assert ctx.cached_logits() is None
+    for internal in ("forward", "input_gradient", "layer_gradient", "summed_input_gradient",
+                     "progress_bar", "report_progress", "valid_cache"):
+        assert not hasattr(ex, internal), internal

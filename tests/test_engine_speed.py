@@ -75,14 +75,14 @@ def test_guided_gradcam_one_forward_equals_two_pass_definition(tiny_cnn, images)
     fast = ex.explain("guided_gradcam", target=target.tolist(), layer=layer).values
     rows.handle.remove()
     assert len(rows.sizes) == 1
-    cam = minmax(upsample(gradcam_map(ex, target, layer), ex.size))
+    cam = minmax(upsample(gradcam_map(ex.context, target, layer), ex.size))
     with relu_backward("guided"):
-        guided = ex.input_gradient(ex.inputs, target)
+        guided = ex.context.input_gradient(ex.inputs, target)
     slow = minmax(guided.abs().amax(dim=1) * cam).numpy()
     np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
     with relu_backward("guided"):  # the guided rule does change the layer's gradient
-        _, guided_layer_grad = ex.layer_gradient(layer, target)
-    assert not torch.allclose(guided_layer_grad, ex.layer_gradient(layer, target)[1])
+        _, guided_layer_grad = ex.context.layer_gradient(layer, target)
+    assert not torch.allclose(guided_layer_grad, ex.context.layer_gradient(layer, target)[1])
 
 
 def test_ig_and_smoothgrad_build_at_most_batch_size_rows_per_call(tiny_resnet, images):
@@ -99,7 +99,7 @@ def test_summed_input_gradient_matches_stacked_gradients(tiny_resnet, images):
     ex = xw.Explainer(tiny_resnet, images)
     target = torch.tensor([2, 0])
     samples = [images * (k + 1) / 5 for k in range(5)]
-    stacked = ex.input_gradient(torch.cat(samples), target.repeat(5))
+    stacked = ex.context.input_gradient(torch.cat(samples), target.repeat(5))
     expected = stacked.reshape(5, *images.shape).sum(0)
     built: list[int] = []
     seen = []  # samples built when each model call starts
@@ -109,7 +109,7 @@ def test_summed_input_gradient_matches_stacked_gradients(tiny_resnet, images):
         built.append(k)
         return samples[k]
 
-    summed = ex.summed_input_gradient(sample, 5, target, batch_size=3)
+    summed = ex.context.summed_input_gradient(sample, 5, target, batch_size=3)
     handle.remove()
     np.testing.assert_allclose(summed.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
     # 10 rows, 3 per call: each call has built only the samples its rows need
@@ -218,13 +218,13 @@ def test_layer_gradient_without_autograd_before_the_layer_matches_full_autograd(
     target = [3, 7]
     expected_act, expected_grad = full_autograd_layer_grad(resnet18, x, layer, target)
     ex = xw.Explainer(resnet18, x)
-    act, grad = ex.layer_gradient(layer, torch.tensor(target))
+    act, grad = ex.context.layer_gradient(layer, torch.tensor(target))
     np.testing.assert_allclose(act.numpy(), expected_act.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grad.numpy(), expected_grad.numpy(), rtol=1e-4, atol=1e-7)
     # and Grad-CAM itself against Captum's LayerGradCam (its own full autograd pass)
     theirs = captum.LayerGradCam(resnet18, resnet18.get_submodule(layer)).attribute(
         x, target=target, relu_attributions=True)[:, 0]
-    ours = gradcam_map(ex, torch.tensor(target), layer)
+    ours = gradcam_map(ex.context, torch.tensor(target), layer)
     np.testing.assert_allclose(ours.numpy(), theirs.detach().numpy(), rtol=1e-4,
                                atol=1e-5 * float(theirs.detach().abs().max()))
 
@@ -234,7 +234,7 @@ def test_layer_gradient_without_autograd_before_the_layer_matches_full_autograd(
 def test_layer_gradient_on_a_densenet_where_outputs_are_concatenated(densenet, layer):
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     expected = full_autograd_layer_grad(densenet, x, layer, [1, 4])
-    act, grad = xw.Explainer(densenet, x).layer_gradient(layer, torch.tensor([1, 4]))
+    act, grad = xw.Explainer(densenet, x).context.layer_gradient(layer, torch.tensor([1, 4]))
     for ours, theirs in zip((act, grad), expected, strict=True):
         np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-4, atol=1e-7)
 
@@ -242,7 +242,8 @@ def test_layer_gradient_on_a_densenet_where_outputs_are_concatenated(densenet, l
 def test_layer_run_twice_gives_the_last_calls_gradient(tiny_resnet, images):
     layer = "2.relu"  # TinyBlock's ReLU module runs twice per pass
     expected = full_autograd_layer_grad(tiny_resnet, images, layer, [0, 3])
-    act, grad = xw.Explainer(tiny_resnet, images).layer_gradient(layer, torch.tensor([0, 3]))
+    ctx = xw.Explainer(tiny_resnet, images).context
+    act, grad = ctx.layer_gradient(layer, torch.tensor([0, 3]))
     for ours, theirs in zip((act, grad), expected, strict=True):
         np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-7)
 

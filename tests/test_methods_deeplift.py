@@ -34,7 +34,7 @@ def test_spec_worked_example():
     assert r.attrs["rule"] == "rescale"
     # gradient × Δx would give (-3, 0): the rescale multipliers (1, 1/3) matter
     ex = xw.Explainer(spec_net(), x)
-    grad = ex.input_gradient(x, torch.tensor([0]))
+    grad = ex.context.input_gradient(x, torch.tensor([0]))
     np.testing.assert_allclose(((x - reference) * grad)[0, :2, 0, 0], (-3.0, 0.0))
 
 

@@ -276,7 +276,7 @@ def test_lrp0_equals_gradient_times_input_on_vgg(torchvision_models):
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     ex = xw.Explainer(model, x)
     ours = ex.explain("lrp", composite="zero", target=7, reduce=None).values
-    grad_x_input = (ex.input_gradient(x, torch.tensor([7])) * x).numpy()
+    grad_x_input = (ex.context.input_gradient(x, torch.tensor([7])) * x).numpy()
     np.testing.assert_allclose(ours, grad_x_input, rtol=1e-3, atol=1e-4 * np.abs(ours).max())
 
 
@@ -293,7 +293,7 @@ def test_lrp0_equals_gradient_times_input_on_resnet_with_batchnorm():
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4)).double()
     ex = xw.Explainer(model, x)
     ours = ex.explain("lrp", composite="zero", target=7, reduce=None).values
-    grad_x_input = (ex.input_gradient(x, torch.tensor([7])) * x).numpy()
+    grad_x_input = (ex.context.input_gradient(x, torch.tensor([7])) * x).numpy()
     np.testing.assert_allclose(ours, grad_x_input, rtol=1e-5, atol=1e-7 * np.abs(ours).max())
 
 
@@ -377,7 +377,7 @@ def test_shipped_models_lrp0_is_gradient_times_input_and_model_unchanged(name):
     ex = xw.Explainer(model, images, preprocess=preprocess)
     before = model_state(model)
     ours = ex.explain("lrp", composite="zero", reduce=None).values
-    grad_x_input = (ex.input_gradient(ex.inputs, ex.logits().argmax(1)) * ex.inputs).numpy()
+    grad_x_input = (ex.context.input_gradient(ex.inputs, ex.logits().argmax(1)) * ex.inputs).numpy()
     np.testing.assert_allclose(ours, grad_x_input, rtol=1e-5, atol=1e-7 * np.abs(ours).max())
     for composite in ("epsilon_plus_flat", "epsilon_gamma_box", "alpha_beta"):
         assert np.isfinite(ex.explain("lrp", composite=composite).values).all()
@@ -389,7 +389,8 @@ def lrp0_equals_gradient_times_input(model, x, target=1):
     """LRP-0 of a piecewise-linear float64 net is gradient × input (an independent check)."""
     ex = xw.Explainer(model, x.double())
     ours = ex.explain("lrp", composite="zero", target=target, reduce=None)
-    grad_x_input = (ex.input_gradient(ex.inputs, torch.tensor([target])) * ex.inputs).numpy()
+    grad = ex.context.input_gradient(ex.inputs, torch.tensor([target]))
+    grad_x_input = (grad * ex.inputs).numpy()
     np.testing.assert_allclose(ours.values, grad_x_input, rtol=1e-6,
                                atol=1e-9 * np.abs(grad_x_input).max())
     return ours

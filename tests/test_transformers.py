@@ -110,7 +110,7 @@ def test_an_ambiguous_layer_names_itself_and_grid_and_grid_resolves_it():
         xw.Explainer(model, x, progress=False, grid={"block": "nhwc"}).layers()
     fixed = xw.Explainer(model, x, progress=False, grid={"block": "channels_last"})
     assert fixed.context.layer_grid("block") == Grid("channels_last", 0, 4, 4)
-    act, grad = fixed.layer_gradient("block", torch.tensor([1, 1]))
+    act, grad = fixed.context.layer_gradient("block", torch.tensor([1, 1]))
     assert act.shape == (2, 4, 4, 4)
     with torch.no_grad():
         direct = model.block(model.stem(x)).permute(0, 3, 1, 2)
@@ -155,10 +155,10 @@ def test_class_token_default_is_the_last_blocks_first_norm_because_its_output_is
     assert ex.block_layers() == ["blocks.0", "blocks.1", "blocks.2"]
     assert "blocks.2.norm1" in ex.layers()
     # the last block's output patch tokens never reach the class-token head: zero gradient
-    _, grad = ex.layer_gradient("blocks.2", torch.tensor([1, 1]))
+    _, grad = ex.context.layer_gradient("blocks.2", torch.tensor([1, 1]))
     assert torch.count_nonzero(grad) == 0
     assert ex.explain("gradcam", layer="blocks.2").attrs["informative"].tolist() == [0, 0]
-    _, grad = ex.layer_gradient("blocks.2.norm1", torch.tensor([1, 1]))
+    _, grad = ex.context.layer_gradient("blocks.2.norm1", torch.tensor([1, 1]))
     assert torch.count_nonzero(grad) > 0
     stack = ex.fem_stack()
     assert stack.sizes["layer"] == 3 and stack.sizes["y"] == 32

@@ -50,14 +50,6 @@ from .core.scoped import model_guard
 REDUCTIONS = ("default", "sum", "sum_abs", "max_abs", None)
 #: the method whose per-layer maps :meth:`Explainer.fem_stack` gives (FEM by definition)
 FEM_METHOD = "fem"
-#: names the Explainer forwards to its :class:`Context`
-_CONTEXT_NAMES = frozenset({
-    "device", "n_images", "size", "forward", "logits", "activations", "num_classes",
-    "layers", "block_layers", "default_layer", "resolve_target", "input_gradient",
-    "summed_input_gradient", "layer_gradient", "scores", "report_progress", "progress_bar",
-    "clear_cache", "valid_cache",
-})
-
 
 class Explainer:
     """Explain a CNN classifier's decisions on a batch of images.
@@ -183,12 +175,62 @@ class Explainer:
         """The model inputs: ``preprocess(images)``, or the images themselves."""
         return self.context.inputs
 
-    def __getattr__(self, name: str) -> Any:
-        # passes and helpers (logits, activations, forward, input_gradient, ...) live on
-        # the Context that methods receive; the Explainer offers the same names
-        if name in _CONTEXT_NAMES and "context" in self.__dict__:
-            return getattr(self.context, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    # what users read about the model and images; a method's passes and gradients
+    # (forward, input_gradient, layer_gradient, ...) are on ``ex.context``
+    @property
+    def device(self) -> torch.device:
+        """The images' (and the model's) device."""
+        return self.context.device
+
+    @property
+    def n_images(self) -> int:
+        """Number of images being explained."""
+        return self.context.n_images
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        """The model inputs' spatial size (H, W), or (T, H, W) for video clips."""
+        return self.context.size
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (the logits' width); runs no pass."""
+        return self.context.num_classes
+
+    def logits(self) -> torch.Tensor:
+        """Cached logits (N, classes) of the images (one pass, no autograd)."""
+        return self.context.logits()
+
+    def activations(self, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Cached outputs of ``layers`` as (N, C, h, w), by name; runs the model only
+        for layers not cached yet."""
+        return self.context.activations(layers)
+
+    def layers(self) -> list[str]:
+        """Names usable as ``layer=``, in forward order: convolutions and block outputs."""
+        return self.context.layers()
+
+    def block_layers(self) -> list[str]:
+        """The block outputs (residual blocks, or each conv's activation): MLFEM's layers."""
+        return self.context.block_layers()
+
+    def default_layer(self) -> str:
+        """The layer Grad-CAM and FEM use by default: the last one with a spatial output."""
+        return self.context.default_layer()
+
+    def resolve_target(self, target: Any) -> torch.Tensor:
+        """One class index per image: ``None`` = the predicted class; an int; a sequence."""
+        return self.context.resolve_target(target)
+
+    def scores(self, x: torch.Tensor, target: torch.Tensor, batch_size: int = 64,
+               softmax: bool = False) -> torch.Tensor:
+        """Target logits (or probabilities) of model inputs ``x``, without autograd, in
+        chunks of ``batch_size`` (one class per row, or one for all rows)."""
+        return self.context.scores(x, target, batch_size=batch_size, softmax=softmax)
+
+    def clear_cache(self) -> None:
+        """Forget the cached passes (done automatically when the weights change)."""
+        self.context.clear_cache()
 
     def fem_stack(self, layers: Sequence[str] | str | None = None, K: float = 1.0) -> xr.DataArray:
         """Each layer's FEM map (default: every block output), dims ("image","layer","y","x").
@@ -344,7 +386,7 @@ class Explainer:
         raw = raw.detach()
         # a NaN/inf map never goes out silently: a warning names the overflow and the fix
         non_finite = None if bool(torch.isfinite(raw).all()) else non_finite_share(
-            raw, method.name, self.context.valid_cache().get("logits"))
+            raw, method.name, self.context.cached_logits())
         how = method.default_reduce if reduce == "default" else reduce
         # one map per image is (N, H, W), or (N, T, H, W) for clips; one more dim = channels
         volume = ("t", "y", "x")[-len(self.size):]
@@ -408,7 +450,7 @@ def _with_target(ctx: Context, targets: str, target: Any,
     [1, 1]
     """
     if targets == "ignored" or (targets == "from_own_pass"
-                                and "logits" not in ctx.valid_cache()):
+                                and ctx.cached_logits() is None):
         given = None if targets == "ignored" or target is None else ctx.parse_target(target)
         result = compute(given)
         return result, ctx.resolve_target(target)

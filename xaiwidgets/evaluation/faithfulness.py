@@ -75,7 +75,7 @@ def _logits(ex: Explainer, x: np.ndarray, batch_size: int) -> np.ndarray:
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
             batch = torch.as_tensor(x[start:start + batch_size], dtype=dtype, device=ex.device)
-            out.append(ex.forward(batch)[0].float().cpu().numpy())
+            out.append(ex.context.forward(batch)[0].float().cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 

@@ -106,7 +106,7 @@ def _curve(ex: Explainer, source: torch.Tensor, replacement: torch.Tensor,
     counts_t = torch.as_tensor(counts, device=source.device)
     out = torch.empty(n * k, device=source.device)
     starts = range(0, n * k, batch_size)
-    for start in ex.progress_bar(starts, total=len(starts), desc="perturbation"):
+    for start in ex.context.progress_bar(starts, total=len(starts), desc="perturbation"):
         index = torch.arange(start, min(start + batch_size, n * k), device=source.device)
         img, step = index // k, index % k
         mask = (rank[img] < counts_t[step, None, None]).unsqueeze(1)

@@ -84,7 +84,7 @@ def sensitivity(
             out[:, s] = diff / norms
         if nan_when_prediction_changes:
             with torch.no_grad():
-                changed = (ex.forward(noisy)[0].argmax(dim=1) != predicted).cpu().numpy()
+                changed = (ex.context.forward(noisy)[0].argmax(dim=1) != predicted).cpu().numpy()
             out[changed, s] = np.nan
     return out
 
