@@ -59,9 +59,10 @@ def test_integrated_gradients_first_estimates_only_when_shown(monkeypatch):
     assert offered == []  # nobody draws estimates: no snapshot of the running sum
     monkeypatch.undo()
     shown = []
-    ex.context.partial = lambda done, total, estimate: shown.append(
-        (done, total, estimate()[0, :2, 0, 0].tolist()))
-    final = ex.explain("integrated_gradients", target=0, steps=4, batch_size=1, reduce=None)
+    with ex.context.partial_results(lambda done, total, estimate: shown.append(
+            (done, total, estimate()[0, :2, 0, 0].tolist()))):
+        final = ex.explain("integrated_gradients", target=0, steps=4, batch_size=1, reduce=None)
+    assert not ex.context.wants_partial  # the block ended: no callback left behind
     # by hand: f = x0·x1 at (2, 3), ∇f(αx) = α(3, 2); steps in spread order α = 1/4,
     # 3/4, 2/4: the mean α so far is 1/4, 1/2, 1/2, so (x − 0)·mean ∇ = α·(6, 6)
     assert shown == [(1, 4, [1.5, 1.5]), (2, 4, [3.0, 3.0]), (3, 4, [3.0, 3.0])]

@@ -285,8 +285,9 @@ def test_sampling_methods_on_several_clips_equal_each_clip_alone(method, params)
     clips = torch.rand(3, 3, 4, 8, 8, generator=torch.Generator().manual_seed(8))
     together = xw.Explainer(model, clips, progress=False)
     estimates = []
-    together.context.partial = lambda done, total, estimate: estimates.append(estimate())
-    batch = together.explain(method, **params)
+    with together.context.partial_results(
+            lambda done, total, estimate: estimates.append(estimate())):
+        batch = together.explain(method, **params)
     assert estimates and all(e.shape[-3:] == (4, 8, 8) for e in estimates)
     for i in range(len(clips)):
         alone = xw.Explainer(model, clips[i:i + 1], progress=False).explain(method, **params)

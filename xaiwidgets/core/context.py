@@ -108,8 +108,8 @@ class Context:
         self._calls: Counter[str] = Counter()
         #: number of classes seen by the :meth:`shapes` pass (0 before it)
         self.probe_classes = 0
-        #: set by callers that show first estimates (the widgets), see :meth:`report_partial`
-        self.partial: PartialCallback | None = None
+        # set by callers that show first estimates (the widgets): :meth:`partial_results`
+        self._partial: PartialCallback | None = None
         self.inputs = preprocess(images) if preprocess is not None else images
         self._records = threading.local()
         self.clear_cache()
@@ -687,15 +687,40 @@ class Context:
         if callable(self.progress):
             self.progress(done, total)
 
+    @contextlib.contextmanager
+    def partial_results(self, callback: PartialCallback | None) -> Iterator[None]:
+        """Offer first estimates (:meth:`report_partial`) to ``callback`` inside the block;
+        ``None`` offers none. The previous callback is back on exit.
+
+        >>> ctx = Context(torch.nn.Flatten(), torch.rand(1, 3, 1, 1))
+        >>> seen = []
+        >>> with ctx.partial_results(lambda done, total, estimate: seen.append(estimate())):
+        ...     ctx.wants_partial, ctx.report_partial(1, 2, lambda: 0.5)
+        (True, None)
+        >>> seen, ctx.wants_partial
+        ([0.5], False)
+        """
+        previous, self._partial = self._partial, callback
+        try:
+            yield
+        finally:
+            self._partial = previous
+
+    @property
+    def wants_partial(self) -> bool:
+        """Whether someone shows first estimates (a method may then skip making them)."""
+        return self._partial is not None
+
     def report_partial(self, done: int, total: int,
                        estimate: Callable[[], torch.Tensor]) -> None:
-        """Offer a first estimate after ``done`` of ``total`` steps to :attr:`partial`.
+        """Offer a first estimate after ``done`` of ``total`` steps to the
+        :meth:`partial_results` callback, if any.
 
         ``estimate()`` returns the raw attribution so far (what ``attribute`` would
         return); it runs only if the callback asks for it.
         """
-        if self.partial is not None:
-            self.partial(done, total, estimate)
+        if self._partial is not None:
+            self._partial(done, total, estimate)
 
     def progress_bar(self, iterable: Any, total: int, desc: str) -> Any:
         """Wrap long loops in tqdm (when ``progress=True``) or the callback."""

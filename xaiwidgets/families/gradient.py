@@ -151,7 +151,7 @@ def spread_order(n: int) -> list[int]:
 
 def partial_estimate(ctx, estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
                      ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """``estimate`` when someone shows first estimates (``ctx.partial``), else ``None``:
+    """``estimate`` when someone shows first estimates (``ctx.wants_partial``), else ``None``:
     then no snapshot of the running sum is taken after each chunk.
 
     >>> import torch, xaiwidgets as xw
@@ -159,7 +159,7 @@ def partial_estimate(ctx, estimate: Callable[[torch.Tensor, torch.Tensor], torch
     >>> partial_estimate(ctx, lambda part, count: part / count) is None
     True
     """
-    return estimate if ctx.partial is not None else None
+    return estimate if ctx.wants_partial else None
 
 
 BASELINE = Param("baseline", 0.0, kind="any", doc="reference input: number, tensor or 'black'")

@@ -616,7 +616,7 @@ class ExplorerBase(BackgroundUpdates, Exportable, W.VBox):
 
     def _progressive(self, what: str, unit: str,
                      draw: Callable[[torch.Tensor], None]) -> Callable | None:
-        """A partial-result callback for the engine (``ctx.partial``), or ``None`` when
+        """A partial-result callback for ``Context.partial_results``, or ``None`` when
         synchronous. ``draw(raw)`` shows a first estimate; at most one per ``interval``."""
         if not self.background:
             return None

@@ -163,11 +163,9 @@ class ExplainerWidget(ExplorerBase):
             da = ex.pack(raw, m, ex.resolve_target(target), layer, "default", params)
             self._show(da.assign_coords(image=[index]), estimate=True)
 
-        ex.context.partial = self._progressive(m.name, m.progress_unit, first_estimate)
-        try:
+        with ex.context.partial_results(
+                self._progressive(m.name, m.progress_unit, first_estimate)):
             result = ex.explain(m.name, target=target, layer=layer, **params)
-        finally:
-            ex.context.partial = None
         result = result.assign_coords(image=[index])
 
         def publish() -> str:
