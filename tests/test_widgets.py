@@ -356,3 +356,70 @@ def test_compare_widget_without_reference(model):
 def test_bad_reference_shape_is_rejected(model):
     with pytest.raises(ValueError, match="reference gfdm"):
         xw.CompareWidget(model, IMAGES, ["gradient"], reference=np.zeros((2, 16, 16)))
+
+
+def test_new_view_gets_the_whole_current_figure():
+    """A page can drop plotly edits sent while its plotly JavaScript still loads (Voilà
+    connecting while the worker publishes): a new view (the front end's ``_view_count``
+    goes up) gets the whole current figure, again once it reports its first drawing,
+    and not on later reports (the echoes of ordinary edits)."""
+    import threading
+
+    from xaiwidgets.widgets.figures import MapGrid
+
+    grid = MapGrid(1)
+    fig = grid.figure
+    sent: list[tuple[str, dict]] = []
+    for name in ("_py2js_deleteTraces", "_py2js_addTraces", "_py2js_relayout",
+                 "_py2js_update"):
+        fig.observe(lambda c: c["new"] and sent.append((c["name"], c["new"])), name)
+    values = np.arange(12.0).reshape(3, 4)
+    grid.show(0, values, image=np.zeros((3, 3, 4)), title="now")
+    assert [name for name, _ in sent] == ["_py2js_update"] and fig._view_count == 0
+
+    def resynced() -> bool:
+        names = [name for name, _ in sent]
+        if not names:
+            return False
+        assert names == ["_py2js_deleteTraces", "_py2js_addTraces", "_py2js_relayout"]
+        assert sent[0][1]["delete_inds"] == [0, 1]
+        heat = sent[1][1]["trace_data"][1]
+        assert heat["type"] == "heatmap" and np.allclose(np.asarray(heat["z"]), values)
+        assert sent[2][1]["relayout_data"]["annotations"][0]["text"] == "now"
+        sent.clear()
+        return True
+
+    def drawn() -> None:  # what plotly's view reports after drawing (or applying an edit)
+        fig._js2py_layoutDelta = {"layout_delta": {}, "layout_edit_id": fig._last_layout_edit_id}
+
+    sent.clear()
+    fig.set_state({"_view_count": 1})  # the page displayed a view
+    assert resynced()
+    drawn()                             # its first drawing: plotly's JavaScript runs
+    assert resynced()
+    drawn()                             # the echo of an edit: nothing more
+    assert not resynced()
+    fig.set_state({"_view_count": 0})   # a view removed: nothing
+    assert not resynced()
+
+    # a re-sync from the kernel's thread waits for a worker's batch of edits to end
+    inside, release = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with fig.batch_update():
+            fig.data[1].zmax = 99.0
+            inside.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    inside.wait(5)
+    resync = threading.Thread(target=fig.resync)
+    resync.start()
+    resync.join(0.2)
+    assert resync.is_alive() and not sent  # blocked by the batch
+    release.set()
+    thread.join(5)
+    resync.join(5)
+    assert [name for name, _ in sent][0] == "_py2js_update"
+    assert sent[2][1]["trace_data"][1]["zmax"] == 99.0  # the re-sync has the batch's edit

@@ -15,9 +15,11 @@ image trace with a heatmap trace over it. Colours come from
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -25,6 +27,7 @@ import matplotlib
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+from traitlets import observe
 
 from .. import rendering
 
@@ -86,13 +89,25 @@ def image_uri(image: Any) -> str:
 
 
 class LiveFigureWidget(go.FigureWidget):
-    """A plotly ``FigureWidget`` whose full widget state is the figure as it is now.
+    """A plotly ``FigureWidget`` that shows the figure as it is now, in any page.
 
     plotly sends in-place edits (``restyle``, ``update``) as one-off messages and keeps
-    the traces of construction time in its synced ``_widget_data``. A page whose widget
-    manager asks for the state *after* the edits (Voilà runs the notebook before the
-    browser connects; a reloaded JupyterLab tab) drew those first, empty traces. Here a
-    request for the whole state serializes the current traces and layout instead.
+    the traces of construction time in its synced ``_widget_data``. Two ways a page can
+    miss edits, both fixed here:
+
+    * a page whose widget manager asks for the state *after* the edits (Voilà runs the
+      notebook before the browser connects; a reloaded JupyterLab tab) drew those
+      first, empty traces: a request for the whole state serializes the current traces
+      and layout instead;
+    * an edit that arrives while the page is still loading plotly's JavaScript (an
+      anywidget module: its model applies edits only once loaded; Voilà connects while
+      a background computation publishes) is dropped, and the plot is drawn from the
+      older state. So the front end counts its views (ipywidgets' ``_view_count``), and
+      a new view gets the whole figure (traces replaced, layout set) once it is drawn
+      (plotly's first layout report) - then plotly's JavaScript is surely running.
+
+    :meth:`batch_update` and :meth:`resync` hold one lock, so a re-sync from the
+    kernel's thread never interleaves with a worker thread's edit.
 
     >>> fig = LiveFigureWidget(go.Heatmap())
     >>> fig.data[0].z = [[1, 2]]
@@ -100,16 +115,54 @@ class LiveFigureWidget(go.FigureWidget):
     [[1, 2]]
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._edit_lock = threading.RLock()
+        #: a view appeared: re-sync when it reports its first drawing
+        self._resync_due = False
+        super().__init__(*args, **kwargs)
+        self._view_count = 0  # ask the front end to count its views
+
     def get_state(self, key: Any = None, drop_defaults: bool = False) -> dict[str, Any]:
         state = super().get_state(key=key, drop_defaults=drop_defaults)
         # a new view or a late page asks for everything: the figure as it is now (not while
         # plotly's constructor opens the comm, before the traces exist)
         if key is None and hasattr(self, "_layout_obj"):
-            for name, value in (("_widget_data", self._data),
-                                ("_widget_layout", self._layout_obj._props)):
-                to_json = self.trait_metadata(name, "to_json", self._trait_to_json)
-                state[name] = to_json(copy.deepcopy(value), self)
+            with self._edit_lock:
+                for name, value in (("_widget_data", self._data),
+                                    ("_widget_layout", self._layout_obj._props)):
+                    to_json = self.trait_metadata(name, "to_json", self._trait_to_json)
+                    state[name] = to_json(copy.deepcopy(value), self)
         return state
+
+    @contextlib.contextmanager
+    def batch_update(self) -> Iterator[None]:
+        """plotly's ``batch_update`` (one message for all edits), under the edit lock."""
+        with self._edit_lock, super().batch_update():
+            yield
+
+    def resync(self) -> None:
+        """Send the whole current figure to every view: its traces replaced by the
+        current ones, its layout set to the current one."""
+        with self._edit_lock:
+            if self._data:
+                self._send_deleteTraces_msg(list(range(len(self._data))))
+                self._send_addTraces_msg(copy.deepcopy(self._data))
+            self._send_relayout_msg(copy.deepcopy(self._layout))
+
+    @observe("_view_count")
+    def _on_view_count(self, change: dict[str, Any]) -> None:
+        old, new = change["old"], change["new"]
+        if isinstance(old, int) and isinstance(new, int) and new > old:
+            self._resync_due = True
+            # applied at once when plotly's JavaScript already runs in the page (its
+            # drawing was reported first); else the drawing's report brings it again
+            self.resync()
+
+    @observe("_js2py_layoutDelta")
+    def _on_view_drawn(self, change: dict[str, Any]) -> None:
+        if self._resync_due and change["new"]:
+            self._resync_due = False
+            self.resync()
 
 
 class MapGrid:
