@@ -171,3 +171,49 @@ def test_concept_explorer_click_and_box(kind, servers, chromium):  # noqa: F811
                 f"s => s.offsetParent !== null && s.selectedOptions[0] && "
                 f"s.selectedOptions[0].text.endsWith('{label}'))", timeout=60_000)
         assert not [e for e in errors if "plotly" in e.lower() or "widget" in e.lower()], errors
+
+
+# a figure edited right after the page asked for the widget states: the edit reaches a
+# page still loading plotly's JavaScript (the race that left the explorer's plots blank)
+EDITED_WHILE_LOADING = '''import threading
+import plotly.graph_objects as go
+from xaiwidgets.widgets.figures import LiveFigureWidget
+
+class EditedWhileLoading(LiveFigureWidget):
+    def get_state(self, key=None, drop_defaults=False):
+        state = super().get_state(key, drop_defaults)
+        if key is None and getattr(self, "_armed", False):  # the page asks for everything
+            self._armed = False
+            threading.Timer(0.05, lambda: setattr(self.data[0], "z", [[5, 6], [7, 8]])).start()
+        return state
+
+fig = EditedWhileLoading(go.Heatmap(z=[[1, 2], [3, 4]]))
+fig._armed = True
+fig'''
+
+Z = """() => { const gd = document.querySelector('.js-plotly-plot');
+  return gd && gd.data && gd.querySelector('.heatmaplayer image') ? gd.data[0].z : null; }"""
+
+
+@browser
+@pytest.mark.timeout(240)
+def test_voila_page_gets_an_edit_made_while_it_loads(tmp_path, chromium):  # noqa: F811
+    import nbformat
+
+    notebook = tmp_path / "edited_while_loading.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(EDITED_WHILE_LOADING)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nbformat.write(nb, notebook)
+    (tmp_path / "home").mkdir()
+    server = serve("voila", tmp_path / "home", notebook)
+    url = next(server)
+    try:
+        with open_page(chromium, "voila_edited_while_loading_failed.png") as page:
+            page.goto(url, wait_until="commit", timeout=120_000)
+            page.wait_for_function(Z, timeout=120_000)
+            # the edit, or the re-sync of the new view, lands within a moment of the drawing
+            page.wait_for_function(f"() => JSON.stringify(({Z})()) === '[[5,6],[7,8]]'",
+                                   timeout=15_000)
+    finally:
+        next(server, None)
