@@ -7,7 +7,9 @@ models with a known answer, and comparisons at the display's precision.
 from __future__ import annotations
 
 import io
+import json
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -309,3 +311,18 @@ class TopLeftTexture(nn.Module):
 
 def noise_images(n: int = 2, size: int = 32) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def write_zoo_table(table: dict[str, dict[str, str]]) -> None:
+    """Write a zoo's table model x method -> outcome to ``$XAIWIDGETS_ZOO_TABLE`` (when
+    set), merged into what is there, so the CNN and the transformer zoos share one file."""
+    path = os.environ.get("XAIWIDGETS_ZOO_TABLE")
+    if not path:
+        return
+    merged = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            merged = json.load(f)
+    merged.update(table)
+    with open(path, "w") as f:
+        json.dump(merged, f, indent=1, sort_keys=True)

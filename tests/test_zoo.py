@@ -9,7 +9,6 @@ ok / refused (reason) and LRP's rule per layer type.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -25,6 +24,7 @@ from .helpers import (
     assert_model_unchanged,
     model_snapshot,
     randomise_batchnorms,
+    write_zoo_table,
 )
 
 TABLE: dict[str, dict[str, str]] = {}
@@ -45,13 +45,6 @@ def zoo_methods(name: str) -> list[str]:
     if name in SMALL or os.environ.get("XAIWIDGETS_ZOO_FULL") == "1":
         return xw.methods()
     return [m for m in xw.methods() if m not in SAMPLING]
-
-
-def _write_table() -> None:
-    path = os.environ.get("XAIWIDGETS_ZOO_TABLE")
-    if path:
-        with open(path, "w") as f:
-            json.dump(TABLE, f, indent=1, sort_keys=True)
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -93,7 +86,7 @@ def test_every_method_leaves_the_zoo_untouched(name):
             row[method] += f" (warns: {len(notes)})"
         row[method] += f" [{time.perf_counter() - start:.2f}s]"
         assert_model_unchanged(model, before, f"{method} on {name}")
-    _write_table()
+    write_zoo_table(TABLE)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "densenet (121's blocks, narrow)",
