@@ -11,7 +11,6 @@ refused (reason), and the default layer.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import torchvision.models as tvm
 from torch import nn
 
 import xaiwidgets as xw
-from tests.helpers import assert_model_unchanged, model_snapshot
+from tests.helpers import assert_model_unchanged, model_snapshot, write_zoo_table
 
 timm = pytest.importorskip("timm")
 
@@ -136,13 +135,6 @@ def _upsampled(cam: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(span > 0, (cam - low) / span.clamp(min=1e-30), torch.zeros_like(cam))
 
 
-def _write_table() -> None:
-    path = os.environ.get("XAIWIDGETS_ZOO_TABLE")
-    if path:
-        with open(path, "w") as f:
-            json.dump(TABLE, f, indent=1, sort_keys=True)
-
-
 @pytest.mark.parametrize("name", list(ZOO))
 def test_every_method_on_the_transformer_zoo(name):
     model, x = build(name)
@@ -180,7 +172,7 @@ def test_every_method_on_the_transformer_zoo(name):
                     assert torch.isfinite(torch.as_tensor(result.attrs[key])).all()
         row[method] = "ok"
         assert_model_unchanged(model, before, f"{method} on {name}")
-    _write_table()
+    write_zoo_table(TABLE)
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -202,5 +194,9 @@ def test_gradcam_reads_the_token_grid(name):
         ours = torch.from_numpy(ex.explain("gradcam", target=target).values)
         span = theirs.flatten(1).amax(1) - theirs.flatten(1).amin(1)
         wide = span > 1e-3 * theirs.flatten(1).abs().amax(1)
+        # min-max normalisation divides the raw maps' float32 disagreement (asserted just
+        # above, thread-count dependent) by the span: carry it over instead of a constant
+        raw_error = (raw - theirs).flatten(1).abs().amax(1)
+        carried = (2 * raw_error / span.clamp(min=1e-30))[wide].max() if wide.any() else 0.0
         torch.testing.assert_close(ours[wide], _upsampled(theirs, x.shape[-1])[wide],
-                                   atol=2e-5, rtol=1e-4)
+                                   atol=2e-5 + float(carried), rtol=1e-4)
