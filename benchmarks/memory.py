@@ -1,6 +1,7 @@
 """Peak memory of IG / SmoothGrad with many samples: bounded by ``batch_size``, not ``n``;
-and resident memory over many rounds of explanations (``python -m benchmarks.memory
-rounds 60``: with and without :mod:`xaiwidgets.core.memory`'s trim).
+resident memory over many rounds of explanations (``python -m benchmarks.memory
+rounds 60``: with and without :mod:`xaiwidgets.core.memory`'s trim); and resident memory
+over simulated widget use (``python -m benchmarks.memory session 30``: 30 minutes).
 
 Each configuration runs in a fresh subprocess (``python -m benchmarks.memory '<json>'``)
 so one run's allocations cannot hide another's. On CPU the peak resident set size
@@ -114,11 +115,151 @@ def rounds_rss(spec: dict[str, Any]) -> dict[str, Any]:
             "final_growth_mib": (after[-1] - warm) / 2**20, "xaiwidgets": xw.__version__}
 
 
+#: what a simulated user does in :func:`session_rss`, with relative frequencies
+SESSION_ACTIONS = {"image": 3, "method": 3, "slider": 6, "stack": 2, "compare": 1,
+                   "explorer_page": 2, "explorer_open": 1, "channel": 3, "region": 1,
+                   "rerun_cell": 1}
+#: the ExplainerWidget's methods in the session (every family; sizes kept small)
+SESSION_METHODS = ("gradcam", "fem", "gradient", "guided_backprop", "lrp", "deeplift",
+                   "integrated_gradients", "smoothgrad", "occlusion", "mlfem")
+
+
+def session_widgets(background: bool) -> dict[str, Any]:
+    """The widgets of a class session on ``shapes-vgg``: an ExplainerWidget, a
+    FEMStackWidget, a CompareWidget, a DatasetExplorer (200 images) and a
+    ConceptExplorer (64 images)."""
+    model, preprocess, classes = xw.models.load("shapes-vgg")
+    data = xw.datasets.shapes(n=200, seed=3)
+    images = data.isel(image=slice(0, 8))
+    kw = {"preprocess": preprocess, "classes": classes, "background": background}
+    return {
+        "explainer": xw.ExplainerWidget(model, images, methods=SESSION_METHODS, **kw),
+        "stack": xw.FEMStackWidget(model, images, **kw),
+        "compare": xw.CompareWidget(model, images.isel(image=slice(0, 2)),
+                                    methods=("gradcam", "fem", "gradient"), **kw),
+        "explorer": xw.DatasetExplorer(model, data, methods=("gradcam", "fem"), **kw),
+        "concepts": xw.ConceptExplorer(model, data.isel(image=slice(0, 64)), **kw),
+    }
+
+
+def session_step(widgets: dict[str, Any], action: str, rng: Any) -> None:
+    """One user action on the session's widgets (a control change, as a click makes)."""
+    w = widgets["explainer"]
+
+    def pick(control: Any) -> Any:
+        options = [o[1] if isinstance(o, tuple) else o for o in control.options]
+        return options[int(rng.integers(len(options)))]
+
+    if action == "image":
+        w.controls["image"].value = pick(w.controls["image"])
+    elif action == "method":
+        w.controls["method"].value = pick(w.controls["method"])
+    elif action == "slider":  # the current method's first numeric slider, or the view
+        name = next((n for n, c in w.controls.items() if c.layout.display != "none"
+                     and hasattr(c, "max") and n not in ("image", "frame")
+                     and n in w.params.keys.get(w.method, {}).values()), "opacity")
+        c = w.controls[name]
+        value = c.min + (c.max - c.min) * float(rng.random())
+        c.value = type(c.value)(round(value) if isinstance(c.value, int) else value)
+    elif action == "stack":
+        s = widgets["stack"]
+        s.controls["image"].value = pick(s.controls["image"])
+    elif action == "compare":
+        c = widgets["compare"]
+        c.controls["image"].value = pick(c.controls["image"])
+    elif action == "explorer_page":
+        x = widgets["explorer"]
+        x.controls["page"].value = pick(x.controls["page"]) if hasattr(
+            x.controls["page"], "options") else int(rng.integers(
+                x.controls["page"].min, x.controls["page"].max + 1))
+    elif action == "explorer_open":
+        x = widgets["explorer"]
+        x.wait()
+        if x.shown:
+            x.select(x.shown[int(rng.integers(len(x.shown)))])
+    elif action == "channel":
+        c = widgets["concepts"]
+        c.wait()
+        if c.channels is not None and c.channels.sizes.get("rank"):
+            c.select_channel(int(c.channels.channel.values[
+                int(rng.integers(c.channels.sizes["rank"]))]))
+    elif action == "region":
+        c = widgets["concepts"]
+        y0, x0 = (int(v) for v in rng.integers(0, 64, size=2))
+        c.select_region(y0, x0, y0 + 48, x0 + 48)
+    elif action == "rerun_cell":  # a student re-runs the cell: a new ExplainerWidget
+        old = widgets["explainer"]
+        old.close()
+        widgets["explainer"] = xw.ExplainerWidget(
+            old.model, old.images if hasattr(old, "images") else old.explainer().inputs,
+            preprocess=old.preprocess, classes=old.classes, methods=SESSION_METHODS,
+            background=old.background)
+
+
+def session_rss(spec: dict[str, Any]) -> dict[str, Any]:
+    """Resident memory over ``spec["minutes"]`` of simulated widget use: random
+    (seeded) actions from :data:`SESSION_ACTIONS` on :func:`session_widgets`, as
+    fast as they compute, the background threads on as in a kernel (an action often
+    supersedes the previous one's work). The reference is the resident size after
+    ``spec["warmup_minutes"]``; reported: the largest and final growth over it (MiB),
+    the actions done, and a resident-size sample per minute.
+    """
+    import gc
+    import time
+
+    import numpy as np
+
+    from xaiwidgets.core import memory
+
+    memory.ENABLED = bool(spec.get("trim", True))
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    rng = np.random.default_rng(spec.get("seed", 0))
+    widgets = session_widgets(background=bool(spec.get("background", True)))
+    names, weights = zip(*SESSION_ACTIONS.items(), strict=True)
+    p = np.asarray(weights, dtype=float) / sum(weights)
+    start = time.monotonic()
+    end, warm_end = start + 60 * float(spec["minutes"]), start + 60 * float(
+        spec.get("warmup_minutes", 3))
+    warm, samples, actions, errors, next_sample = None, [], 0, 0, start
+    while time.monotonic() < end:
+        action = names[int(rng.choice(len(names), p=p))]
+        try:
+            session_step(widgets, action, rng)
+        except Exception:  # noqa: BLE001 - a failing action is counted, the run goes on
+            errors += 1
+        actions += 1
+        if rng.random() < 0.3:  # the user waits for the result now and then
+            for w in widgets.values():
+                w.wait()
+        now = time.monotonic()
+        if now >= next_sample:
+            gc.collect()
+            samples.append(((now - start) / 60, (rss_bytes() or 0) / 2**20))
+            next_sample = now + 60
+        if warm is None and now >= warm_end:
+            for w in widgets.values():
+                w.wait()
+            gc.collect()
+            warm = (rss_bytes() or 0) / 2**20
+    for w in widgets.values():
+        w.wait()
+    gc.collect()
+    final = (rss_bytes() or 0) / 2**20
+    warm = final if warm is None else warm
+    after = [mib for minute, mib in samples if minute >= float(spec.get("warmup_minutes", 3))]
+    return {**spec, "warm_mib": warm, "max_growth_mib": max([*after, final]) - warm,
+            "final_growth_mib": final - warm, "actions": actions, "errors": errors,
+            "samples": samples, "xaiwidgets": xw.__version__}
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak memory (MiB) of one configuration, in this process (a ``rounds`` spec:
     :func:`rounds_rss`)."""
     if "rounds" in spec:
         return rounds_rss(spec)
+    if "minutes" in spec:
+        return session_rss(spec)
     device = torch.device(spec.get("device", "cpu"))
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -186,5 +327,19 @@ if __name__ == "__main__":
                 continue
             print(f"| {'on' if trim else 'off'} | {n} | {row['warm_mib']:.0f} | "
                   f"{row['max_growth_mib']:+.0f} | {row['final_growth_mib']:+.0f} |")
+    elif sys.argv[1:2] == ["session"]:  # python -m benchmarks.memory session [MINUTES]
+        minutes = float(sys.argv[2]) if len(sys.argv) > 2 else 30
+        row = measure_in_subprocess({"minutes": minutes, "warmup_minutes": min(3, minutes / 3)},
+                                    timeout=int(120 * minutes) + 600)
+        if "error" in row:
+            print(f"error: {row['error']}")
+        else:
+            print("| minutes | actions | RSS after warm-up (MiB) | max growth | final growth |")
+            print("|---|---|---|---|---|")
+            print(f"| {minutes:g} | {row['actions']} ({row['errors']} failed) | "
+                  f"{row['warm_mib']:.0f} | {row['max_growth_mib']:+.0f} | "
+                  f"{row['final_growth_mib']:+.0f} |")
+            print("per minute (min, MiB):", ", ".join(f"{m:.0f}:{r:.0f}"
+                                                      for m, r in row["samples"]))
     else:
         print(json.dumps(measure(json.loads(sys.argv[1]))))
