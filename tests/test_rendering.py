@@ -71,3 +71,26 @@ def test_accessor_png_round_trip(tmp_path):
         xr.DataArray(np.zeros((1, 3, 4, 4)), dims=("image", "channel", "y", "x")).xai.map2d()
 
 
+
+
+def test_small_multiples_shorten_long_layer_titles_and_keep_them_on_hover():
+    """FEMStackWidget's grid titles (layer names) overlapped on small panels: a
+    ``short_titles`` grid elides the middle of a title that would not fit, in a smaller
+    font, and keeps the whole title as the annotation's hover text."""
+    from xaiwidgets.widgets.figures import MapGrid, fit_title
+
+    long = "stages.3.blocks.2.mlp.act"
+    grid = MapGrid(8, cols=4, titles=[long, "features.27"] * 4, panel_px=170,
+                   short_titles=True)
+    first, second = grid.figure.layout.annotations[:2]
+    chars = grid._title_chars()
+    assert len(first.text) == chars < len(long) and "…" in first.text
+    assert first.text.startswith("stages.3") and first.text.endswith("act")
+    assert first.hovertext == long and first.font.size == 12
+    assert second.text == "features.27" and second.hovertext is None
+    grid.set_title(1, long)  # a later title is shortened alike
+    assert grid.figure.layout.annotations[1].text == first.text
+    # without short_titles nothing changes (titles that carry scores stay whole)
+    plain = MapGrid(2, titles=[long, "b"], panel_px=170)
+    assert plain.figure.layout.annotations[0].text == long
+    assert fit_title("abc", 8) == "abc" and len(fit_title("a" * 40, 9)) == 9

@@ -72,7 +72,8 @@ class FEMStackWidget(ExplorerBase):
         self.figure = self.grid.figure
         self.figure.layout.width = FIT_PX  # fits a notebook at a 900 px window
         self.layers_grid = MapGrid(len(self.layers), cols=min(len(self.layers), 4),
-                                   titles=self.layers, panel_px=170, resolution=64)
+                                   titles=self.layers, panel_px=170, resolution=64,
+                                   short_titles=True)
         self.grid_figure = self.layers_grid.figure
         self.grid_figure.layout.width = min(len(self.layers), 4) * 170 + 20
         self._shown_image: int | None = None

@@ -165,6 +165,19 @@ class LiveFigureWidget(go.FigureWidget):
             self.resync()
 
 
+def fit_title(title: str, chars: int) -> str:
+    """``title`` shortened to ``chars`` characters with an ellipsis in the middle
+    (a layer name keeps its start and its end, which tell layers apart).
+
+    >>> fit_title("features.27", 20), fit_title("blocks.10.mlp.act_layer_norm", 16)
+    ('features.27', 'blocks.…yer_norm')
+    """
+    if len(title) <= chars:
+        return title
+    head = (chars - 1) // 2
+    return title[:head] + "…" + title[len(title) - (chars - 1 - head):]
+
+
 class MapGrid:
     """A grid of panels, each a heatmap over an image, in one ``go.FigureWidget``.
 
@@ -186,20 +199,27 @@ class MapGrid:
     resolution
         Most heatmap cells per side sent to the browser (default ``panel_px``: no more
         than the screen shows); larger maps are block-averaged for display only.
+    short_titles
+        Shorten titles that would overlap the next panel's (an ellipsis in the middle;
+        the whole title shows on hover), in a smaller font on small panels: for
+        small multiples titled by layer names.
     """
 
     def __init__(self, n: int, cols: int | None = None, titles: Sequence[str] | None = None,
                  panel_px: int = 320, colorbar: bool | None = None,
-                 resolution: int | None = None) -> None:
+                 resolution: int | None = None, short_titles: bool = False) -> None:
         if n < 1:
             raise ValueError("a MapGrid needs at least one panel")
+        self.short_titles = bool(short_titles)
         self.n = n
         self.resolution = resolution or panel_px
         self.cols = cols or (n if n <= 4 else math.ceil(math.sqrt(n)))
         self.rows = math.ceil(n / self.cols)
         colorbar = n == 1 if colorbar is None else colorbar
+        self.panel_px = panel_px
         # a blank title would get no annotation, and set_title needs one per panel
-        titles = [t or " " for t in titles] if titles is not None else [" "] * n
+        full = [t or " " for t in titles] if titles is not None else [" "] * n
+        titles = [fit_title(t, self._title_chars()) for t in full]
         base = make_subplots(rows=self.rows, cols=self.cols, subplot_titles=titles,
                              horizontal_spacing=0.02 + 0.06 / self.cols,
                              vertical_spacing=0.08 / self.rows + 0.02)
@@ -225,6 +245,11 @@ class MapGrid:
             height=int(panel_px * self.rows + 40), width=width,
             margin=dict(l=10, r=10, t=40, b=24), plot_bgcolor="white",
         )
+        # small panels: smaller titles, and the whole title on hover when it was shortened
+        for annotation, title in zip(base.layout.annotations, full, strict=False):
+            if self.short_titles:
+                annotation.font.size = self._title_px()
+                annotation.hovertext = title if annotation.text != title else None
         self.figure = LiveFigureWidget(base)
         self._maps: list[np.ndarray | None] = [None] * n
         self._signed = [False] * n
@@ -245,7 +270,22 @@ class MapGrid:
         """Change panel ``i``'s title (a subplot-title annotation)."""
         annotations = self.figure.layout.annotations
         if i < len(annotations):
-            annotations[i].text = title
+            short = fit_title(title, self._title_chars())
+            annotations[i].text = short
+            if self.short_titles:
+                annotations[i].hovertext = title if short != title else None
+
+    def _title_px(self) -> int:
+        """Font size of the panel titles: 16 px (plotly's) on large panels, 12 on small."""
+        return 16 if self.panel_px >= 250 else 12
+
+    def _title_chars(self) -> int:
+        """Characters of a title that fit above one panel (about 0.6 em per character;
+        no limit without ``short_titles``)."""
+        if not self.short_titles:
+            return 10**9
+        width = self.panel_px * (1.25 if self.cols == 1 else 1.0)
+        return max(8, int(width / (0.6 * self._title_px())))
 
     def show(self, i: int, values: Any, image: Any = None, title: str | None = None,
              signed: bool = False, limits: tuple[float, float] | None = None) -> None:
