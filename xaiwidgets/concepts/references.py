@@ -8,10 +8,17 @@ responds to), streamed in chunks with only the top-k kept.
 ...                               progress=False)
 >>> refs.image.dims, refs.sizes["rank"]
 (('channel', 'rank'), 4)
+
+``progress=`` takes ``True`` (a tqdm bar), ``False`` or a callable ``progress(done,
+total)`` (images done so far, dataset size; called once before the first new chunk and
+after each one). A callable that raises stops the pass there: the store keeps the
+chunks finished so far (never a half-written one) and the next call resumes after them
+(the widgets cancel this way).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -34,6 +41,37 @@ from .patches import FIELDS, chunk_candidates, merge
 from .store import Store
 
 BY = ("activation", "relevance")
+#: ``progress=`` of a dataset pass: a tqdm bar (True), none (False) or ``f(done, total)``
+Progress = bool | Callable[[int, int], None]
+
+
+@contextlib.contextmanager
+def reporting(progress: Progress, total: int, desc: str) -> Iterator[Callable[[int], None]]:
+    """``report(done)`` for a pass over ``total`` images: a tqdm bar (``True``), nothing
+    (``False``), or ``progress(done, total)`` (it may raise to stop the pass).
+
+    >>> seen = []
+    >>> with reporting(lambda done, total: seen.append((done, total)), 10, "demo") as report:
+    ...     report(4); report(10)
+    >>> seen
+    [(4, 10), (10, 10)]
+    """
+    if callable(progress):
+        yield lambda done: progress(int(done), int(total))
+        return
+    if not isinstance(progress, (bool, np.bool_)):
+        raise TypeError(f"progress={progress!r}: pass True (a progress bar), False, or a "
+                        "callable progress(done, total)")
+    if not progress:
+        yield lambda done: None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=int(total), desc=desc, unit="image", leave=False)
+    try:
+        yield lambda done: bar.update(int(done) - bar.n)
+    finally:
+        bar.close()
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -150,7 +188,8 @@ def _distributed(todo: list[int], parts: list[np.ndarray], source: ImageSource,
                  model: nn.Module, args: tuple, client: Any
                  ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Chunks on a dask.distributed client, a few in flight at a time (memory stays
-    bounded: images are read only when their task is submitted)."""
+    bounded: images are read only when their task is submitted); closing the generator
+    early releases the chunks still in flight."""
     import cloudpickle
     from distributed import as_completed
 
@@ -166,17 +205,20 @@ def _distributed(todo: list[int], parts: list[np.ndarray], source: ImageSource,
 
     owner: dict[str, int] = {}
     running = as_completed([submit(i) for i in itertools.islice(queue, window)])
-    for future in running:
-        yield owner.pop(future.key), future.result()
-        nxt = next(queue, None)
-        if nxt is not None:
-            running.add(submit(nxt))
+    try:
+        for future in running:
+            yield owner.pop(future.key), future.result()
+            nxt = next(queue, None)
+            if nxt is not None:
+                running.add(submit(nxt))
+    finally:  # a stopped pass (its progress callback raised): drop the chunks in flight
+        running.clear()
 
 
 def references(model: nn.Module, dataset: Any, layer: str, top: int = 8,
                by: str = "activation", target: int | None = None,
                preprocess: Callable | None = None, store: str | None = None,
-               client: Any = None, batch_size: int = 64, progress: bool = True, *,
+               client: Any = None, batch_size: int = 64, progress: Progress = True, *,
                composite: str = "epsilon_plus_flat", overwrite: bool = False) -> xr.Dataset:
     """The ``top`` reference images of every channel of ``layer`` over ``dataset``.
 
@@ -201,6 +243,11 @@ def references(model: nn.Module, dataset: Any, layer: str, top: int = 8,
         path, or ``overwrite=True``); other weights, data or settings: recomputed.
     client
         A ``dask.distributed.Client``: chunks run on its workers (same numbers).
+    progress
+        ``True``: a progress bar; ``False``: none; a callable ``progress(done, total)``
+        (images): called before the first new chunk and after each finished one; when
+        it raises, the pass stops there (finished chunks stay in the store, so a later
+        call resumes after them).
 
     Returns
     -------
@@ -227,33 +274,35 @@ def references(model: nn.Module, dataset: Any, layer: str, top: int = 8,
     settings = {"top": int(top), "by": by, "target": target, "batch_size": int(batch_size),
                 "preprocess": repr(preprocess), "composite": composite if by == "relevance"
                 else None}
-    saved, attrs = None, {"settings": json.dumps(settings)}
-    if store is not None:  # hashing weights and images costs time: only for a store
-        fingerprint = {"kind": "concept-references", "model": architecture(model),
-                       "layer": layer, "weights": weights_hash(model),
-                       "dataset": dataset_fingerprint(source, int(batch_size)),
-                       "settings": settings}
-        saved = Store(store, fingerprint, overwrite=overwrite)
-        found = saved.result()
-        if found is not None:
-            return found
-        attrs = {"fingerprint": json.dumps(fingerprint)}
-    _check(model, source, layer, target, preprocess)  # before anything is stored
-    kept = None
-    done = saved.done_chunks() if saved is not None else []
-    for i in done:
-        kept = merge(kept, _from_dataset(saved.chunk(i)), int(top))
-    todo = sorted(set(range(len(parts))) - set(done))
-    work = (_local(todo, parts, source, model, args) if client is None
-            else _distributed(todo, parts, source, model, args, client))
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        work = tqdm(work, total=len(todo), desc=f"references {layer}", leave=False)
-    for i, candidates in work:
-        if saved is not None:
-            saved.put_chunk(i, _as_dataset(candidates))
-        kept = merge(kept, candidates, int(top))
+    with reporting(progress, len(source), f"references {layer}") as report:
+        saved, attrs = None, {"settings": json.dumps(settings)}
+        if store is not None:  # hashing weights and images costs time: only for a store
+            fingerprint = {"kind": "concept-references", "model": architecture(model),
+                           "layer": layer, "weights": weights_hash(model),
+                           "dataset": dataset_fingerprint(source, int(batch_size)),
+                           "settings": settings}
+            saved = Store(store, fingerprint, overwrite=overwrite)
+            found = saved.result()
+            if found is not None:
+                report(len(source))
+                return found
+            attrs = {"fingerprint": json.dumps(fingerprint)}
+        _check(model, source, layer, target, preprocess)  # before anything is stored
+        kept = None
+        done = saved.done_chunks() if saved is not None else []
+        for i in done:
+            kept = merge(kept, _from_dataset(saved.chunk(i)), int(top))
+        todo = sorted(set(range(len(parts))) - set(done))
+        finished = sum(len(parts[i]) for i in done)
+        report(finished)  # a cancellation point before any new chunk
+        work = (_local(todo, parts, source, model, args) if client is None
+                else _distributed(todo, parts, source, model, args, client))
+        for i, candidates in work:
+            if saved is not None:
+                saved.put_chunk(i, _as_dataset(candidates))
+            kept = merge(kept, candidates, int(top))
+            finished += len(parts[i])
+            report(finished)  # may stop the pass: the chunks written so far stay
     result = _as_dataset(kept)
     result = result.assign_coords(channel=np.arange(result.sizes["channel"]),
                                   rank=np.arange(result.sizes["rank"]))

@@ -20,18 +20,21 @@ from torch import nn
 from ..core.ops import model_device
 from ..datasets.adapters import image_source
 from ..explainer import Explainer
-from .references import chunks
+from .references import Progress, chunks, reporting
 
 
 def class_usage(model: nn.Module, dataset: Any, layer: str,
                 preprocess: Callable | None = None, batch_size: int = 64,
-                progress: bool = True, *, composite: str = "epsilon_plus_flat") -> xr.DataArray:
+                progress: Progress = True, *,
+                composite: str = "epsilon_plus_flat") -> xr.DataArray:
     """Mean R_k (CRP relevance reaching channel k of ``layer``) over the images of each
     class, each image explained for its own label; dims ("channel", "class").
 
     The dataset needs labels (``label`` of an ``xr.Dataset``, or (image, label) pairs);
     a class without images gets NaN. Coordinates ``class_name`` (when the dataset
-    names its classes) and ``n_per_class`` (images per class).
+    names its classes) and ``n_per_class`` (images per class). ``progress``: ``True``
+    (a progress bar), ``False``, or ``progress(done, total)`` (images), called before
+    the first chunk and after each; when it raises, the pass stops there.
     """
     source = image_source(dataset)
     if source.labels is None:
@@ -42,24 +45,23 @@ def class_usage(model: nn.Module, dataset: Any, layer: str,
     sums: np.ndarray | None = None
     counts: np.ndarray | None = None
     parts = chunks(source, int(batch_size))
-    if progress and len(parts) > 1:
-        from tqdm.auto import tqdm
-
-        parts = tqdm(parts, desc=f"class usage {layer}", leave=False)
-    for indices in parts:
-        ex = Explainer(model, source.images(indices).to(device), preprocess=preprocess,
-                       progress=False)
-        if sums is None:
-            source.check_labels(ex.num_classes)
-            sums = np.zeros((0, ex.num_classes))
-            counts = np.zeros(ex.num_classes)
-        labels = source.labels[indices]
-        terms = ex.channels(layer, "lrp", target=labels.tolist(),
-                            composite=composite).values.astype(np.float64)
-        if not len(sums):
-            sums = np.zeros((terms.shape[1], len(counts)))
-        np.add.at(sums.T, labels, terms)
-        np.add.at(counts, labels, 1)
+    with reporting(progress, len(source), f"class usage {layer}") as report:
+        report(0)  # a cancellation point before the first chunk
+        for indices in parts:
+            ex = Explainer(model, source.images(indices).to(device), preprocess=preprocess,
+                           progress=False)
+            if sums is None:
+                source.check_labels(ex.num_classes)
+                sums = np.zeros((0, ex.num_classes))
+                counts = np.zeros(ex.num_classes)
+            labels = source.labels[indices]
+            terms = ex.channels(layer, "lrp", target=labels.tolist(),
+                                composite=composite).values.astype(np.float64)
+            if not len(sums):
+                sums = np.zeros((terms.shape[1], len(counts)))
+            np.add.at(sums.T, labels, terms)
+            np.add.at(counts, labels, 1)
+            report(indices[-1] + 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = sums / counts
     coords: dict[str, Any] = {"channel": np.arange(mean.shape[0]),

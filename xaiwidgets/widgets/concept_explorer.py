@@ -19,7 +19,10 @@ their contribution inside it. The ``mode`` control switches to NMF concepts
     c.controls["measure"].value = "gradcam"
 
 Everything slow runs through the widget base's worker (``busy``, ``wait()``,
-``cancel()``, ``error``): a newer click supersedes a running computation.
+``cancel()``, ``error``): a newer click supersedes a running computation. The dataset
+passes (reference patches, class usage) show their progress (images done) and stop at
+their next chunk on Cancel or a newer click; with ``store=`` the chunks finished so far
+are kept there and the next pass resumes after them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import xarray as xr
 from .. import rendering
 from ..concepts import class_usage, factorize, references
 from ..concepts.patches import patch_boxes
+from ..concepts.regions import box_contributions
 from ..core.channels import channel_count
 from ..core.inputs import as_image_batch
 from ..core.ops import did_you_mean, minmax, upsample
@@ -83,10 +87,11 @@ class ConceptExplorer(ExplorerBase):
         The layer shown first (default: the model's default layer).
     background
         Compute in a background thread (``None``: inside a running kernel only).
-    top, by, store
+    top, by, store, batch_size
         Reference patches per channel, ranked ``by="activation"`` or ``"relevance"``
-        (for the class picked), and an optional zarr ``store`` that keeps them
-        (:func:`xaiwidgets.concepts.references`).
+        (for the class picked), an optional zarr ``store`` that keeps them (and the
+        chunks of a cancelled pass, to resume from) and the images per chunk of the
+        dataset passes (:func:`xaiwidgets.concepts.references`).
     browse, bars
         Dataset images in the picker at first; channels in the bar chart.
 
@@ -106,7 +111,7 @@ class ConceptExplorer(ExplorerBase):
                  preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  classes: Sequence[str] | None = None, background: bool | None = None, *,
                  top: int = 8, by: str = "activation", store: Any = None, browse: int = 8,
-                 bars: int = 10) -> None:
+                 bars: int = 10, batch_size: int = 64) -> None:
         if by not in ("activation", "relevance"):
             raise ValueError(f"by={by!r}: reference patches are ranked by 'activation' or "
                              "'relevance'")
@@ -120,6 +125,7 @@ class ConceptExplorer(ExplorerBase):
             classes = self.source.classes
         super().__init__(model, first, preprocess, classes, background)
         self.top, self.by, self.store, self.bars = int(top), by, store, int(bars)
+        self.batch_size = int(batch_size)
         #: the dataset index of each image in the picker (``None``: added from code)
         self.dataset_index: list[int | None] = list(range(len(first)))
         ex = self.explainer()
@@ -404,24 +410,12 @@ class ConceptExplorer(ExplorerBase):
     def _region_scores(self, ex: Explainer, measure: str, layer: str, target: int | None,
                        contributions: xr.DataArray, box: tuple[int, int, int, int]
                        ) -> xr.DataArray:
-        """Every channel's contribution inside ``box`` (see :meth:`select_region`)."""
-        count = contributions.sizes["channel"]
-        if measure == "activation":  # every channel at once: its upsampled activation
-            y0, x0, y1, x1 = box
-            acts = upsample(ex.activations([layer])[layer][:1].float(), ex.size)
-            inside = acts[0, ..., y0:y1, x0:x1]
-            scores = inside.flatten(1).amax(dim=1).cpu().numpy().astype(np.float64)
-            count = 0
-        else:
-            scores = np.zeros(count)
-        for k in range(count):
-            self._computing(f"channel {k} of {count} in the box")
-            self._report_progress(k, count)
-            scores[k] = region_score(self._map(ex, measure, layer, target, [k]), measure,
-                                     float(contributions.values[k]), box)
-        return xr.DataArray(scores, dims=("channel",),
-                            coords={"channel": contributions.channel.values},
-                            attrs={**contributions.attrs, "region": list(box)})
+        """Every channel's contribution inside ``box`` (see :meth:`select_region`), all
+        channels batched (:func:`xaiwidgets.concepts.regions.box_contributions`)."""
+        self._computing(f"{contributions.sizes['channel']} channels in the box")
+        scores = box_contributions(ex, layer, box, measure, target=target,
+                                   progress=self._report_progress)
+        return scores.assign_attrs({**contributions.attrs, "region": list(box)})
 
     def _channel_extras(self, layer: str, target: int | None, channel: int
                         ) -> tuple[xr.Dataset | None, xr.DataArray | str | None]:
@@ -432,21 +426,33 @@ class ConceptExplorer(ExplorerBase):
         by_target = target if self.by == "relevance" else None
         key = (layer, self.by, by_target)
         if key not in self._refs:
-            self._computing(f"reference patches of {layer} over {len(self.source)} images")
+            what = f"reference patches of {layer} over {len(self.source)} images"
+            self._computing(what)
             self._refs[key] = references(
                 self.model, self.dataset, layer, top=self.top, by=self.by, target=by_target,
-                preprocess=self.preprocess, store=self.store, progress=False)
+                preprocess=self.preprocess, store=self.store, batch_size=self.batch_size,
+                progress=self._pass_progress(what))
         refs = self._refs[key].sel(channel=channel)
         if layer not in self._usage:
-            self._computing(f"class usage of {layer}")
+            what = f"class usage of {layer}"
+            self._computing(what)
             try:
                 self._usage[layer] = class_usage(self.model, self.dataset, layer,
-                                                          preprocess=self.preprocess,
-                                                          progress=False)
+                                                 preprocess=self.preprocess,
+                                                 batch_size=self.batch_size,
+                                                 progress=self._pass_progress(what))
             except ValueError as err:  # e.g. a dataset without labels: said in the panel
                 self._usage[layer] = str(err)
         usage = self._usage[layer]
         return refs, usage if isinstance(usage, str) else usage.sel(channel=channel)
+
+    def _pass_progress(self, what: str) -> Callable[[int, int], None]:
+        """A dataset pass's ``progress(done, total)``: the bar and the image count in the
+        status line; raises at a stale job's next chunk (Cancel, a newer click)."""
+        def report(done: int, total: int) -> None:
+            self._computing(what, f"{done}/{total} images")
+            self._report_progress(done, total)
+        return report
 
     def _factorize(self, layer: str) -> Any:
         n = int(self.controls["concepts"].value)
@@ -644,26 +650,6 @@ def ranked(scores: xr.DataArray, top: int) -> xr.DataArray:
     return xr.DataArray(np.asarray(scores.values)[order], dims=("rank",),
                         coords={"rank": np.arange(len(order)), "channel": ("rank", channels)},
                         name="contribution", attrs=dict(scores.attrs))
-
-
-def region_score(conditional: xr.DataArray, measure: str, contribution: float,
-                 box: tuple[int, int, int, int]) -> float:
-    """One channel's contribution inside ``box`` (y0, x0, y1, x1) from its conditional map
-    (``ConceptExplorer.select_region``): the map's sum in the box for ``lrp``; the
-    ``contribution`` times the map's share in the box for ``gradcam`` and ``fem``
-    (0 for an empty map).
-
-    >>> m = xr.DataArray(np.array([[[1.0, 3.0], [0.0, 0.0]]]), dims=("image", "y", "x"))
-    >>> region_score(m, "lrp", 4.0, (0, 1, 1, 2)), region_score(m, "gradcam", 2.0, (0, 1, 1, 2))
-    (3.0, 1.5)
-    """
-    y0, x0, y1, x1 = box
-    values = np.asarray(conditional.values, dtype=np.float64)
-    inside = values[..., y0:y1, x0:x1]
-    if measure == "lrp":
-        return float(inside.sum())
-    total = values.sum()
-    return 0.0 if total == 0 else float(contribution * inside.sum() / total)
 
 
 def ignores_target(measure: str) -> bool:
