@@ -225,3 +225,70 @@ def test_channels_and_conditional_maps_on_clips():
     halves = [list(range(start, count, 2)) for start in (0, 1)]
     parts = sum(ex.explain("lrp", layer=layer, channels=h, reduce=None).values for h in halves)
     np.testing.assert_allclose(parts, full, atol=1e-5 * np.abs(full).max())
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8, 100])
+def test_box_contributions_of_lrp_equal_the_channel_loop(vgg, rows):
+    """Batched CRP (``rows`` channels per backward; 5 leaves a partial last pass) against
+    one ``ex.explain(channels=[k])`` per channel summed over the box."""
+    from xaiwidgets.concepts.regions import box_contributions
+
+    model, preprocess, classes, images = vgg
+    before = snapshot(model)
+    ex = xw.Explainer(model, images, preprocess=preprocess, progress=False)
+    box = (10, 5, 41, 50)
+    loop = np.array([ex.explain("lrp", target=3, layer=LAYER, channels=[k]).values[1][
+        10:41, 5:50].sum(dtype=np.float64) for k in range(64)])
+    seen = []
+    batched = box_contributions(ex, LAYER, box, "lrp", target=3, image=1, rows=rows,
+                                progress=lambda done, total: seen.append((done, total)))
+    assert batched.dims == ("channel",) and batched.attrs["region"] == list(box)
+    np.testing.assert_allclose(batched.values, loop, rtol=1e-5, atol=1e-6 * np.abs(loop).max())
+    np.testing.assert_array_equal(np.argsort(-batched.values, kind="stable")[:10],
+                                  np.argsort(-loop, kind="stable")[:10])
+    passes = -(-64 // min(rows, 64))
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) == passes
+    assert seen[-1] == (64, 64)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "fem", "activation"])
+def test_box_contributions_in_closed_form_equal_the_channel_loop(vgg, method):
+    """Grad-CAM / FEM: contribution × the share of the channel's normalised conditional
+    map in the box, each map from ex.explain; activation: the upsampled maximum there."""
+    from xaiwidgets.concepts.regions import box_contributions
+
+    model, preprocess, classes, images = vgg
+    ex = xw.Explainer(model, images, preprocess=preprocess, progress=False)
+    target = 2 if method == "gradcam" else None
+    y0, x0, y1, x1 = box = (0, 20, 30, 64)
+    expected = []
+    if method == "activation":
+        acts = ex.activations([LAYER])[LAYER][2:3]
+        up = F.interpolate(acts, size=(64, 64), mode="bilinear", align_corners=False)[0]
+        expected = up[:, y0:y1, x0:x1].flatten(1).amax(1).double().numpy()
+    else:
+        terms = ex.channels(LAYER, method, target=target).values[2]
+        for k in range(64):
+            m = ex.explain(method, target=target, layer=LAYER, channels=[k]).values[2]
+            m = m.astype(np.float64)
+            expected.append(0.0 if m.sum() == 0 else terms[k] * m[y0:y1, x0:x1].sum() / m.sum())
+    batched = box_contributions(ex, LAYER, box, method, target=target, image=2)
+    np.testing.assert_allclose(batched.values, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_box_contributions_refuse_bad_input(vgg):
+    from xaiwidgets.concepts.regions import box_contributions
+
+    model, preprocess, classes, images = vgg
+    ex = xw.Explainer(model, images[:1], preprocess=preprocess, progress=False)
+    with pytest.raises(ValueError, match="inside the 64×64 input"):
+        box_contributions(ex, LAYER, (0, 0, 65, 10))
+    with pytest.raises(ValueError, match="y0 < y1"):
+        box_contributions(ex, LAYER, (5, 0, 5, 10))
+    with pytest.raises(ValueError, match="no box measure"):
+        box_contributions(ex, LAYER, (0, 0, 8, 8), "gradient")
+    with pytest.raises(ValueError, match="rows="):
+        box_contributions(ex, LAYER, (0, 0, 8, 8), rows=0)
+    with pytest.raises(ValueError, match="no channels"):
+        box_contributions(ex, "classifier.0", (0, 0, 8, 8))

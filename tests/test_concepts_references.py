@@ -257,3 +257,83 @@ def test_a_failing_call_leaves_no_store(setup, tmp_path):
         xw.concepts.references(model, ds, LAYER, by="relevance", target=7,
                                preprocess=preprocess, store=str(path), progress=False)
     assert not path.exists()
+
+
+class Stop(Exception):
+    """What a widget's Cancel raises from the progress callback (``Superseded``)."""
+
+
+def test_progress_callback_counts_images_up_to_the_total(setup):
+    model, preprocess, ds = setup
+    seen = []
+    xw.concepts.references(model, ds, LAYER, top=2, preprocess=preprocess, batch_size=6,
+                           progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 20), (6, 20), (12, 20), (18, 20), (20, 20)]
+    seen.clear()
+    xw.concepts.class_usage(model, ds, LAYER, preprocess=preprocess, batch_size=8,
+                            progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 20), (8, 20), (16, 20), (20, 20)]
+    with pytest.raises(TypeError, match="progress="):
+        xw.concepts.references(model, ds, LAYER, preprocess=preprocess, progress="yes")
+
+
+def test_a_cancelled_pass_keeps_only_finished_chunks_and_resumes_identically(
+        setup, tmp_path, monkeypatch):
+    model, preprocess, ds = setup
+    settings = dict(top=2, by="relevance", preprocess=preprocess, batch_size=6)
+    whole = xw.concepts.references(model, ds, LAYER, store=str(tmp_path / "whole.zarr"),
+                                   progress=False, **settings)
+
+    def cancel_at(images: int):
+        def progress(done: int, total: int) -> None:
+            if done >= images:
+                raise Stop
+        return progress
+
+    # a cancel before the first chunk writes nothing
+    with pytest.raises(Stop):
+        xw.concepts.references(model, ds, LAYER, store=str(tmp_path / "none.zarr"),
+                               progress=cancel_at(0), **settings)
+    assert not (tmp_path / "none.zarr").exists()
+    # a cancel after two chunks: those two are kept, nothing else (no temporary folder)
+    path = tmp_path / "refs.zarr"
+    with pytest.raises(Stop):
+        xw.concepts.references(model, ds, LAYER, store=str(path), progress=cancel_at(12),
+                               **settings)
+    assert sorted(p.name for p in (path / "chunks").iterdir()) == ["c000000", "c000001"]
+    assert not (path / "result").exists() and not list(path.glob("**/.tmp-*"))
+    # the next call resumes: only the two missing chunks run, its progress starts at 12
+    real, runs = refs_module._chunk, []
+    monkeypatch.setattr(refs_module, "_chunk", lambda *a, **k: runs.append(1) or real(*a, **k))
+    seen = []
+    resumed = xw.concepts.references(model, ds, LAYER, store=str(path),
+                                     progress=lambda done, total: seen.append((done, total)),
+                                     **settings)
+    assert len(runs) == 2 and seen == [(12, 20), (18, 20), (20, 20)]
+    xr.testing.assert_identical(resumed, whole)
+    # class usage stops at its next chunk as well
+    with pytest.raises(Stop):
+        xw.concepts.class_usage(model, ds, LAYER, preprocess=preprocess, batch_size=8,
+                                progress=cancel_at(8))
+
+
+def test_a_cancelled_pass_on_dask_resumes_identically(setup, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    model, preprocess, ds = setup
+    settings = dict(top=2, preprocess=preprocess, batch_size=6)
+    local = xw.concepts.references(model, ds, LAYER, progress=False, **settings)
+    path = tmp_path / "refs.zarr"
+
+    def stop(done: int, total: int) -> None:
+        if done:
+            raise Stop
+
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2,
+                            dashboard_address=None) as client:
+        with pytest.raises(Stop):
+            xw.concepts.references(model, ds, LAYER, store=str(path), client=client,
+                                   progress=stop, **settings)
+        assert len(list((path / "chunks").iterdir())) == 1  # the one finished first
+        resumed = xw.concepts.references(model, ds, LAYER, store=str(path), client=client,
+                                         progress=False, **settings)
+    xr.testing.assert_equal(resumed.drop_attrs(), local.drop_attrs())
