@@ -128,7 +128,62 @@ def _safe_divide(numerator: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return numerator / torch.where(delta.abs() > EPS, delta, torch.ones_like(delta))
 
 
+def _rescale_multiplier(g: torch.Tensor, zx: torch.Tensor, zr: torch.Tensor, yx: torch.Tensor,
+                        yr: torch.Tensor, fn: Callable, mode: FunctionRules) -> torch.Tensor:
+    """g·(y − y')/(z − z'), and g·fn'(z) where |z − z'| ≤ EPS (the reference rows
+    ``zr``, ``yr`` may be one row, standing for every input row)."""
+    delta = zx - zr
+    out = g * _safe_divide(yx - yr, delta)
+    close = delta.abs() <= EPS
+    if close.any():
+        # the gradient where input and reference (nearly) coincide; on CPU the
+        # backward may run in the calling thread, inside the mode: bypass it
+        with mode.bypass(), torch.enable_grad():
+            zl = zx.detach().requires_grad_(True)
+            (local,) = torch.autograd.grad(fn(zl), zl, g)
+        out = torch.where(close, local, out)
+    return out
+
+
+def _route(values: torch.Tensor, indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Add pooled ``values`` back onto the input positions their max came from (the
+    indices are flat over the pooled dims: (y, x) for images, (t, y, x) for clips; one
+    row of indices stands for every row of values)."""
+    flat = torch.zeros(shape[0], shape[1], shape[2:].numel(), dtype=values.dtype,
+                       device=values.device)
+    flat.scatter_add_(2, indices.expand_as(values).flatten(2), values.flatten(2))
+    return flat.view(shape)
+
+
+def _max_pool_multiplier(g: torch.Tensor, zx: torch.Tensor, zr: torch.Tensor,
+                         ox: torch.Tensor, orf: torch.Tensor, ix: torch.Tensor,
+                         ir: torch.Tensor) -> torch.Tensor:
+    """The max-pool rule (module docstring): o − o' split between the input's and the
+    reference's maxima, divided by z − z'; the gradient where z = z'."""
+    top = torch.maximum(ox, orf)
+    moved = _route(g * (top - orf), ix, zx.shape) + _route(g * (ox - top), ir, zx.shape)
+    delta = zx - zr
+    return torch.where(delta.abs() > EPS, _safe_divide(moved, delta), _route(g, ix, zx.shape))
+
+
 class _Rescale(torch.autograd.Function):
+    """y = fn(z); backward gives g·(y − y')/(z − z') with the reference's z', y'."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, zr: torch.Tensor, yr: torch.Tensor,  # type: ignore[override]
+                fn: Callable, mode: FunctionRules) -> torch.Tensor:
+        y = fn(z)
+        ctx.fn, ctx.mode = fn, mode
+        ctx.save_for_backward(z, y, zr, yr)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        z, y, zr, yr = ctx.saved_tensors
+        return _rescale_multiplier(grad, z, zr, y, yr, ctx.fn, ctx.mode), None, None, None, None
+
+
+class _PairedRescale(torch.autograd.Function):
     """y = fn(z) on [z; z']; backward gives the input rows g·(y − y')/(z − z')."""
 
     @staticmethod
@@ -143,31 +198,29 @@ class _Rescale(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         z, y = ctx.saved_tensors
         (zx, zr), (yx, yr) = _halves(z), _halves(y)
-        g = _halves(grad)[0]
-        delta = zx - zr
-        out = g * _safe_divide(yx - yr, delta)
-        close = delta.abs() <= EPS
-        if close.any():
-            # the gradient where input and reference (nearly) coincide; on CPU the
-            # backward runs in the calling thread, inside the mode: bypass it
-            with ctx.mode.bypass(), torch.enable_grad():
-                zl = zx.detach().requires_grad_(True)
-                (local,) = torch.autograd.grad(ctx.fn(zl), zl, g)
-            out = torch.where(close, local, out)
+        out = _rescale_multiplier(_halves(grad)[0], zx, zr, yx, yr, ctx.fn, ctx.mode)
         return torch.cat([out, torch.zeros_like(out)]), None, None
 
 
-def _route(values: torch.Tensor, indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Add pooled ``values`` back onto the input positions their max came from (the
-    indices are flat over the pooled dims: (y, x) for images, (t, y, x) for clips)."""
-    flat = torch.zeros(shape[0], shape[1], shape[2:].numel(), dtype=values.dtype,
-                       device=values.device)
-    flat.scatter_add_(2, indices.flatten(2), values.flatten(2))
-    return flat.view(shape)
+class _MaxPool(torch.autograd.Function):
+    """Max-pool whose backward keeps summation to delta, given the reference's
+    pool input z', output o' and indices."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, zr: torch.Tensor, orf: torch.Tensor,  # type: ignore[override]
+                ir: torch.Tensor, pool: Callable) -> torch.Tensor:
+        out, indices = pool(z)
+        ctx.save_for_backward(z, out, indices, zr, orf, ir)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        z, out, indices, zr, orf, ir = ctx.saved_tensors
+        return _max_pool_multiplier(grad, z, zr, out, orf, indices, ir), None, None, None, None
 
 
-class _RescaleMaxPool(torch.autograd.Function):
-    """Max-pool on [z; z'] whose backward keeps summation to delta (see module docstring)."""
+class _PairedMaxPool(torch.autograd.Function):
+    """Max-pool on [z; z'] whose backward keeps summation to delta (module docstring)."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, pool: Callable) -> torch.Tensor:  # type: ignore[override]
@@ -179,12 +232,7 @@ class _RescaleMaxPool(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         z, out, indices = ctx.saved_tensors
         (zx, zr), (ox, orf), (ix, ir) = _halves(z), _halves(out), _halves(indices)
-        g = _halves(grad)[0]
-        top = torch.maximum(ox, orf)
-        moved = _route(g * (top - orf), ix, zx.shape) + _route(g * (ox - top), ir, zx.shape)
-        delta = zx - zr
-        out_grad = torch.where(delta.abs() > EPS, _safe_divide(moved, delta),
-                               _route(g, ix, zx.shape))
+        out_grad = _max_pool_multiplier(_halves(grad)[0], zx, zr, ox, orf, ix, ir)
         return torch.cat([out_grad, torch.zeros_like(out_grad)]), None
 
 
@@ -201,17 +249,113 @@ def _out_of_place(func: Callable) -> tuple[Callable, inspect.Signature | None]:
     return func, signature if "inplace" in signature.parameters else None
 
 
+#: each elementwise function's out-of-place form and its signature if it takes inplace=
+_PLAIN = {f: _out_of_place(f) for f in _ELEMENTWISE}
+
+
+def _plain_call(func: Callable, args: tuple, kwargs: dict
+                ) -> tuple[Callable, tuple, dict, bool]:
+    """An elementwise call made out of place: (function, args, kwargs, whether the
+    call was in place)."""
+    plain, signature = _PLAIN[func]
+    inplace = _ELEMENTWISE[func].endswith("_")
+    if signature is not None:
+        bound = signature.bind(*args, **kwargs)
+        inplace = inplace or bool(bound.arguments.get("inplace", False))
+        bound.arguments["inplace"] = False
+        args, kwargs = bound.args, bound.kwargs
+    return plain, args, kwargs, inplace
+
+
+def _pool_call(func: Callable, args: tuple, kwargs: dict) -> Callable | None:
+    """``z -> (pooled, indices)`` for a max-pool call the max-pool rule handles (an
+    image or clip batch, indices not asked for), else ``None``."""
+    with_indices, ndim, position = _POOLS[func]
+    indices = kwargs.get("return_indices", args[position] if len(args) > position else False)
+    x = args[0]
+    if not isinstance(x, torch.Tensor) or x.ndim != ndim or indices:
+        return None
+    kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
+    rest = args[1:position]
+    return lambda z: with_indices(z, *rest, **kwargs)
+
+
+def _rule_table(elementwise: Callable, pool: Callable) -> dict[Callable, Callable]:
+    rules: dict[Callable, Callable] = dict.fromkeys(_ELEMENTWISE, elementwise)
+    rules.update(dict.fromkeys(_POOLS, pool))
+    return rules
+
+
+class _Mismatch(Exception):
+    """The input pass called its non-linearities otherwise than the reference pass."""
+
+
+#: what the input pass needs from one call of the reference pass: the function and
+#: (z', y') for an elementwise function, (z', o', indices) for a max-pool; or None
+Record = tuple[Callable, tuple[torch.Tensor, ...]] | None
+
+
+class _Recorded:
+    """A reference pass: the reference logits and, in call order, one :data:`Record`
+    per call of a function that has a rule (``rows`` reference rows: 1 or N)."""
+
+    def __init__(self, logits: torch.Tensor, calls: list[Record]) -> None:
+        self.logits = logits
+        self.calls = calls
+        self.rows = len(logits)
+
+
+class _RecordRules(FunctionRules):
+    """Runs every function that has a rule as called (no autograd) and keeps, in call
+    order, what the rules need from the reference (no copies: :meth:`overwritten`
+    tells whether the model changed a kept tensor in place)."""
+
+    def __init__(self) -> None:
+        super().__init__(_rule_table(self._elementwise, self._pool))
+        self.calls: list[Record] = []
+        self._versions: list[tuple[torch.Tensor, int]] = []
+
+    def _keep(self, func: Callable, *tensors: torch.Tensor) -> None:
+        self._versions.extend((t, t._version) for t in tensors)
+        self.calls.append((func, tensors))
+
+    def overwritten(self) -> bool:
+        """Whether a kept tensor was changed in place after it was kept (the input
+        pass, with autograd, would have failed: this model differs without it)."""
+        return any(t._version != version for t, version in self._versions)
+
+    def _elementwise(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or x.ndim == 0:
+            self.calls.append(None)
+            return func(*args, **kwargs)
+        z = x.clone() if _plain_call(func, args, kwargs)[3] else x
+        y = func(*args, **kwargs)
+        if isinstance(y, torch.Tensor) and y.shape == x.shape:
+            self._keep(func, z, y)
+        else:  # a reduction (x.max(), torch.max(x, 1))
+            self.calls.append(None)
+        return y
+
+    def _pool(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        pool = _pool_call(func, args, kwargs)
+        if pool is None:
+            self.calls.append(None)
+            return func(*args, **kwargs)
+        out, indices = pool(args[0])
+        self._keep(func, args[0], out, indices)
+        return out
+
+
 class _RescaleRules(FunctionRules):
     """The rescale rules for a batch of ``rows`` = 2N rows [x; x'], and the names of
-    the non-linearities met without a rule."""
+    the non-linearities met without a rule. Subclasses take the reference's values
+    from elsewhere (:class:`_ReplayRules`)."""
 
     def __init__(self, rows: int) -> None:
-        rules: dict[Callable, Callable] = dict.fromkeys(_ELEMENTWISE, self._elementwise)
-        rules.update(dict.fromkeys(_POOLS, self._pool))
-        super().__init__(rules, observe=self._observe)
+        super().__init__(_rule_table(self._elementwise, self._pool), observe=self._observe)
         self.rows = rows
         self.unhandled: dict[str, int] = {}
-        self._plain = {f: _out_of_place(f) for f in _ELEMENTWISE}
 
     def _paired(self, x: Any) -> bool:
         return _depends(x) and x.ndim > 0 and len(x) == self.rows
@@ -225,7 +369,19 @@ class _RescaleRules(FunctionRules):
         elif func in _BILINEAR and sum(_depends(t) for t in _tensors(args, kwargs)) > 1:
             self._note(f"{_BILINEAR[func]} of two activations")
 
+    def _next(self, func: Callable) -> Record:
+        """The reference's record of this call of ``func`` (none here: the batch holds
+        the reference)."""
+        return None
+
+    def _rescale(self, z: torch.Tensor, fn: Callable, record: Record) -> torch.Tensor:
+        return _PairedRescale.apply(z, fn, self)
+
+    def _max_pool(self, z: torch.Tensor, pool: Callable, record: Record) -> torch.Tensor:
+        return _PairedMaxPool.apply(z, pool)
+
     def _elementwise(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        record = self._next(func)
         x, rest = args[0], _tensors(args[1:], kwargs)
         name = _ELEMENTWISE[func]
         if func in RELU_LIKE and name.endswith("max") and not rest:
@@ -238,30 +394,57 @@ class _RescaleRules(FunctionRules):
             if any(_depends(t) for t in (x, *rest)):
                 self._note(name)
             return func(*args, **kwargs)
-        plain, signature = self._plain[func]
-        inplace = name.endswith("_")
-        if signature is not None:
-            bound = signature.bind(*args, **kwargs)
-            inplace = inplace or bool(bound.arguments.get("inplace", False))
-            bound.arguments["inplace"] = False
-            args, kwargs = bound.args, bound.kwargs
+        plain, args, kwargs, inplace = _plain_call(func, args, kwargs)
         other_args = args[1:]
-        y = _Rescale.apply(x.clone() if inplace else x,
-                           lambda z: plain(z, *other_args, **kwargs), self)
+        y = self._rescale(x.clone() if inplace else x,
+                          lambda z: plain(z, *other_args, **kwargs), record)
         return x.copy_(y) if inplace else y
 
     def _pool(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        x = args[0]
-        with_indices, ndim, position = _POOLS[func]
-        indices = kwargs.get("return_indices",
-                             args[position] if len(args) > position else False)
-        if not self._paired(x) or x.ndim != ndim or indices:
+        record = self._next(func)
+        x, pool = args[0], _pool_call(func, args, kwargs)
+        if not self._paired(x) or pool is None:
             if _depends(x):
                 self._note(f"F.{func.__name__}")
             return func(*args, **kwargs)
-        kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
-        rest = args[1:position]
-        return _RescaleMaxPool.apply(x, lambda z: with_indices(z, *rest, **kwargs))
+        return self._max_pool(x, pool, record)
+
+
+class _ReplayRules(_RescaleRules):
+    """The rescale rules for the N input rows alone, the reference's values taken in
+    call order from a :class:`_Recorded` reference pass; raises :class:`_Mismatch`
+    where a call does not match its record."""
+
+    def __init__(self, rows: int, recorded: _Recorded) -> None:
+        super().__init__(rows)
+        self.recorded = recorded
+        self.position = 0
+
+    def _next(self, func: Callable) -> Record:
+        if self.position >= len(self.recorded.calls):
+            raise _Mismatch("more non-linearity calls than in the reference pass")
+        self.position += 1
+        record = self.recorded.calls[self.position - 1]
+        return record if record is not None and record[0] is func else None
+
+    def finish(self) -> None:
+        """Check that the input pass made as many calls as the reference pass."""
+        if self.position != len(self.recorded.calls):
+            raise _Mismatch("fewer non-linearity calls than in the reference pass")
+
+    def _matching(self, x: torch.Tensor, record: Record) -> tuple[torch.Tensor, ...]:
+        """The record's tensors if it is of the same call on an input of x's shape."""
+        if record is None or record[1][0].shape != (self.recorded.rows, *x.shape[1:]):
+            raise _Mismatch("a non-linearity call differs from the reference pass")
+        return record[1]
+
+    def _rescale(self, z: torch.Tensor, fn: Callable, record: Record) -> torch.Tensor:
+        zr, yr = self._matching(z, record)
+        return _Rescale.apply(z, zr, yr, fn, self)
+
+    def _max_pool(self, z: torch.Tensor, pool: Callable, record: Record) -> torch.Tensor:
+        zr, orf, ir = self._matching(z, record)
+        return _MaxPool.apply(z, zr, orf, ir, pool)
 
 
 @contextlib.contextmanager
@@ -282,6 +465,73 @@ def rescale_rule(rows: int) -> Iterator[dict[str, int]]:
     rules = _RescaleRules(rows)
     with rules:
         yield rules.unhandled
+
+
+def reference_pass(ctx, reference: torch.Tensor) -> _Recorded:
+    """The reference's logits and non-linearity values from one pass without autograd.
+
+    A reference whose rows are all equal (a number, ``"black"``, one image) runs as
+    one row, kept with the Context's cache (:meth:`~xaiwidgets.core.context.Context.memo`,
+    the last one): explaining other targets or again costs no reference pass.
+
+    >>> import xaiwidgets as xw
+    >>> ex = xw.Explainer(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.ReLU()),
+    ...                   torch.rand(2, 1, 2, 2))
+    >>> recorded = reference_pass(ex.context, torch.zeros(2, 1, 2, 2))
+    >>> recorded.rows, len(recorded.calls)
+    (1, 1)
+    """
+    if len(reference) > 1 and bool((reference == reference[:1]).all()):
+        reference = reference[:1]
+
+    def build() -> _Recorded:
+        with _RecordRules() as rules:
+            logits, _ = ctx.forward(reference)
+        if rules.overwritten():
+            raise _Mismatch("the model changed a non-linearity's values in place")
+        return _Recorded(logits, rules.calls)
+
+    if len(reference) > 1:
+        return build()
+    one = reference.detach().contiguous()
+    key = (tuple(one.shape), one.dtype, str(one.device),
+           one.cpu().view(torch.uint8).numpy().tobytes())
+    return ctx.memo(reference_pass, key, build, limit=1)
+
+
+def _two_passes(ctx, target: torch.Tensor | None, reference: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """Multipliers (N rows), f_c(x) − f_c(x') and the non-linearities without a rule,
+    from the reference pass (:func:`reference_pass`) and an N-row input pass."""
+    x = ctx.inputs
+    recorded = reference_pass(ctx, reference)
+    inputs = x.detach().requires_grad_(True)
+    with _ReplayRules(len(x), recorded) as rules:
+        logits, _ = ctx.forward(inputs, grad=True)  # fills the prediction cache
+        rules.finish()
+    target = ctx.pass_target(logits, target)
+    score = logits.gather(1, target[:, None])[:, 0]
+    (multipliers,) = torch.autograd.grad(score.sum(), inputs)
+    reference_score = recorded.logits.expand(len(x), -1).gather(1, target[:, None])[:, 0]
+    return multipliers, score.detach() - reference_score, rules.unhandled
+
+
+def _one_batch(ctx, target: torch.Tensor | None, reference: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """As :func:`_two_passes`, from one 2N-row batch [x; x'] (for models whose two
+    passes call their non-linearities differently)."""
+    x = ctx.inputs
+    n = len(x)
+    both = torch.cat([x, reference]).detach().requires_grad_(True)
+    with rescale_rule(rows=2 * n) as unhandled:
+        logits, _ = ctx.forward(both, grad=True)
+        # the image rows are the model's logits (the rule changes only the backward):
+        # they give the predicted classes and fill the prediction cache
+        target = ctx.pass_target(logits[:n], target)
+        ctx.keep_logits(logits[:n])
+        score = logits.gather(1, torch.cat([target, target])[:, None])[:, 0]
+        (multipliers,) = torch.autograd.grad(score[:n].sum(), both)
+    return multipliers[:n], (score[:n] - score[n:]).detach(), unhandled
 
 
 def delta_error(attribution: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -318,19 +568,13 @@ class DeepLift(Method):
 
     def attribute(self, ctx, target, layer, baseline, rule) -> torch.Tensor:
         x = ctx.inputs
-        n = len(x)
         reference = baseline_tensor(ctx, baseline)
-        both = torch.cat([x, reference]).detach().requires_grad_(True)
-        with rescale_rule(rows=2 * n) as unhandled:
-            logits, _ = ctx.forward(both, grad=True)
-            # the image rows are the model's logits (the rule changes only the backward):
-            # they give the predicted classes and fill the prediction cache
-            target = ctx.pass_target(logits[:n], target)
-            ctx.keep_logits(logits[:n])
-            score = logits.gather(1, torch.cat([target, target])[:, None])[:, 0]
-            (multipliers,) = torch.autograd.grad(score[:n].sum(), both)
-        attribution = (x - reference) * multipliers[:n]
-        error = delta_error(attribution, score[:n] - score[n:])
+        try:
+            multipliers, delta, unhandled = _two_passes(ctx, target, reference)
+        except _Mismatch:
+            multipliers, delta, unhandled = _one_batch(ctx, target, reference)
+        attribution = (x - reference) * multipliers
+        error = delta_error(attribution, delta)
         ctx.record("delta_error", error.tolist())
         if unhandled:
             found = ", ".join(f"{name} (x{count})" for name, count in unhandled.items())
