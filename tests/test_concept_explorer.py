@@ -7,6 +7,8 @@ independent computation from the conditional maps / a forward hook.
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -375,3 +377,41 @@ def test_exports(explorer, tmp_path):
     text = page.read_text()
     assert "top channels of" in text and "by fem" in text and "by lrp" in text
     reset(explorer)
+
+
+def test_cancel_stops_the_dataset_pass_and_the_store_resumes_it(model, dataset, tmp_path,
+                                                                 monkeypatch):
+    """The references pass shows its image count, stops at its next chunk on Cancel
+    (what the button does), keeps its finished chunks, and the next request resumes."""
+    refs_module = importlib.import_module("xaiwidgets.concepts.references")
+    real_report, shown, armed = ConceptExplorer._report_progress, [], [True]
+
+    def report(self, done, total):
+        if total == len(dataset):  # the dataset passes (the box has 8 channels)
+            shown.append((done, self.status.value))
+            if armed[0] and done >= 6:
+                armed[0] = False
+                self.cancel()
+        real_report(self, done, total)
+
+    monkeypatch.setattr(ConceptExplorer, "_report_progress", report)
+    store = tmp_path / "refs.zarr"
+    c = ConceptExplorer(model, dataset, classes=CLASSES, background=False, browse=2, top=3,
+                        store=str(store), batch_size=3)
+    assert c.result is None and c.error is None and "cancelled" in c.status.value
+    assert [done for done, _ in shown] == [0, 3, 6]
+    assert "reference patches" in shown[-1][1] and "6/10 images" in shown[-1][1]
+    assert sorted(p.name for p in (store / "chunks").iterdir()) == ["c000000", "c000001"]
+    assert not (store / "result").exists()
+    real_chunk, runs = refs_module._chunk, []
+    monkeypatch.setattr(refs_module, "_chunk",
+                        lambda *a, **k: runs.append(1) or real_chunk(*a, **k))
+    shown.clear()
+    c.refresh()
+    assert c.error is None and len(runs) == 2  # images 6..9 only
+    assert [done for done, _ in shown][:3] == [6, 9, 10]
+    whole = xw.concepts.references(model, dataset, LAYER, top=3, batch_size=3,
+                                   store=str(tmp_path / "whole.zarr"), progress=False)
+    xr.testing.assert_identical(c._refs[(LAYER, "activation", None)], whole)
+    xr.testing.assert_identical(c.references, whole.sel(channel=c.channel))
+    c.close()
