@@ -1,4 +1,8 @@
-"""A directory store that a long dataset pass writes as it goes and reads back later.
+"""A directory store that a long dataset pass writes as it goes and reads back later,
+and the fingerprint conventions of every dataset pass (``xw.concepts.references``,
+``xw.DatasetExplorer``): :func:`weights_hash`, :func:`architecture`,
+:func:`dataset_fingerprint`, :func:`describe`, and :func:`chunks` of a dataset
+(read with :func:`chunk_images`).
 
 Layout of ``refs.zarr/``: ``fingerprint.json`` (what the numbers depend on),
 ``chunks/c000012/`` (one zarr store per finished chunk) and, once every chunk is in,
@@ -6,6 +10,8 @@ Layout of ``refs.zarr/``: ``fingerprint.json`` (what the numbers depend on),
 written under a temporary name and renamed into place (an atomic rename on a local
 disk), so a reader never sees half-written state; an interrupted run leaves only
 finished chunks, and the next run with the same fingerprint resumes after them.
+Results computed on demand (a widget's scores, page by page) go to named logs:
+``logs/<name>/r<time>/`` (:meth:`Store.append`, :meth:`Store.records`).
 
 >>> import tempfile, xarray as xr
 >>> root = Store(tempfile.mkdtemp() + "/refs.zarr", {"model": "m", "layer": "l"}, strict=())
@@ -16,15 +22,23 @@ finished chunks, and the next run with the same fingerprint resumes after them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import xarray as xr
+from torch import nn
+
+from ..datasets.adapters import ImageSource
 
 #: marks a directory as a store of this module (never delete a folder without it)
 MARK = "xaiwidgets-store"
@@ -35,6 +49,123 @@ def _need_zarr() -> None:
         import zarr  # noqa: F401
     except ImportError:  # pragma: no cover - zarr is in the io extra
         raise ImportError("store= needs zarr: pip install 'xaiwidgets[io]' (or zarr)") from None
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 of the model's parameters and buffers (names, shapes and bytes).
+
+    >>> len(weights_hash(nn.Linear(2, 2)))
+    64
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def architecture(model: nn.Module) -> str:
+    """The model's class and its state's names and shapes (what another model changes)."""
+    shapes = [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
+    digest = hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
+    return f"{type(model).__module__}.{type(model).__qualname__}:{digest}"
+
+
+def chunks(source: ImageSource, batch_size: int) -> list[np.ndarray]:
+    """The dataset indices of each chunk, in order.
+
+    >>> [c.tolist() for c in chunks(range(5), 2)]
+    [[0, 1], [2, 3], [4]]
+    """
+    return [np.arange(start, min(start + batch_size, len(source)))
+            for start in range(0, len(source), batch_size)]
+
+
+def _view(source: ImageSource, indices: np.ndarray) -> np.ndarray | None:
+    """The images at ``indices`` (consecutive, ascending) as a view of an in-memory
+    float32 array, or ``None`` when the dataset has no such array (then read a copy)."""
+    array = source.data["image"].data if source.data is not None else None
+    if not isinstance(array, np.ndarray) or array.dtype != np.float32 or not len(indices):
+        return None
+    part = array[int(indices[0]):int(indices[-1]) + 1]
+    ok = len(part) == len(indices) and part.flags.c_contiguous and part.flags.writeable
+    return part if ok else None
+
+
+def chunk_images(source: ImageSource, indices: np.ndarray) -> torch.Tensor:
+    """The images of a chunk (consecutive indices, as :func:`chunks` gives them) as a
+    float tensor (k, C, H, W): a view of an in-memory float32 dataset (no copy), else
+    ``source.images(indices)``. Treat it as read-only.
+
+    >>> import xaiwidgets as xw
+    >>> from xaiwidgets.datasets.adapters import image_source
+    >>> src = image_source(xw.datasets.shapes(n=4, size=16, seed=0))
+    >>> bool((chunk_images(src, np.arange(1, 3)) == src.images([1, 2])).all())
+    True
+    """
+    view = _view(source, indices)
+    return torch.from_numpy(view) if view is not None else source.images(indices)
+
+
+def _image_bytes(source: ImageSource, indices: np.ndarray) -> Any:
+    """The images at ``indices`` (consecutive) as float32 bytes (a view when it can)."""
+    view = _view(source, indices)
+    return memoryview(view).cast("B") if view is not None else \
+        source.images(indices).numpy().tobytes()
+
+
+def dataset_fingerprint(source: ImageSource, batch_size: int) -> str:
+    """Size, labels, class names and image bytes of a dataset: every image of an
+    in-memory ``xr.Dataset``; the first and last chunk of a torch dataset (read lazily,
+    a full read would cost a pass)."""
+    digest = hashlib.sha256(f"{len(source)}|{source.classes}".encode())
+    if source.labels is not None:
+        digest.update(source.labels.tobytes())
+    if source.data is not None:  # chunk by chunk: a lazy (dask, zarr) dataset stays lazy
+        for indices in chunks(source, batch_size):
+            digest.update(_image_bytes(source, indices))
+    else:
+        last = max(0, len(source) - batch_size)
+        for start in sorted({0, last}):
+            indices = np.arange(start, min(start + batch_size, len(source)))
+            digest.update(source.images(indices).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def variables_hash(data: xr.Dataset | None, names: Sequence[str]) -> str:
+    """SHA-256 of the variables ``names`` of ``data`` (those it has; gaze data, masks).
+
+    >>> a = xr.Dataset({"gfdm": ("image", np.zeros(2, np.float32))})
+    >>> variables_hash(a, ["gfdm"]) == variables_hash(a.copy(deep=True), ["gfdm"])
+    True
+    """
+    digest = hashlib.sha256()
+    for name in names:
+        if data is not None and name in data.variables:
+            values = np.ascontiguousarray(data[name].values)
+            digest.update(f"{name}|{values.dtype}|{values.shape}".encode())
+            digest.update(memoryview(values).cast("B") if values.size else b"")
+    return digest.hexdigest()
+
+
+def describe(function: Any) -> str | None:
+    """A description of ``function`` (a ``preprocess``) that is the same in every session:
+    its ``repr`` (a module, ``Normalize(...)``), or for a plain function or lambda its
+    module, name and code (their ``repr`` holds a memory address).
+
+    >>> describe(None), describe(abs)
+    (None, '<built-in function abs>')
+    >>> describe(lambda x: x) == describe(lambda x: x)
+    True
+    """
+    if function is None:
+        return None
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return repr(function)
+    digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]
+    return f"{function.__module__}.{function.__qualname__}:{digest}"
 
 
 class Store:
@@ -136,6 +267,36 @@ class Store:
         """Write the final result, then drop the chunks it was merged from."""
         self._put("result", data)
         shutil.rmtree(self.path / "chunks", ignore_errors=True)
+
+    def append(self, log: str, data: xr.Dataset) -> None:
+        """Add ``data`` to the log ``log`` (results computed on demand, e.g. a widget's
+        scores page by page), visible only once complete."""
+        self._put(f"logs/{log}/r{time.time_ns():020d}-{uuid.uuid4().hex[:8]}", data)
+
+    def records(self, log: str, dim: str | None = None) -> list[xr.Dataset]:
+        """The records of ``log``, oldest first. With ``dim``, several records are merged
+        into one along ``dim``, in order (written first, then the old ones removed, so
+        an interruption leaves duplicates, never a loss), and the next read opens one.
+
+        >>> import tempfile
+        >>> root = Store(tempfile.mkdtemp() + "/s.zarr", {"model": "m"}, strict=())
+        >>> for k in (1, 2):
+        ...     root.append("scores", xr.Dataset({"v": ("image", [k])}, {"image": [k]}))
+        >>> [r.v.values.tolist() for r in root.records("scores", dim="image")]
+        [[1, 2]]
+        """
+        folder = self.path / "logs" / log
+        if not self.ready or not folder.exists():
+            return []
+        names = sorted(p.name for p in folder.iterdir() if p.name.startswith("r"))
+        found = [xr.open_zarr(folder / name, consolidated=False).load() for name in names]
+        if dim is None or len(found) < 2:
+            return found
+        merged = xr.concat(found, dim=dim)
+        self.append(log, merged)
+        for name in names:
+            shutil.rmtree(folder / name, ignore_errors=True)
+        return [merged]
 
     def result(self) -> xr.Dataset | None:
         """The final result, or ``None`` while the run is not complete."""

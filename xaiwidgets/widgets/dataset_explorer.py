@@ -1,10 +1,14 @@
 """DatasetExplorer: a whole dataset's explanations, filtered by outcome and class.
 
-Opening it runs only the predictions (batched, no autograd); maps and scores are
-computed for the page shown (and cached per method and image), so a 10,000-image
-dataset opens in seconds. The confusion matrix drives the gallery: a click on a
-cell shows the images of that (true, predicted) pair; ``select(i)`` opens one image
-in an embedded :class:`~xaiwidgets.ExplainerWidget`::
+Opening it runs only the predictions (one pass over the dataset, batched, without
+autograd: about the time of a plain forward over it); maps and scores are computed
+for the page shown (and cached per method and image; in a kernel after the opening
+returns). With ``store="explorer.zarr"`` the predictions and every score computed
+are written there as they come, and a later explorer on the same model, dataset and
+preprocessing reads them back without running the model (see
+:mod:`xaiwidgets.concepts.store`). The confusion matrix drives the gallery: a click
+on a cell shows the images of that (true, predicted) pair; ``select(i)`` opens one
+image in an embedded :class:`~xaiwidgets.ExplainerWidget`::
 
     x = xw.DatasetExplorer(model, xw.datasets.shapes(n=1000), preprocess=preprocess)
     x.controls["outcome"].value = "wrong"          # errors first
@@ -23,8 +27,13 @@ default (``metric=None``) is ``"pcc"`` when the dataset has a ``gfdm`` and
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
+import os
+import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -36,6 +45,16 @@ import torch
 import xarray as xr
 
 from .. import rendering
+from ..concepts.store import (
+    Store,
+    architecture,
+    chunk_images,
+    chunks,
+    dataset_fingerprint,
+    describe,
+    variables_hash,
+    weights_hash,
+)
 from ..core.registry import get_method
 from ..core.registry import methods as registered_methods
 from ..core.scoped import model_guard
@@ -59,6 +78,13 @@ PERTURBATION_STEP = 0.05
 DEFAULT_METHOD = "gradcam"
 #: explanation maps kept for redrawing thumbnails (scores are all kept)
 KEEP_MAPS = 512
+#: images per stored chunk of predictions (an interrupted opening resumes after the
+#: last finished one)
+STORE_CHUNK = 1024
+#: images of a torch dataset read for its fingerprint (its first and last ones)
+FINGERPRINT_SAMPLE = 64
+#: seconds between writes of newly computed scores to the store (and at each job's end)
+FLUSH_S = 10.0
 ALL = "all"
 OUTCOMES = ("all", "correct", "wrong")
 ORDER = "dataset order"
@@ -124,14 +150,30 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
         plain Python every change computes before returning.
     page_size, batch_size, params
         Thumbnails per page; images per prediction batch; ``{method: {param: value}}``.
+    store
+        A folder (``"explorer.zarr"``) for the predictions and the scores: written as
+        they come (predictions in chunks of :data:`STORE_CHUNK` images, so an
+        interrupted opening resumes; scores every :data:`FLUSH_S` seconds and after
+        each page), read back by a later explorer with the same model weights, dataset
+        and ``preprocess`` (its fingerprint, as for ``xw.concepts.references``): it opens
+        without running the model and shows the scores computed before (per method,
+        metric and ``params``). Other weights, images or ``preprocess``: recomputed with
+        a warning; another model architecture, or a store of another kind: an error
+        (pass another path, or ``overwrite=True`` to replace it).
 
     Attributes: ``controls`` (``method``, ``outcome``, ``class``, ``sort``, ``page``),
     ``shown``, ``results``, ``confusion``, ``explainer`` (after :meth:`select`),
-    ``busy``, ``error``, ``message``; :meth:`wait`, :meth:`cancel`, :meth:`filter_pair`::
+    ``busy``, ``error``, ``message``, ``open_s`` (seconds the opening took), ``store``
+    (the :class:`~xaiwidgets.concepts.store.Store`, or ``None``); :meth:`wait`,
+    :meth:`cancel`, :meth:`filter_pair`::
 
-        x = xw.DatasetExplorer(model, xw.datasets.shapes(n=32), preprocess=preprocess)
+        x = xw.DatasetExplorer(model, xw.datasets.shapes(n=32), preprocess=preprocess,
+                               store="explorer.zarr")
         x.controls["outcome"].value = "wrong"     # the mistakes first
         x.select(x.shown[0])                       # open one in x.explainer
+        # later, in another session: no model call, the scores computed above are back
+        x = xw.DatasetExplorer(model, xw.datasets.shapes(n=32), preprocess=preprocess,
+                               store="explorer.zarr")
     """
 
     def __init__(self, model: torch.nn.Module, dataset: Any,
@@ -139,7 +181,8 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
                  classes: Sequence[str] | None = None, methods: Sequence[str] | None = None,
                  metric: str | None = None, background: bool | None = None, *,
                  page_size: int = 12, batch_size: int = 64,
-                 params: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                 params: Mapping[str, Mapping[str, Any]] | None = None,
+                 store: str | os.PathLike | None = None, overwrite: bool = False) -> None:
         super().__init__()
         start = time.perf_counter()
         if not isinstance(model, torch.nn.Module):
@@ -148,6 +191,8 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
             raise ValueError(f"page_size={page_size} and batch_size={batch_size} must be >= 1")
         self.model, self.preprocess = model, preprocess
         self.source: ImageSource = image_source(dataset, classes)
+        if len(self.source) == 0:
+            raise ValueError("the dataset has no images")
         self.metric = resolve_metric(metric, (*self.source.gaze, *(
             ["mask"] if self.source.data is not None and "mask" in self.source.data else [])))
         self.methods = list(methods) if methods is not None else registered_methods()
@@ -156,11 +201,18 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
         self.params = {k: dict(v) for k, v in (params or {}).items()}
         self.page_size, self.batch_size = int(page_size), int(batch_size)
         self.background = in_kernel() if background is None else bool(background)
+        first = next(self.model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.store: Store | None = (None if store is None
+                                    else self._open_store(store, overwrite))
+        self.num_classes: int | None = None
         self._predict()
-        self.classes = self._class_names()
-        self.source.check_labels(len(self.classes))
         self.confusion = self._confusion()
-        self._scores: dict[tuple[str, int], float] = {}
+        self._scores: dict[tuple[str, int], float] = self._stored_scores()
+        #: scores computed since the last write to the store, per method
+        self._unsaved: dict[str, dict[int, float]] = {}
+        self._saved_at = time.perf_counter()
+        self._store_lock = threading.Lock()
         self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._signed: dict[str, bool] = {}  # per method: drawn with a diverging colormap
         self._pair: tuple[int, int] | None = None
@@ -180,28 +232,62 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
         self._update()
 
     # ------------------------------------------------------------- predictions
+    def _open_store(self, path: str | os.PathLike, overwrite: bool) -> Store:
+        """The store at ``path`` for this model, dataset and preprocessing."""
+        fingerprint = {
+            "kind": "dataset-explorer", "model": architecture(self.model),
+            "weights": weights_hash(self.model),
+            "dataset": dataset_fingerprint(self.source, FINGERPRINT_SAMPLE),
+            "settings": {"preprocess": describe(self.preprocess), "chunk": STORE_CHUNK}}
+        return Store(path, fingerprint, strict=("kind", "model"), overwrite=overwrite)
+
     def _predict(self) -> None:
-        """Predicted class and its probability for every image, in batches without autograd."""
-        predicted, confidence, logits_width = [], [], None
-        first = next(self.model.parameters(), None)
-        self.device = first.device if first is not None else torch.device("cpu")
-        with model_guard(self.model), torch.no_grad():
-            for _, images in self.source.batches(self.batch_size):
-                x = images.to(self.device)
+        """Predicted class and its probability for every image: read from the store, or
+        one pass over the dataset (chunks of :data:`STORE_CHUNK` images, batches of
+        ``batch_size``, no autograd), each finished chunk written to the store."""
+        saved = self.store.result() if self.store is not None else None
+        if saved is None:
+            parts = chunks(self.source, STORE_CHUNK)
+            done = self.store.done_chunks() if self.store is not None else []
+            found = {i: self.store.chunk(i) for i in done}
+            for i, indices in enumerate(parts):
+                if i not in found:
+                    found[i] = self._predict_chunk(indices)
+                    if self.store is not None:
+                        self.store.put_chunk(i, found[i])
+            saved = xr.concat([found[i] for i in range(len(parts))], dim="image")
+            if self.store is not None:
+                self.store.put_result(saved)
+        if self.num_classes is None:
+            self._set_classes(int(saved.attrs["num_classes"]))
+        self.predicted = saved["predicted"].values.astype(np.int64)
+        self.confidence = saved["confidence"].values.astype(np.float64)
+
+    def _predict_chunk(self, indices: np.ndarray) -> xr.Dataset:
+        """The predictions for the images ``indices`` (consecutive), in batches."""
+        predicted, confidence = [], []
+        with model_guard(self.model), torch.inference_mode():
+            for start in range(0, len(indices), self.batch_size):
+                x = chunk_images(self.source, indices[start:start + self.batch_size])
+                x = x.to(self.device)
                 logits = self.model(self.preprocess(x) if self.preprocess else x)
                 if logits.ndim != 2:
                     raise ValueError(f"the model's output is {tuple(logits.shape)}; the "
                                      "explorer needs class scores (images, classes)")
-                probs = torch.softmax(logits.float(), dim=1)
-                p, k = probs.max(dim=1)
+                if self.num_classes is None:  # checked before anything is stored
+                    self._set_classes(int(logits.shape[1]))
+                p, k = torch.softmax(logits.float(), dim=1).max(dim=1)
                 predicted.append(k.cpu().numpy())
                 confidence.append(p.cpu().numpy())
-                logits_width = logits.shape[1]
-        if logits_width is None:
-            raise ValueError("the dataset has no images")
-        self.num_classes = int(logits_width)
-        self.predicted = np.concatenate(predicted).astype(np.int64)
-        self.confidence = np.concatenate(confidence).astype(np.float64)
+        return xr.Dataset({"predicted": ("image", np.concatenate(predicted).astype(np.int64)),
+                           "confidence": ("image", np.concatenate(confidence))},
+                          attrs={"num_classes": self.num_classes})
+
+    def _set_classes(self, num_classes: int) -> None:
+        """The class names for a model with ``num_classes`` outputs; labels checked."""
+        self.num_classes = num_classes
+        self.classes = self._class_names()
+        self.source.check_labels(len(self.classes))
 
     def _class_names(self) -> list[str]:
         names = self.source.classes
@@ -225,6 +311,48 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
         return xr.DataArray(counts, dims=("true", "predicted"),
                             coords={"true": self.classes, "predicted": self.classes},
                             name="count", attrs={"long_name": "images per (true, predicted)"})
+
+    # ------------------------------------------------------------ stored scores
+    def _score_log(self, method: str) -> str:
+        """The store's log of ``method``'s scores: named after what they depend on (the
+        metric, the method's params, the gaze data or mask the metric compares with)."""
+        needs = () if self.metric in PERTURBATION else dataset_needs(self.metric)
+        key = json.dumps({"metric": self.metric, "params": self.params.get(method, {}),
+                          "step": PERTURBATION_STEP if self.metric in PERTURBATION else None,
+                          "data": variables_hash(self.source.data, needs) if needs else None},
+                         sort_keys=True, default=repr)
+        return f"scores-{method}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+    def _stored_scores(self) -> dict[tuple[str, int], float]:
+        """The scores an earlier explorer wrote to the store (for these settings)."""
+        scores: dict[tuple[str, int], float] = {}
+        if self.store is None:
+            return scores
+        for method in self.methods:
+            for record in self.store.records(self._score_log(method), dim="image"):
+                scores.update(((method, int(i)), float(v)) for i, v in
+                              zip(record["image"].values, record["score"].values, strict=True))
+        return scores
+
+    def _save_scores(self, force: bool = False) -> None:
+        """Write the scores computed since the last write (every :data:`FLUSH_S` s, or
+        now with ``force``). A failed write is a warning: the scores stay shown."""
+        if self.store is None:
+            return
+        with self._store_lock:
+            if not force and time.perf_counter() - self._saved_at < FLUSH_S:
+                return
+            with self._lock:
+                unsaved, self._unsaved = self._unsaved, {}
+            self._saved_at = time.perf_counter()
+            for method, scores in unsaved.items():
+                record = xr.Dataset({"score": ("image", np.fromiter(scores.values(), float))},
+                                    coords={"image": np.fromiter(scores, np.int64)})
+                try:
+                    self.store.append(self._score_log(method), record)
+                except Exception as err:  # noqa: BLE001 - the widget keeps working
+                    warnings.warn(f"could not write {method} scores to the store "
+                                  f"{str(self.store.path)!r}: {err}", stacklevel=2)
 
     # ----------------------------------------------------------------- layout
     def _build(self) -> None:
@@ -375,39 +503,46 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
         self.worker.submit(lambda token: self._job(token, method, missing, candidates))
 
     def _page_of(self, order: np.ndarray) -> np.ndarray:
+        """The current page of ``order``; the page slider re-ranged to its length."""
         pages = max(1, -(-len(order) // self.page_size))
         with self._silenced():
             self.controls["page"].max = pages
             self.controls["page"].value = min(self.controls["page"].value, pages)
-        page = self.controls["page"].value
+        return self._page_slice(order)
+
+    def _page_slice(self, order: np.ndarray) -> np.ndarray:
+        """The current page of ``order`` (the controls untouched)."""
+        page = min(self.controls["page"].value, max(1, -(-len(order) // self.page_size)))
         return order[(page - 1) * self.page_size: page * self.page_size]
 
     def _job(self, token: Token, method: str, missing: list[int],
              candidates: np.ndarray) -> None:
         """Compute the ``missing`` scores chunk by chunk (a newer request stops it between
-        chunks), then show the page. Errors are shown inline."""
+        chunks), then the page's maps that are not kept (scores read from the store),
+        then show the page. Errors are shown inline."""
         try:
             start = time.perf_counter()
-            if missing and self.background:
-                with self.worker.publishing(token):
-                    self._draw(self._page_of(self._sorted(candidates)))  # thumbnails first
-                    set_visible(self.progress, True)
-            for done in range(0, len(missing), self.page_size):
-                chunk = missing[done:done + self.page_size]
-                self.status.value = (f"<span style='color:#555'>computing {html.escape(method)}"
-                                     f" and {self.metric}: {done}/{len(missing)} images…</span>")
-                self._compute(method, chunk)
-                self.progress.value = (done + len(chunk)) / len(missing)
-                token.check()
+            if missing:
+                self._announce(token, candidates)
+            try:
+                self._run(token, method, missing, score=True)
+            finally:  # also when superseded or cancelled: what was computed is kept
+                self._save_scores(force=True)
+            unseen = [int(i) for i in self._page_slice(self._sorted(candidates))
+                      if (method, int(i)) not in self._maps]
+            if unseen and not missing:
+                self._announce(token, candidates)
+            self._run(token, method, unseen, score=False)
             with self.worker.publishing(token):
                 set_visible(self.progress, False)
                 self._order = self._sorted(candidates)
                 self._draw(self._page_of(self._order))
                 self.last_page_s = time.perf_counter() - start
-                if missing:
-                    self.status.value = (f"<span style='color:#555'>{html.escape(method)} + "
-                                         f"{self.metric} on {len(missing)} images in "
-                                         f"{self.last_page_s:.2f} s</span>")
+                if missing or unseen:
+                    what = f" + {self.metric}" if missing else " maps"
+                    self.status.value = (f"<span style='color:#555'>{html.escape(method)}"
+                                         f"{what} on {len(missing) or len(unseen)} images "
+                                         f"in {self.last_page_s:.2f} s</span>")
         except Superseded:
             raise
         except Exception as err:
@@ -415,8 +550,35 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
                 self._hide_busy()
                 self._show_error(err)
 
-    def _compute(self, method: str, indices: list[int]) -> None:
-        """Maps and scores of ``method`` on the images ``indices`` (one explainer)."""
+    def _announce(self, token: Token, candidates: np.ndarray) -> None:
+        """In the background: the page's thumbnails (maps still blank) and the progress
+        bar, before the computation."""
+        if self.background:
+            with self.worker.publishing(token):
+                self._draw(self._page_of(self._sorted(candidates)))
+                set_visible(self.progress, True)
+
+    def _run(self, token: Token, method: str, indices: list[int], score: bool) -> None:
+        """:meth:`_compute` on ``indices``, a page at a time (a newer request stops it
+        between pages); new scores go to the store every :data:`FLUSH_S` seconds."""
+        what = f"{html.escape(method)} and {self.metric}" if score else \
+            f"{html.escape(method)} maps"
+        for done in range(0, len(indices), self.page_size):
+            chunk = indices[done:done + self.page_size]
+            self.status.value = (f"<span style='color:#555'>computing {what}: "
+                                 f"{done}/{len(indices)} images…</span>")
+            if score:
+                self._compute(method, chunk)
+            else:
+                self._compute(method, chunk, score=False)
+            self.progress.value = (done + len(chunk)) / len(indices)
+            token.check()
+            if score:
+                self._save_scores()
+
+    def _compute(self, method: str, indices: list[int], score: bool = True) -> None:
+        """Maps (and with ``score`` their scores) of ``method`` on the images ``indices``
+        (one explainer)."""
         ex = Explainer(self.model, self.source.images(indices).to(self.device),
                        preprocess=self.preprocess, classes=self.classes,
                        progress=lambda done, total: self.worker.check())
@@ -425,7 +587,9 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
         if maps.dims != ("image", "y", "x"):
             raise ValueError(f"{method} gave maps of dims {maps.dims}; the explorer needs one "
                              "map per image")
-        if self.metric in PERTURBATION:
+        if not score:
+            scores = None
+        elif self.metric in PERTURBATION:
             scores = PERTURBATION[self.metric][0](
                 ex, maps, target, step=PERTURBATION_STEP, batch_size=self.batch_size).auc.values
         else:
@@ -437,7 +601,10 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
         with self._lock:
             self._signed[method] = bool(int(maps.attrs.get("signed", 0)))
             for k, i in enumerate(indices):
-                self._scores[(method, i)] = float(np.asarray(scores)[k])
+                if scores is not None:
+                    value = float(np.asarray(scores)[k])
+                    self._scores[(method, i)] = value
+                    self._unsaved.setdefault(method, {})[i] = value
                 self._maps[(method, i)] = maps.values[k]
                 self._maps.move_to_end((method, i))
             while len(self._maps) > KEEP_MAPS:
