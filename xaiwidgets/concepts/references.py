@@ -19,7 +19,6 @@ chunks finished so far (never a half-written one) and the next call resumes afte
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 from collections.abc import Callable, Iterator
@@ -38,7 +37,7 @@ from ..core.scoped import model_guard
 from ..datasets.adapters import ImageSource, image_source
 from ..explainer import Explainer
 from .patches import FIELDS, chunk_candidates, merge
-from .store import Store
+from .store import Store, architecture, chunks, dataset_fingerprint, weights_hash
 
 BY = ("activation", "relevance")
 #: ``progress=`` of a dataset pass: a tqdm bar (True), none (False) or ``f(done, total)``
@@ -72,51 +71,6 @@ def reporting(progress: Progress, total: int, desc: str) -> Iterator[Callable[[i
         yield lambda done: bar.update(int(done) - bar.n)
     finally:
         bar.close()
-
-
-def weights_hash(model: nn.Module) -> str:
-    """SHA-256 of the model's parameters and buffers (names, shapes and bytes).
-
-    >>> len(weights_hash(nn.Linear(2, 2)))
-    64
-    """
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def architecture(model: nn.Module) -> str:
-    """The model's class and its state's names and shapes (what another model changes)."""
-    shapes = [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
-    digest = hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
-    return f"{type(model).__module__}.{type(model).__qualname__}:{digest}"
-
-
-def dataset_fingerprint(source: ImageSource, batch_size: int) -> str:
-    """Size, labels, class names and image bytes of a dataset: every image of an
-    in-memory ``xr.Dataset``; the first and last chunk of a torch dataset (read lazily,
-    a full read would cost a pass)."""
-    digest = hashlib.sha256(f"{len(source)}|{source.classes}".encode())
-    if source.labels is not None:
-        digest.update(source.labels.tobytes())
-    if source.data is not None:  # chunk by chunk: a lazy (dask, zarr) dataset stays lazy
-        for indices in chunks(source, batch_size):
-            digest.update(source.images(indices).numpy().tobytes())
-    else:
-        last = max(0, len(source) - batch_size)
-        for start in sorted({0, last}):
-            indices = np.arange(start, min(start + batch_size, len(source)))
-            digest.update(source.images(indices).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def chunks(source: ImageSource, batch_size: int) -> list[np.ndarray]:
-    """The dataset indices of each chunk, in order."""
-    return [np.arange(start, min(start + batch_size, len(source)))
-            for start in range(0, len(source), batch_size)]
 
 
 def channel_maps(model: nn.Module, images: torch.Tensor, layer: str, by: str,
