@@ -20,7 +20,8 @@ from torch import nn
 from ..core.ops import model_device
 from ..datasets.adapters import image_source
 from ..explainer import Explainer
-from .references import Progress, chunks, reporting
+from .references import Progress, reporting
+from .store import chunks
 
 
 def class_usage(model: nn.Module, dataset: Any, layer: str,
