@@ -247,3 +247,69 @@ def test_non_linearities_without_a_rule_are_named_and_the_error_reported():
                                np.abs(total - expected) / np.abs(expected), rtol=1e-3)
     assert max(r.attrs["delta_error"]) > xw.families.deeplift.DELTA_TOLERANCE
     assert "miss f(x) - f(x') by" in messages and "above 1%" in messages
+
+
+class Passes:
+    """Records each model call: (rows, whether autograd was on)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.calls: list[tuple[int, bool]] = []
+        self.handle = model.register_forward_pre_hook(
+            lambda _m, args: self.calls.append((len(args[0]), torch.is_grad_enabled())))
+
+
+def test_the_reference_runs_once_without_autograd_and_the_backward_has_n_rows(
+        tiny_resnet, images):
+    ex = xw.Explainer(tiny_resnet, images)
+    passes = Passes(tiny_resnet)
+    first = ex.explain("deeplift", target=[0, 1], baseline=0.5, reduce=None)
+    # a constant reference is one row without autograd; the images alone with autograd
+    assert passes.calls == [(1, False), (2, True)]
+    second = ex.explain("deeplift", target=[2, 3], baseline=0.5, reduce=None)
+    assert passes.calls[2:] == [(2, True)]  # the reference's values are kept
+    ex.explain("deeplift", target=[2, 3], baseline=images.flip(0), reduce=None)
+    assert passes.calls[3:] == [(2, False), (2, True)]  # rows differ: not kept
+    passes.handle.remove()
+    # the kept reference gives what a fresh Explainer computes, summing to delta
+    fresh = xw.Explainer(tiny_resnet, images).explain("deeplift", target=[2, 3],
+                                                      baseline=0.5, reduce=None)
+    np.testing.assert_array_equal(second.values, fresh.values)
+    for r, target in ((first, [0, 1]), (second, [2, 3])):
+        expected = delta(tiny_resnet, images, torch.full_like(images, 0.5), target)
+        np.testing.assert_allclose(r.values.astype(np.float64).sum(axis=(1, 2, 3)), expected,
+                                   rtol=1e-4)
+
+
+class Branching(nn.Module):
+    """A second ReLU only for inputs whose first activation is not all zero: the zero
+    reference alone takes the other branch (its passes differ from the images')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.relu, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.relu(self.conv(x))
+        if bool(h.sum() > 0):
+            h = self.relu2(self.conv2(h))
+        return self.head(h.mean((2, 3)))
+
+
+def test_a_model_whose_passes_differ_runs_image_and_reference_as_one_batch():
+    model = Branching().eval()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    ex = xw.Explainer(model, x)
+    passes = Passes(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DeepLiftWarning
+        ours = ex.explain("deeplift", target=[0, 2], baseline=0.0, reduce=None)
+    passes.handle.remove()
+    # the input pass meets a ReLU the reference pass did not: [x; x'] instead, as Captum
+    assert passes.calls == [(1, False), (2, True), (4, True)]
+    theirs = captum_deeplift(model, x, torch.zeros_like(x), [0, 2])
+    np.testing.assert_allclose(ours.values, theirs, rtol=1e-4,
+                               atol=1e-5 * np.abs(theirs).max())
