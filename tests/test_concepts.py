@@ -292,3 +292,21 @@ def test_box_contributions_refuse_bad_input(vgg):
         box_contributions(ex, LAYER, (0, 0, 8, 8), rows=0)
     with pytest.raises(ValueError, match="no channels"):
         box_contributions(ex, "classifier.0", (0, 0, 8, 8))
+
+
+def test_box_contributions_take_fewer_rows_when_memory_is_short(vgg, monkeypatch):
+    """A repeated forward that would not fit ``regions.MEMORY`` gets fewer rows (here 1:
+    one backward per channel), with the same numbers."""
+    from xaiwidgets.concepts import regions
+
+    model, preprocess, classes, images = vgg
+    ex = xw.Explainer(model, images[:1], preprocess=preprocess, progress=False)
+    box = (0, 0, 32, 32)
+    wide = regions.box_contributions(ex, LAYER, box, target=1)
+    monkeypatch.setattr(regions, "MEMORY", 1)
+    seen = []
+    narrow = regions.box_contributions(ex, LAYER, box, target=1,
+                                       progress=lambda done, total: seen.append(done))
+    assert seen == list(range(1, 65))
+    np.testing.assert_allclose(narrow.values, wide.values, rtol=1e-5,
+                               atol=1e-6 * np.abs(wide.values).max())
