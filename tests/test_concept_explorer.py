@@ -326,6 +326,8 @@ def test_bad_input_is_named(explorer, model, dataset, images):
         ConceptExplorer(model, dataset, layer="7", background=False)
     with pytest.raises(ValueError, match="by="):
         ConceptExplorer(model, dataset, by="gradient", background=False)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        ConceptExplorer(model, dataset, batch_size=0, background=False)
     with pytest.raises(IndexError, match="channels 0..7"):
         explorer.select_channel(8)
     with pytest.raises(TypeError, match="int"):

@@ -115,8 +115,9 @@ class ConceptExplorer(ExplorerBase):
         if by not in ("activation", "relevance"):
             raise ValueError(f"by={by!r}: reference patches are ranked by 'activation' or "
                              "'relevance'")
-        if min(top, browse, bars) < 1:
-            raise ValueError(f"top={top}, browse={browse} and bars={bars} must be >= 1")
+        if min(top, browse, bars, batch_size) < 1:
+            raise ValueError(f"top={top}, browse={browse}, bars={bars} and "
+                             f"batch_size={batch_size} must be >= 1")
         self.dataset = dataset
         #: the dataset read in pieces (``None`` for clips: no reference patches)
         self.source: ImageSource | None
