@@ -355,3 +355,137 @@ def test_cancel_stops_the_page_and_close_stops_the_worker(monkeypatch):
     x.close()
     with pytest.raises(RuntimeError, match="closed"):
         x.worker.submit(lambda token: None)
+
+
+# ------------------------------------------------------------------ store=
+class Calls:
+    """Counts the forward calls of a model (a forward pre-hook, removed on exit)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.count = model, 0
+
+    def __enter__(self) -> Calls:
+        self.handle = self.model.register_forward_pre_hook(
+            lambda module, args: setattr(self, "count", self.count + 1))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def test_store_reopens_predictions_scores_and_maps_without_a_model_call(
+        tmp_path, shapes_model, data):
+    model, preprocess, _ = shapes_model
+    path = tmp_path / "explorer.zarr"
+    kwargs = dict(preprocess=preprocess, methods=["gradcam", "fem"], background=False,
+                  page_size=4, store=path)
+    first = DatasetExplorer(model, data, **kwargs)
+    first.controls["sort"].value = "pcc ↓"  # every image's gradcam score
+    first.controls["method"].value = "fem"  # fem on the pcc-sorted first page
+    first.controls["sort"].value = dx.ORDER
+    first.controls["method"].value = "gradcam"
+    before = first.results
+    assert before.pcc.sel({"method": "gradcam"}).notnull().sum() == 24
+    with Calls(model) as calls:
+        again = DatasetExplorer(model, data, **kwargs)
+        assert calls.count == 0 and again.error is None
+        np.testing.assert_array_equal(again.predicted, first.predicted)
+        np.testing.assert_allclose(again.confidence, first.confidence, rtol=1e-6)
+        xr.testing.assert_equal(again.results, before)  # every score, both methods
+        assert again.shown == first.shown == [0, 1, 2, 3]
+        # the thumbnails show the stored maps (float16: equal to display precision)
+        for i in again.shown:
+            np.testing.assert_allclose(again._maps[("gradcam", i)],
+                                       first._maps[("gradcam", i)], atol=2e-3)
+        again.controls["sort"].value = "pcc ↓"  # scores and that page's maps: stored
+        assert calls.count == 0
+    assert again.shown == first.results.pcc.sel({"method": "gradcam"}).to_series() \
+        .sort_values(ascending=False, kind="stable").index[:4].tolist()
+    # a page never drawn before: its maps are computed, its scores are not
+    again.controls["sort"].value = dx.ORDER
+    scored = []
+    original = again._compute
+    again._compute = lambda m, idx, score=True: (scored.append(score), original(m, idx, score))
+    again.controls["page"].value = 3
+    assert scored == [False] and again.error is None and again.shown == [8, 9, 10, 11]
+    # another metric keeps the predictions and starts its own scores
+    with Calls(model) as calls:
+        sim = DatasetExplorer(model, data, metric="sim", **kwargs)
+        assert sim.results.sizes["image"] == 4  # the first page only
+    assert calls.count > 0
+
+
+def test_store_resumes_an_interrupted_opening_and_leaves_nothing_half_written(
+        tmp_path, shapes_model, data, monkeypatch):
+    model, preprocess, _ = shapes_model
+    path = tmp_path / "explorer.zarr"
+    monkeypatch.setattr(dx, "STORE_CHUNK", 10)  # chunks of 10, 10 and 4 images
+    seen = []
+    original = DatasetExplorer._predict_chunk
+
+    def interrupted(self, indices):
+        if len(seen) == 1:
+            raise KeyboardInterrupt
+        seen.append(indices.tolist())
+        return original(self, indices)
+
+    monkeypatch.setattr(DatasetExplorer, "_predict_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        DatasetExplorer(model, data, preprocess=preprocess, methods=["fem"],
+                        background=False, store=path)
+    assert not list(path.glob("**/.tmp-*")) and not (path / "result").exists()
+    assert sorted(p.name for p in (path / "chunks").iterdir()) == ["c000000"]
+    resumed = []
+    monkeypatch.setattr(DatasetExplorer, "_predict_chunk", lambda self, indices: (
+        resumed.append(indices.tolist()), original(self, indices))[1])
+    x = DatasetExplorer(model, data, preprocess=preprocess, methods=["fem"],
+                        background=False, store=path)
+    assert resumed == [list(range(10, 20)), list(range(20, 24))]
+    plain = DatasetExplorer(model, data, preprocess=preprocess, methods=["fem"],
+                            background=False)
+    np.testing.assert_array_equal(x.predicted, plain.predicted)
+    np.testing.assert_allclose(x.confidence, plain.confidence, rtol=1e-6)
+    assert (path / "result").exists() and not (path / "chunks").exists()
+
+
+def test_store_fingerprint_other_weights_recompute_other_models_fail(
+        tmp_path, shapes_model, data):
+    import copy
+    import json
+
+    model, preprocess, _ = shapes_model
+    path = tmp_path / "explorer.zarr"
+    small = data.isel(image=slice(0, 8))
+    kwargs = dict(preprocess=preprocess, methods=["fem"], background=False, store=path)
+    first = DatasetExplorer(model, small, **kwargs)
+    fingerprint = (path / "fingerprint.json").read_text()
+    # other weights: a warning, the model runs again, the new predictions are stored
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.fc.bias.add_(torch.tensor([100.0, 0.0, 0.0, 0.0]))
+    with pytest.warns(UserWarning, match="other weights: recomputing"), Calls(other) as calls:
+        x = DatasetExplorer(other, small, **kwargs)
+    assert calls.count > 0 and (x.predicted == 0).all() and not (first.predicted == 0).all()
+    assert json.loads((path / "fingerprint.json").read_text()) != json.loads(fingerprint)
+    # another architecture: a clear error, the store untouched
+    written = (path / "fingerprint.json").read_text()
+    vgg, vgg_preprocess, _ = xw.models.load("shapes-vgg")
+    with pytest.raises(ValueError, match="another model .*store= another path, or "
+                                         "overwrite=True"):
+        DatasetExplorer(vgg, small, **kwargs)
+    assert (path / "fingerprint.json").read_text() == written
+    # a store of concept references is not replaced either
+    refs = tmp_path / "refs.zarr"
+    xw.concepts.references(model, small, "layer4", top=2, preprocess=preprocess,
+                           store=str(refs), progress=False)
+    with pytest.raises(ValueError, match="another kind \\(kind='concept-references'\\)"):
+        DatasetExplorer(model, small, preprocess=preprocess, background=False, store=refs)
+    # a folder that is no store; a failure before the first write leaves no folder
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ValueError, match="not an xaiwidgets results store"):
+        DatasetExplorer(model, small, **{**kwargs, "store": tmp_path / "mine"})
+    bad = small.copy()
+    bad["label"] = ("image", np.array([0, 7, 1, 0, 1, 2, 3, 0]))
+    with pytest.raises(ValueError, match="labels out of range"):
+        DatasetExplorer(model, bad, **{**kwargs, "store": tmp_path / "new.zarr"})
+    assert not (tmp_path / "new.zarr").exists()

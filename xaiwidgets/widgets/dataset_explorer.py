@@ -208,13 +208,16 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
         self.num_classes: int | None = None
         self._predict()
         self.confusion = self._confusion()
-        self._scores: dict[tuple[str, int], float] = self._stored_scores()
-        #: scores computed since the last write to the store, per method
-        self._unsaved: dict[str, dict[int, float]] = {}
-        self._saved_at = time.perf_counter()
-        self._store_lock = threading.Lock()
+        self._scores: dict[tuple[str, int], float] = {}
         self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._signed: dict[str, bool] = {}  # per method: drawn with a diverging colormap
+        #: scores computed since the last write to the store, per method
+        self._unsaved: dict[str, dict[int, float]] = {}
+        #: (method, image) pairs whose map the store holds (the pages drawn)
+        self._maps_saved: set[tuple[str, int]] = set()
+        self._saved_at = time.perf_counter()
+        self._store_lock = threading.Lock()
+        self._restore()
         self._pair: tuple[int, int] | None = None
         self._order = np.arange(len(self.source))
         self.shown: list[int] = []
@@ -323,16 +326,54 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
                          sort_keys=True, default=repr)
         return f"scores-{method}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
-    def _stored_scores(self) -> dict[tuple[str, int], float]:
-        """The scores an earlier explorer wrote to the store (for these settings)."""
-        scores: dict[tuple[str, int], float] = {}
+    def _map_log(self, method: str) -> str:
+        """The store's log of ``method``'s maps (of the pages drawn): named after the
+        method's params."""
+        key = json.dumps(self.params.get(method, {}), sort_keys=True, default=repr)
+        return f"maps-{method}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+    def _restore(self) -> None:
+        """The scores and the drawn pages' maps an earlier explorer wrote to the store
+        (for these settings): a re-opened page needs no model call."""
         if self.store is None:
-            return scores
+            return
         for method in self.methods:
             for record in self.store.records(self._score_log(method), dim="image"):
-                scores.update(((method, int(i)), float(v)) for i, v in
-                              zip(record["image"].values, record["score"].values, strict=True))
-        return scores
+                self._scores.update(((method, int(i)), float(v)) for i, v in zip(
+                    record["image"].values, record["score"].values, strict=True))
+            for record in self.store.records(self._map_log(method), dim="image"):
+                self._signed[method] = bool(record.attrs.get("signed", 0))
+                images = record["image"].values.astype(np.int64)
+                self._maps_saved.update((method, int(i)) for i in images)
+                for k in range(max(0, len(images) - KEEP_MAPS), len(images)):
+                    self._maps[(method, int(images[k]))] = \
+                        record["map"].values[k].astype(np.float32)
+        while len(self._maps) > KEEP_MAPS:
+            self._maps.popitem(last=False)
+
+    def _save_maps(self, method: str, shown: Sequence[int]) -> None:
+        """Write the maps of the page drawn that the store lacks (float16: for drawing)."""
+        if self.store is None:
+            return
+        with self._lock:
+            new = [i for i in shown if (method, i) not in self._maps_saved
+                   and (method, i) in self._maps]
+            maps = [self._maps[(method, i)] for i in new]
+            signed = int(self._signed.get(method, False))
+        if not new:
+            return
+        record = xr.Dataset({"map": (("image", "y", "x"), np.stack(maps).astype(np.float16))},
+                            coords={"image": np.asarray(new, dtype=np.int64)},
+                            attrs={"signed": signed})
+        with self._store_lock:
+            try:
+                self.store.append(self._map_log(method), record)
+            except Exception as err:  # noqa: BLE001 - the widget keeps working
+                warnings.warn(f"could not write {method} maps to the store "
+                              f"{str(self.store.path)!r}: {err}", stacklevel=2)
+                return
+        with self._lock:
+            self._maps_saved.update((method, i) for i in new)
 
     def _save_scores(self, force: bool = False) -> None:
         """Write the scores computed since the last write (every :data:`FLUSH_S` s, or
@@ -537,12 +578,14 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
                 set_visible(self.progress, False)
                 self._order = self._sorted(candidates)
                 self._draw(self._page_of(self._order))
+                shown = list(self.shown)
                 self.last_page_s = time.perf_counter() - start
                 if missing or unseen:
                     what = f" + {self.metric}" if missing else " maps"
                     self.status.value = (f"<span style='color:#555'>{html.escape(method)}"
                                          f"{what} on {len(missing) or len(unseen)} images "
                                          f"in {self.last_page_s:.2f} s</span>")
+            self._save_maps(method, shown)
         except Superseded:
             raise
         except Exception as err:
