@@ -318,12 +318,11 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
     # ------------------------------------------------------------ stored scores
     def _score_log(self, method: str) -> str:
         """The store's log of ``method``'s scores: named after what they depend on (the
-        metric, the method's params, the gaze data or mask the metric compares with)."""
-        needs = () if self.metric in PERTURBATION else dataset_needs(self.metric)
+        metric, the method's params, the gaze data or mask the metric compares with,
+        hashed once by :meth:`_restore`)."""
         key = json.dumps({"metric": self.metric, "params": self.params.get(method, {}),
                           "step": PERTURBATION_STEP if self.metric in PERTURBATION else None,
-                          "data": variables_hash(self.source.data, needs) if needs else None},
-                         sort_keys=True, default=repr)
+                          "data": self._metric_data}, sort_keys=True, default=repr)
         return f"scores-{method}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
     def _map_log(self, method: str) -> str:
@@ -337,6 +336,8 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
         (for these settings): a re-opened page needs no model call."""
         if self.store is None:
             return
+        needs = () if self.metric in PERTURBATION else dataset_needs(self.metric)
+        self._metric_data = variables_hash(self.source.data, needs) if needs else None
         for method in self.methods:
             for record in self.store.records(self._score_log(method), dim="image"):
                 self._scores.update(((method, int(i)), float(v)) for i, v in zip(
