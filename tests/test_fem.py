@@ -17,6 +17,8 @@ from xaiwidgets.core.ops import minmax
 from xaiwidgets.families.fem import fem_map
 from xaiwidgets.net import FusionNet
 
+from .conftest import make_tiny_resnet
+
 # docs/methods.md worked examples (K = 1, no upsampling)
 F_2x2 = [[[0, 0], [0, 4]], [[2, 2], [2, 2]]]
 A_3x3 = [[[0, 0, 0], [0, 4, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 2], [3, 1, 2]]]
@@ -193,6 +195,24 @@ def test_parameter_changes_do_not_rerun_the_model(tiny_resnet, images):
     assert np.array_equal(fresh_top.values, cached_top.values)
 
 
+def test_one_shot_fem_runs_the_model_once_on_the_whole_batch(images):
+    """A fresh Explainer + FEM (one-shot use: xw.explain, each chunk of xw.evaluate) on
+    a model already probed at this input size runs exactly one pass, the method's own;
+    a model never seen adds only the construction probe, on one image (#22)."""
+    model = make_tiny_resnet()
+    batches: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: batches.append(len(args[0])))
+    try:
+        first = xw.Explainer(model, images).explain("fem")  # the hook is new: probed
+        assert batches == [1, len(images)]
+        batches.clear()
+        again = xw.Explainer(model, images).explain("fem")
+        assert batches == [len(images)]
+    finally:
+        handle.remove()
+    np.testing.assert_array_equal(again.values, first.values)
+
+
 def test_mlfem_matches_fuse_of_stack_and_records_attrs(tiny_resnet, images):
     ex = xw.Explainer(tiny_resnet, images)
     stack = ex.fem_stack(K=0.8)
@@ -249,8 +269,6 @@ def test_one_fem_stack_cache_shared_by_fem_stack_fuse_and_mlfem(tiny_resnet, ima
 # ------------------------------------------------- only after the activation (#22)
 def test_layers_before_their_activation_are_refused_naming_the_nearest_after(images):
     from xaiwidgets.families.fem import post_activation
-
-    from .conftest import make_tiny_resnet
 
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),

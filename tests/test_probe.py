@@ -144,3 +144,29 @@ def test_probe_failures_are_not_remembered():
         xw.Explainer(model, torch.rand(1, 1, 32, 32))  # grayscale for an RGB model
     with pytest.raises(ValueError, match="channel"):
         xw.Explainer(model, torch.rand(1, 1, 32, 32))  # still refused: nothing remembered
+
+
+def test_recalled_facts_are_copies_the_next_explainer_does_not_share():
+    model, images = make_tiny_cnn(), torch.rand(2, 3, 32, 32)
+    first = probed(model, images).context
+    shapes, calls = dict(first.shapes()), first._calls.copy()
+    nonlinearities = first.nonlinearities().copy()
+    # a caller scribbling on what its Context got cannot change what others recall
+    first.shapes()["extra"] = (1,)
+    first._calls["extra"] += 1
+    first.nonlinearities()["extra"] += 1
+    second = xw.Explainer(model, images).context
+    assert second.shapes() == shapes and second._calls == calls
+    assert second.nonlinearities() == nonlinearities
+    second.shapes().clear()
+    assert xw.Explainer(model, images).context.shapes() == shapes
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_construction_refuses_a_single_non_finite_pixel(bad):
+    images = torch.rand(2, 3, 32, 32)
+    images[1, 2, 5, 7] = bad  # one value among 6144, not the minimum or maximum otherwise
+    with pytest.raises(ValueError, match="NaN or inf"):
+        xw.Explainer(make_tiny_cnn(), images)
+    images[1, 2, 5, 7] = 0.5
+    assert xw.Explainer(make_tiny_cnn(), images).n_images == 2

@@ -55,7 +55,9 @@ def as_image_batch(images: Any, name: str = "images") -> torch.Tensor:
             f"{name} have dtype {images.dtype}; pass floats, e.g. images.float() / 255 "
             "for uint8 pictures"
         )
-    if not torch.isfinite(images).all():
+    # NaN propagates through min and max, and ±inf is the min or the max: one reduction
+    # pass without a mask (isfinite(images).all() allocates one: ~15× slower on CPU)
+    if not torch.isfinite(torch.stack(torch.aminmax(images))).all():
         raise ValueError(f"{name} contain NaN or inf values; clean them before explaining")
     return images
 
