@@ -47,6 +47,7 @@ from ..explainer import Explainer
 from .controls import LAYOUT, STYLE, set_visible
 from .export import Exportable
 from .figures import image_uri
+from .lifecycle import Closable
 from .worker import Superseded, Token, Worker, in_kernel
 
 #: controls that only restyle the figure (never recompute an explanation)
@@ -68,7 +69,7 @@ SIDE_PX = 400
 Publish = Callable[[], "str | None"]
 
 
-class BackgroundUpdates:
+class BackgroundUpdates(Closable):
     """The update-loop pieces every widget shares (mixed in before ``W.VBox``): silencing
     the widget's own control changes (per thread), showing errors inline, and the
     busy / wait / cancel / close of its background :class:`Worker`.
@@ -140,8 +141,10 @@ class BackgroundUpdates:
         """Hide the progress display (subclasses: their own widgets)."""
 
     def close(self) -> None:
-        """Stop the worker and close the widget."""
-        self.worker.close()
+        """Stop the worker, then close the widget and every ipywidget it made and free
+        its caches (:class:`~xaiwidgets.widgets.lifecycle.Closable`)."""
+        if "worker" in vars(self):
+            self.worker.close()
         super().close()
 
     def _guarded(self, action: Callable[[], Any]) -> None:
@@ -225,6 +228,12 @@ class ExplorerBase(BackgroundUpdates, Exportable, W.VBox):
     def index(self) -> int:
         """The current image's index."""
         return int(self.controls["image"].value) if "image" in self.controls else 0
+
+    def release(self) -> None:
+        """Drop the cached Explainers (activations, kept graphs) and frame images."""
+        with self._explainers_lock:
+            self._explainers.clear()
+        self._frame_uris.clear()
 
     def explainer(self, index: int | None = None) -> Explainer:
         """The cached :class:`Explainer` of one image (default: the current one)."""

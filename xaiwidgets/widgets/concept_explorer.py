@@ -52,6 +52,7 @@ from .base import VIEW, ExplorerBase, Publish, top5_html
 from .controls import LAYOUT, STYLE, set_visible
 from .dataset_explorer import thumbnail_png
 from .figures import FIT_PX, LiveFigureWidget, MapGrid, image_uri
+from .lifecycle import replace_children
 
 #: the measures of a channel's contribution (``ex.channels(method=...)``), in menu order
 MEASURES = ("lrp", "gradcam", "fem", ACTIVATION)
@@ -524,7 +525,7 @@ class ConceptExplorer(ExplorerBase):
         refs = self.references
         if refs is None:
             self.patches_title.value = ""
-            self.patches.children = []
+            replace_children(self.patches, [])
             return
         self.patches_title.value = (f"<b>channel {self.channel}</b>: its top {refs.sizes['rank']}"
                                     f" patches in the dataset (by {self.by}; a button opens the "
@@ -540,7 +541,7 @@ class ConceptExplorer(ExplorerBase):
                                           lambda _, r=rank: self._guarded(
                                               lambda: self.open_reference(r)),
                                           f"{float(row.value):.3g}"))
-        self.patches.children = tiles
+        replace_children(self.patches, tiles)
 
     def _patch_tile(self, index: int, box: tuple[int, int, int, int], label: str,
                     click: Callable[[Any], None], tooltip: str, border: str = "#ddd",
@@ -606,7 +607,7 @@ class ConceptExplorer(ExplorerBase):
                     position, tuple(box), f"c{j} {self.controls['image'].options[position][0]}",
                     lambda _, p=position: setattr(self.controls["image"], "value", p),
                     f"concept {j}", border=_css(CONCEPT_COLORS[j]), picked=True))
-        self.patches.children = tiles
+        replace_children(self.patches, tiles)
 
     def _export_sweep(self) -> list[str]:
         """A handout steps through the images and the measures."""

@@ -67,6 +67,7 @@ from .base import BackgroundUpdates
 from .controls import LAYOUT, STYLE, set_visible
 from .export import Exportable
 from .figures import LiveFigureWidget
+from .lifecycle import replace_children
 from .worker import Superseded, Token, Worker, in_kernel
 
 #: perturbation metrics the explorer offers (AUC of the curve; no gaze data needed)
@@ -766,6 +767,10 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
                 + "".join(tiles) + "</div>"]
 
     # ------------------------------------------------------------------ detail
+    def release(self) -> None:
+        """Drop the thumbnails' cached maps (the scores stay: they are the results)."""
+        self._maps.clear()
+
     def select(self, index: int) -> Any:
         """Open image ``index`` in the embedded :class:`~xaiwidgets.ExplainerWidget`
         (``x.explainer``), showing the current method."""
@@ -786,7 +791,8 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
             self.explainer.controls["image"].options = [(name, 0)]
             self.explainer.grid.set_title(0, name)
         head = W.HTML(f"<b>{name}</b>: {html.escape(self.caption(index))}")
-        self._detail.children = [head, self.explainer]
+        # the image shown before: its widgets and caches go
+        replace_children(self._detail, [head, self.explainer])
         self.selected = index
         return self.explainer
 

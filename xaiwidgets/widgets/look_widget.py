@@ -43,6 +43,7 @@ from .base import netcdf_engine
 from .controls import LAYOUT, STYLE, set_visible
 from .export import Exportable
 from .figures import LiveFigureWidget, MapGrid, image_uri
+from .lifecycle import Closable
 
 #: seconds the image is shown in "timed" mode
 TIMED_S = 3.0
@@ -94,7 +95,7 @@ def _scores_against(maps: dict[str, np.ndarray], density: np.ndarray,
             out["nss"][clicked, j] = metrics.nss(saliency, counts[clicked])
     return out
 
-class LookWidget(Exportable, W.VBox):
+class LookWidget(Closable, Exportable, W.VBox):
     """Look at an image, click where your eyes go, then reveal what the methods saw.
 
     Parameters

@@ -30,6 +30,7 @@ from ..explainer import Explainer
 from .controls import LAYOUT, STYLE
 from .export import Exportable
 from .figures import MapGrid, image_uri
+from .lifecycle import Closable
 
 SIDES = ("left", "right")
 #: side of each map panel (px)
@@ -38,7 +39,7 @@ PANEL_PX = 300
 DEFAULT_METHOD = "gradcam"
 
 
-class SanityQuiz(Exportable, W.VBox):
+class SanityQuiz(Closable, Exportable, W.VBox):
     """Two maps per image, one from a randomised copy of the model: spot the broken one.
 
     ``q.answer(i, "left"|"right")`` returns True when the student picked the map of
