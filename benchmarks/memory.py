@@ -128,12 +128,16 @@ def session_widgets(background: bool) -> dict[str, Any]:
     """The widgets of a class session on ``shapes-vgg``: an ExplainerWidget, a
     FEMStackWidget, a CompareWidget, a DatasetExplorer (200 images) and a
     ConceptExplorer (64 images)."""
+    from xaiwidgets.widgets.lifecycle import running_cell
+
     model, preprocess, classes = xw.models.load("shapes-vgg")
     data = xw.datasets.shapes(n=200, seed=3)
     images = data.isel(image=slice(0, 8))
     kw = {"preprocess": preprocess, "classes": classes, "background": background}
+    with running_cell("explainer-cell", "run-0"):
+        explainer = xw.ExplainerWidget(model, images, methods=SESSION_METHODS, **kw)
     return {
-        "explainer": xw.ExplainerWidget(model, images, methods=SESSION_METHODS, **kw),
+        "explainer": explainer,
         "stack": xw.FEMStackWidget(model, images, **kw),
         "compare": xw.CompareWidget(model, images.isel(image=slice(0, 2)),
                                     methods=("gradcam", "fem", "gradient"), **kw),
@@ -187,13 +191,16 @@ def session_step(widgets: dict[str, Any], action: str, rng: Any) -> None:
         c = widgets["concepts"]
         y0, x0 = (int(v) for v in rng.integers(0, 64, size=2))
         c.select_region(y0, x0, y0 + 48, x0 + 48)
-    elif action == "rerun_cell":  # a student re-runs the cell: a new ExplainerWidget
-        old = widgets["explainer"]
-        old.close()
-        widgets["explainer"] = xw.ExplainerWidget(
-            old.model, old.images if hasattr(old, "images") else old.explainer().inputs,
-            preprocess=old.preprocess, classes=old.classes, methods=SESSION_METHODS,
-            background=old.background)
+    elif action == "rerun_cell":  # a student re-runs the cell: a new ExplainerWidget,
+        # the old one dropped as a kernel drops it (no close() call: the cell's new run
+        # closes the widgets of its earlier run, see xaiwidgets.widgets.lifecycle)
+        from xaiwidgets.widgets.lifecycle import running_cell
+
+        old = widgets.pop("explainer")
+        with running_cell("explainer-cell", f"run-{rng.integers(2**62)}"):
+            widgets["explainer"] = xw.ExplainerWidget(
+                old.model, old.images, preprocess=old.preprocess, classes=old.classes,
+                methods=SESSION_METHODS, background=old.background)
 
 
 def session_rss(spec: dict[str, Any]) -> dict[str, Any]:

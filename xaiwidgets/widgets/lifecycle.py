@@ -26,6 +26,8 @@ Two things here end that:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
 import weakref
 from collections.abc import Iterator
@@ -41,6 +43,9 @@ OWN_MODULES = ("xaiwidgets.widgets.",)
 _LOCK = threading.Lock()
 #: cell id -> (id of the run that made them, the widgets it made)
 _BY_CELL: dict[str, tuple[str, list[weakref.ref]]] = {}
+#: the run :func:`running_cell` simulates (``None``: ask the kernel)
+_SIMULATED: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "xaiwidgets_cell_run", default=None)
 
 
 def _held(obj: Any) -> Iterator[Any]:
@@ -140,10 +145,31 @@ def replace_children(box: W.Box, children: list[Any]) -> None:
             close_tree(widget)
 
 
+@contextlib.contextmanager
+def running_cell(cell: str, run: str) -> Iterator[None]:
+    """Widgets made inside count as made by run ``run`` of cell ``cell`` (for scripts
+    and benchmarks that simulate a notebook; a kernel tells :func:`current_run` itself).
+
+    >>> import ipywidgets as W
+    >>> class Panel(Closable, W.VBox): pass
+    >>> with running_cell("c", "1"): old = Panel()
+    >>> with running_cell("c", "2"): new = Panel()
+    >>> old.comm is None, new.comm is not None
+    (True, True)
+    """
+    token = _SIMULATED.set((str(cell), str(run)))
+    try:
+        yield
+    finally:
+        _SIMULATED.reset(token)
+
+
 def current_run() -> tuple[str, str] | None:
     """``(cell id, run id)`` of the notebook cell running now, or ``None`` outside a
     kernel, outside a cell's run (a click's callback) or where the front end sends no
     cell id."""
+    if _SIMULATED.get() is not None:
+        return _SIMULATED.get()
     try:
         from IPython import get_ipython
 
