@@ -489,3 +489,30 @@ def test_store_fingerprint_other_weights_recompute_other_models_fail(
     with pytest.raises(ValueError, match="labels out of range"):
         DatasetExplorer(model, bad, **{**kwargs, "store": tmp_path / "new.zarr"})
     assert not (tmp_path / "new.zarr").exists()
+
+
+def test_store_keeps_the_scores_computed_before_a_failure(tmp_path, shapes_model, data):
+    """Scores are written as they come: a sort by the metric that fails part-way leaves
+    the scores computed before the failure in the store."""
+    model, preprocess, _ = shapes_model
+    kwargs = dict(preprocess=preprocess, methods=["fem"], background=False, page_size=4,
+                  store=tmp_path / "x.zarr")
+    x = DatasetExplorer(model, data, **kwargs)
+    compute, calls = x._compute, []
+
+    def fails_third(method, indices, score=True):
+        calls.append(list(indices))
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        compute(method, indices, score)
+
+    x._compute = fails_third
+    x.controls["sort"].value = "pcc ↓"  # every image: the 3rd chunk fails
+    assert "out of memory" in x.error
+    scored = x.results.pcc.sel({"method": "fem"}).dropna("image")
+    assert sorted(scored.image.values.tolist()) == sorted(
+        [0, 1, 2, 3, *calls[0], *calls[1]])
+    with Calls(model) as counted:
+        again = DatasetExplorer(model, data, **kwargs)
+        assert counted.count == 0
+    xr.testing.assert_equal(again.results, x.results)
