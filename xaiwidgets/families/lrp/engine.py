@@ -21,7 +21,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from zennit.core import BasicHook
 from zennit.layer import Sum
 from zennit.rules import NoMod, Pass
-from zennit.types import AvgPool, BatchNorm, ConvolutionStandard
+from zennit.types import AvgPool, BatchNorm
 from zennit.types import Linear as AnyLinear
 
 from ...core.ops import LogitHead, select_logits
@@ -36,7 +36,14 @@ from .canonize import (
     trace,
 )
 from .composites import RuleComposite, make_composite
-from .fast_terms import Call, flat_layer, layer_rule, nonnegative_layer, summands_times
+from .fast_terms import (
+    Call,
+    flat_layer,
+    is_convolution,
+    layer_rule,
+    nonnegative_layer,
+    summands_times,
+)
 from .rules import AlphaBeta, EpsilonRule, FlatRule, GammaRule, NormRule, ZPlusRule
 from .unseen import unseen_operations
 
@@ -102,6 +109,8 @@ class _Slot:
         #: average pools), which the LRP-ε and Norm rules pull the relevance back through
         self.module, self.own = module, own
         self.rule: Any = None
+        #: a linear or convolution layer (checked once: zennit's type checks are slow)
+        self.layer = isinstance(module, nn.Linear) or is_convolution(module)
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = args[0] if args else None
@@ -121,8 +130,7 @@ class _Slot:
             # LRP-ε and Norm: grad / (z + ε·sign z) on the kept output z, then the
             # module's own backward (one transposed layer instead of a forward and two),
             # times the input: zennit's gradient mapper and reducer, with fewer ops
-            shifted = call.shifted(epsilon)
-            mapped = torch.div(grad, shifted, out=shifted)  # its own buffer: no new one
+            mapped = call.divide(grad, epsilon)
             if isinstance(self.module, Sum):
                 return summands_times(call, mapped, self.module.dim)
             (gradient,) = torch.autograd.grad(call.own, call.x, mapped, retain_graph=True)
@@ -130,8 +138,8 @@ class _Slot:
             if gradient._base is None and gradient.shape == x.shape and gradient.is_contiguous():
                 return gradient.mul_(x)  # a fresh tensor of the backward: no new buffer
             return x * gradient
-        if (isinstance(rule, BasicHook) and type(rule).backward is BasicHook.backward
-                and isinstance(self.module, (nn.Linear, ConvolutionStandard))):
+        if (self.layer and isinstance(rule, BasicHook)
+                and type(rule).backward is BasicHook.backward):
             if type(rule) in (ZPlusRule, AlphaBeta, GammaRule):
                 relevance = nonnegative_layer(rule, self.module, call, grad)
                 if relevance is not None:
@@ -186,6 +194,8 @@ class Canonized:
         self.outputs: dict[str, torch.Tensor] = {}
         #: the last relevance at a layer (:meth:`layer_relevance`) and what gave it
         self._at_layer: tuple[tuple, torch.Tensor] | None = None
+        #: the composite and rule parameters the slots hold (:meth:`configure`)
+        self._configured: tuple[tuple, RuleComposite] | None = None
 
     @classmethod
     def build(cls, model: nn.Module, x: torch.Tensor, keep: bool = False,
@@ -253,7 +263,12 @@ class Canonized:
                            "leaving every BatchNorm unmerged")
 
     def configure(self, composite: str, rules: dict[str, Any]) -> RuleComposite:
-        """Give every slot its rule for ``composite`` with these parameters."""
+        """Give every slot its rule for ``composite`` with these parameters (nothing to
+        do when they are the last call's: a channel click keeps the rules)."""
+        key = (composite, _rules_key(rules))
+        if self._configured is not None and self._configured[0] == key:
+            return self._configured[1]
+        self._configured = None  # a failure below leaves no stale configuration
         chosen = make_composite(composite, **rules, first=self.first, merged=self.merged)
         ctx: dict = {}
         for module in self.order:
@@ -264,6 +279,7 @@ class Canonized:
             slot = self.slots.get(id(module))
             if slot is not None and hook is not None:  # merged BatchNorms keep Pass
                 slot.rule = hook.copy()
+        self._configured = (key, chosen)
         return chosen
 
     def explain(self, target: torch.Tensor, composite: str,

@@ -10,6 +10,7 @@ sign), and each rule's relevance computed from it with less work than zennit's
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -27,8 +28,8 @@ class Call:
     output (and its version, to notice in-place changes) and, for layers, the
     module's own autograd graph from its input to its output (LRP-ε reads it)."""
 
-    __slots__ = ("args", "kwargs", "x", "z", "version", "own", "terms", "sign", "signs_made",
-                 "_nonnegative")
+    __slots__ = ("args", "kwargs", "x", "z", "version", "own", "terms", "sign", "denominator",
+                 "last_epsilon", "divisions", "_nonnegative")
 
     def __init__(self, args: tuple, kwargs: dict, x: torch.Tensor, output: torch.Tensor,
                  own: bool) -> None:
@@ -42,9 +43,12 @@ class Call:
         #: :func:`nonnegative_layer`); ``None`` after its first backward (see
         #: :meth:`keep_terms`)
         self.terms: dict[tuple, Any] = {}
-        #: zennit's sign of ``z`` (0 → +1), kept from the second backward on
+        #: what :meth:`divide` keeps from its second call on, one of the two: zennit's
+        #: sign of ``z`` (0 → +1) while ε moves, or (ε, z + ε·sign z) while ε stays
         self.sign: torch.Tensor | None = None
-        self.signs_made = 0
+        self.denominator: tuple[float, torch.Tensor] | None = None
+        self.last_epsilon: float | None = None
+        self.divisions = 0
         self._nonnegative: bool | None = None
 
     def keep_terms(self, key: tuple, terms: Any) -> None:
@@ -59,16 +63,54 @@ class Call:
             self._nonnegative = not bool((self.args[0] < 0).any())
         return self._nonnegative
 
-    def shifted(self, epsilon: float) -> torch.Tensor:
-        """zennit's stabilised denominator ``z + ε·sign(z)`` (sign 0 → +1), bit for bit
-        (see :func:`_stabilised`), as a new tensor."""
+    def divide(self, grad: torch.Tensor, epsilon: float) -> torch.Tensor:
+        """``grad / (z + ε·sign z)``, zennit's stabilised denominator (sign 0 → +1) bit
+        for bit (see :func:`_stabilised`), as a new tensor.
+
+        A one-shot call keeps nothing; from the second division on, one tensor is kept:
+        the denominator while ε stays the same (a channel click, a target change:
+        one division), else the sign (an ε slider: one fused ``addcmul`` and the
+        division). The sign of a kept denominator is the sign of ``z``: adding ε·sign z
+        moves no value across zero.
+
+        >>> call = Call((torch.ones(3),), {}, torch.ones(3), torch.tensor([-2.0, 0.0, 3.0]),
+        ...             own=False)
+        >>> [call.divide(torch.ones(3), 1.0).tolist() for _ in range(3)][-1]
+        [-0.3333333432674408, 1.0, 0.25]
+        >>> call.denominator[1].tolist()
+        [-3.0, 1.0, 4.0]
+        """
+        kept = self.denominator
+        if kept is not None and kept[0] == epsilon:
+            return torch.div(grad, kept[1])
         sign = self.sign
         if sign is None:
-            sign = _zennit_sign(self.z)
-            self.signs_made += 1
-            if self.signs_made > 1:  # a slider moving on a kept forward: keep it
-                self.sign = sign
-        return torch.addcmul(self.z, sign, sign.new_tensor(epsilon))
+            sign = _zennit_sign(self.z if kept is None else kept[1])
+        shifted = torch.addcmul(self.z, sign, sign.new_tensor(epsilon))
+        self.divisions += 1
+        steady, self.last_epsilon = self.last_epsilon == epsilon, epsilon
+        if self.divisions > 1:  # on a kept forward
+            if steady:  # keep the denominator, divide into a new tensor
+                self.sign, self.denominator = None, (epsilon, shifted)
+                return torch.div(grad, shifted)
+            self.sign, self.denominator = sign, None
+        return torch.div(grad, shifted, out=shifted)  # its own buffer: no new one
+
+
+def is_convolution(module: nn.Module) -> bool:
+    """Whether ``module`` is a standard (not transposed) convolution, zennit's
+    ``ConvolutionStandard``, remembered per module type: zennit's type checks run
+    Python code, several per layer and backward pass.
+
+    >>> is_convolution(nn.Conv2d(1, 1, 1)), is_convolution(nn.ConvTranspose2d(1, 1, 1))
+    (True, False)
+    """
+    return _standard_convolution_type(type(module))
+
+
+@functools.cache
+def _standard_convolution_type(kind: type) -> bool:
+    return issubclass(kind, ConvolutionStandard)
 
 
 def summands_times(call: Call, mapped: torch.Tensor, dim: int) -> torch.Tensor:
@@ -119,7 +161,7 @@ def nonnegative_layer(rule: BasicHook, module: nn.Module, call: Call,
     epsilon = rule.stabilizer
     if (not isinstance(epsilon, float) or epsilon < 0 or getattr(rule, "gamma", 0.0) < 0
             or z._version != call.version or call.kwargs
-            or (isinstance(module, ConvolutionStandard)
+            or (is_convolution(module)
                 and (module.padding_mode != "zeros" or isinstance(module.padding, str)))
             or not call.nonnegative()):
         return None
@@ -228,7 +270,9 @@ def pointwise_input_gradient(shape: torch.Size, weight: torch.Tensor, grad: torc
     True
     """
     n, channels = grad.shape[:2]
-    pulled = torch.matmul(weight.reshape(channels, -1).t(), grad.reshape(n, channels, -1))
+    weight = weight.reshape(channels, -1).t()
+    pulled = (torch.mm(weight, grad.reshape(channels, -1)) if n == 1  # a plain GEMM
+              else torch.matmul(weight, grad.reshape(n, channels, -1)))
     pulled = pulled.view(n, -1, *grad.shape[2:])
     if all(s == 1 for s in stride):
         return pulled
@@ -253,7 +297,7 @@ def flat_layer(rule: Any, module: nn.Module, call: Call,
     float round-off (the sum runs in another order).
     """
     x = call.args[0]
-    convolution = isinstance(module, ConvolutionStandard)
+    convolution = is_convolution(module)
     if (type(rule.stabilizer) is not float or rule.stabilizer < 0 or call.kwargs
             or (convolution and (module.groups != 1 or module.padding_mode != "zeros"
                                  or isinstance(module.padding, str)))):
