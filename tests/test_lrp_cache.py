@@ -345,3 +345,97 @@ def test_threads_share_one_copy_one_at_a_time(images):
     assert len(seen) == 1, "each thread built its own copy"
     for a, b in zip(serial, threaded, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("first, fast", [
+    (nn.Conv2d(3, 6, 5, stride=2, padding=3, dilation=2), True),  # borders see fewer taps
+    (nn.Conv2d(3, 6, (3, 1), stride=(1, 2), padding=(1, 0)), True),
+    (nn.Conv2d(3, 6, 3, padding=1, groups=3), False),  # groups: zennit's own terms
+])
+def test_flat_first_layer_equals_zennits_flat_rule(images, monkeypatch, first, fast):
+    # LRP-flat by the channel-summed mapped gradient spread over each window, against
+    # zennit's EpsilonPlusFlat (its Flat rule runs the layer with kernels of ones)
+    from zennit.composites import EpsilonPlusFlat
+
+    torch.manual_seed(4)
+    model = nn.Sequential(first, nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).eval()
+    used = []
+    real = lrp_engine.flat_layer
+    monkeypatch.setattr(lrp_engine, "flat_layer",
+                        lambda *args: used.append(real(*args) is not None) or real(*args))
+    targets = torch.tensor([0, 2])
+    ours = xw.explain(model, images, "lrp", composite="epsilon_plus_flat", epsilon=0.1,
+                      target=targets, reduce=None).values
+    theirs = relevance(model, images, targets, EpsilonPlusFlat(epsilon=0.1)).numpy()
+    assert used == [fast]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6 * np.abs(theirs).max())
+    assert np.abs(ours).max() > 0
+
+
+def test_flat_first_linear_layer_equals_zennits_flat_rule():
+    from zennit.composites import EpsilonPlusFlat
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x, targets = torch.randn(2, 1, 3, 4), torch.tensor([1, 2])
+    ours = xw.explain(model, x, "lrp", composite="epsilon_plus_flat", target=targets,
+                      reduce=None).values
+    theirs = relevance(model, x, targets, EpsilonPlusFlat()).numpy()
+    # every input of an image gets the same relevance: Σ_j R_j / (12 + ε)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6 * np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("n, stride", [(1, (1, 1)), (1, (2, 2)), (2, (2, 1)), (3, (1, 3))])
+def test_pointwise_input_gradient_is_the_transposed_convolution(n, stride):
+    from xaiwidgets.families.lrp.fast_terms import pointwise_input_gradient
+
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(7, 5, 1, 1, generator=generator)
+    shape = torch.Size((n, 5, 9, 8))
+    out = [(size - 1) // s + 1 for size, s in zip(shape[2:], stride, strict=True)]
+    grad = torch.randn(n, 7, *out, generator=generator)
+    theirs = torch.nn.grad.conv2d_input(shape, weight, grad, stride=stride)
+    ours = pointwise_input_gradient(shape, weight, grad, stride)
+    assert ours.shape == shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_a_channel_click_is_one_backward_from_the_layer_without_reconfiguring(images,
+                                                                           monkeypatch):
+    # after the first clicks: no model call, no forward convolution, the rules stay
+    # set (no composite is made); the maps equal a fresh
+    # Explainer's and the same click gives the same map bit for bit
+    model = small_resnet()
+    counter = CountCalls(model)
+    ex = xw.Explainer(model, images, progress=False)
+    clicks = [[0], [3], [0], [5, 7]]
+    for channels in clicks[:2]:
+        ex.explain("lrp", target=[1, 2], layer="layer3", channels=channels, reduce=None)
+    made = []
+    real = lrp_engine.make_composite
+    monkeypatch.setattr(lrp_engine, "make_composite",
+                        lambda *a, **k: made.append(a) or real(*a, **k))
+    before = counter.calls
+    with ConvCounter() as convs:
+        maps = [ex.explain("lrp", target=[1, 2], layer="layer3", channels=channels,
+                           reduce=None).values for channels in clicks]
+    assert (counter.calls, convs.convs, made) == (before, 0, [])
+    model._forward_pre_hooks.popitem()
+    fresh = xw.Explainer(model, images, progress=False)
+    for channels, ours in zip(clicks, maps, strict=True):
+        theirs = fresh.explain("lrp", target=[1, 2], layer="layer3", channels=channels,
+                               reduce=None).values
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6 * np.abs(theirs).max())
+    np.testing.assert_array_equal(maps[0], maps[2])
+    assert not np.allclose(maps[0], maps[1])
+    # a parameter change after the clicks reconfigures (and the kept denominators give
+    # way to the new ε)
+    made.clear()
+    changed = ex.explain("lrp", target=[1, 2], layer="layer3", channels=[0], epsilon=0.5,
+                         reduce=None).values
+    assert len(made) == 1
+    np.testing.assert_allclose(
+        changed, fresh.explain("lrp", target=[1, 2], layer="layer3", channels=[0],
+                               epsilon=0.5, reduce=None).values, rtol=1e-5,
+        atol=1e-6 * np.abs(changed).max())

@@ -307,16 +307,30 @@ def flat_layer(rule: Any, module: nn.Module, call: Call,
                            device=grad.device)
         summed = (grad / _stabilised(count, rule.stabilizer)).sum(-1, keepdim=True)
         return summed.expand_as(x).clone()
-    convolve, input_gradient = _CONVOLUTIONS[x.ndim - 2]
-    ones = x.new_ones((1, 1, *x.shape[2:]))
+    _, input_gradient = _CONVOLUTIONS[x.ndim - 2]
     kernel = x.new_ones((1, 1, *module.weight.shape[2:]))
-    with torch.no_grad():
-        taps = convolve(ones, kernel, None, module.stride, module.padding, module.dilation)
-    count = taps.mul_(x.shape[1])  # exact: whole numbers
+    count = window_taps(module, x.shape[2:]).to(grad).mul_(x.shape[1])  # exact: whole numbers
     summed = (grad / _stabilised(count, rule.stabilizer)).sum(1, keepdim=True)
     spread = input_gradient((x.shape[0], 1, *x.shape[2:]), kernel, summed, module.stride,
                             module.padding, module.dilation)
     return spread.expand_as(x).clone()
+
+
+def window_taps(module: nn.Module, size: tuple[int, ...]) -> torch.Tensor:
+    """How many kernel taps of each output position of a convolution fall inside an
+    input of spatial ``size`` (not on the zero padding): (1, 1, *output size), whole
+    numbers, the product of one count per dimension (no convolution is run).
+
+    >>> window_taps(nn.Conv2d(1, 1, 3, padding=1), (3, 4))[0, 0].tolist()
+    [[4, 6, 6, 4], [6, 9, 9, 6], [4, 6, 6, 4]]
+    """
+    count = torch.ones((), dtype=torch.long)
+    for n, k, s, p, d in zip(size, module.kernel_size, module.stride, module.padding,
+                             module.dilation, strict=True):
+        out = (n + 2 * p - d * (k - 1) - 1) // s + 1
+        where = torch.arange(out)[:, None] * s - p + torch.arange(k)[None, :] * d
+        count = count[..., None] * ((where >= 0) & (where < n)).sum(1)
+    return count[None, None]
 
 
 def layer_rule(rule: BasicHook, module: nn.Module, call: Call,
