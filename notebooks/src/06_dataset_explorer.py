@@ -116,7 +116,8 @@ x.filter_pair(None)
 x.controls["outcome"].value = "all"
 x.controls["sort"].value = "pcc ↓"
 x.wait()
-print(f"accuracy: trained {np.mean(x.predicted == x.labels):.0%}, shuffled {np.mean(y.predicted == y.labels):.0%}")
+print(f"accuracy: trained {np.mean(x.predicted == x.labels):.0%}, "
+      f"shuffled {np.mean(y.predicted == y.labels):.0%}")
 trained_pcc = float(x.results.pcc.sel({"method": "gradcam"}).mean())
 shuffled_pcc = float(y.results.pcc.sel({"method": "gradcam"}).mean())
 print(f"Grad-CAM PCC with gaze: trained {trained_pcc:.3f}, shuffled labels {shuffled_pcc:.3f}")
@@ -157,7 +158,11 @@ print("no gaze data, so the score is", z.metric, "(lower: removing the map's pix
 print(z.results[z.metric].to_pandas().round(3))
 
 # %%
-pairs = torch.utils.data.TensorDataset(torch.from_numpy(ds.image.values[:16]), torch.from_numpy(ds.label.values[:16]))
-t = xw.DatasetExplorer(vgg, pairs, preprocess=preprocess, classes=classes, methods=["fem"], page_size=4)
+pairs = torch.utils.data.TensorDataset(
+    torch.from_numpy(ds.image.values[:16]), torch.from_numpy(ds.label.values[:16])
+)
+t = xw.DatasetExplorer(
+    vgg, pairs, preprocess=preprocess, classes=classes, methods=["fem"], page_size=4
+)
 t.wait()
 print(t.metric, t.shown, t.confusion.values.sum())

@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from IPython.display import display
 
 import xaiwidgets as xw
@@ -73,7 +74,8 @@ try:
         vit_model(models["shapes-vit"].preprocess(images))
 finally:
     handle.remove()
-print("blocks.3.norm1 output:", tuple(kept["a"].shape), "= (images, 1 class token + 8·8 patches, dim)")
+print("blocks.3.norm1 output:", tuple(kept["a"].shape),
+      "= (images, 1 class token + 8·8 patches, dim)")
 grid = vit.activations(["blocks.3.norm1"])["blocks.3.norm1"]
 print("as the explainer reads it:", tuple(grid.shape), "= (images, dim, 8, 8)")
 
@@ -99,7 +101,7 @@ grid_of = lambda t: t[:, 1:].transpose(1, 2).unflatten(2, (8, 8))  # noqa: E731 
 activation, grad = grid_of(kept["a"].detach()), grid_of(gradient)
 weights = grad.mean(dim=(2, 3), keepdim=True)
 cam = torch.relu((weights * activation).sum(1, keepdim=True))
-cam = torch.nn.functional.interpolate(cam, size=(128, 128), mode="bilinear", align_corners=False)[:, 0]
+cam = F.interpolate(cam, size=(128, 128), mode="bilinear", align_corners=False)[:, 0]
 low, high = cam.flatten(1).min(1).values, cam.flatten(1).max(1).values
 cam = (cam - low[:, None, None]) / (high - low).clamp_min(1e-12)[:, None, None]
 library = vit.explain("gradcam", layer=layer)
@@ -133,7 +135,7 @@ for block, out in zip(vit_model.blocks, qkv, strict=True):
     attention = attention + torch.eye(65)
     rollout = (attention / attention.sum(-1, keepdim=True)) @ rollout
 by_hand = rollout[:, 0, 1:].reshape(N, 1, 8, 8)
-by_hand = torch.nn.functional.interpolate(by_hand, size=(128, 128), mode="bilinear", align_corners=False)[:, 0]
+by_hand = F.interpolate(by_hand, size=(128, 128), mode="bilinear", align_corners=False)[:, 0]
 low, high = by_hand.flatten(1).min(1).values, by_hand.flatten(1).max(1).values
 by_hand = (by_hand - low[:, None, None]) / (high - low)[:, None, None]
 library = vit.explain("attention_rollout")
@@ -255,7 +257,8 @@ display(per_layer.pcc.mean("image").to_series().round(3).to_frame("pcc"))
 # %%
 stack = vit.fem_stack()
 print("FEM stack:", dict(stack.sizes), list(stack.layer.values))
-stack = stack.isel(layer=[1, 3, 5, 6, 7, 8, 9])  # each stem stage's last block, the 4 transformer blocks
+# each stem stage's last block, then the 4 transformer blocks
+stack = stack.isel(layer=[1, 3, 5, 6, 7, 8, 9])
 fig, axes = plt.subplots(1, stack.sizes["layer"] + 1, figsize=(11, 1.9))
 axes[0].imshow(ds.image[0].transpose("y", "x", "channel").values)
 axes[0].set_title("image", fontsize=8)

@@ -24,7 +24,8 @@ from IPython.display import Javascript, display
 
 import xaiwidgets as xw
 
-#: torchvision classifiers offered when their ImageNet weights can be downloaded (small enough for Binder)
+#: torchvision classifiers offered when their ImageNet weights can be downloaded
+#: (small enough for Binder)
 IMAGENET_MODELS = ["resnet50", "resnet18", "mobilenet_v3_large"]
 #: the shipped models this app runs: still-image classifiers of xw.datasets.shapes
 #: (digits wants 8x8 gray digits, shapes-video clips: other notebooks show them)
@@ -64,7 +65,8 @@ REFUSE_LARGE_UPLOADS = """
         const mb = n => (n / 1e6).toFixed(1) + ' MB';
         const box = document.createElement('div');
         box.className = 'xw-too-large';
-        box.style.cssText = 'background:#fdecea;color:#8a1c1c;padding:4px 8px;border-radius:4px;margin:4px 0';
+        box.style.cssText = 'background:#fdecea;color:#8a1c1c;padding:4px 8px;' +
+            'border-radius:4px;margin:4px 0';
         box.textContent = (files.length === 1 ? files[0].name + ' is ' : 'These files are ')
           + mb(total) + ': too large to upload here (at most '
           + Math.round(state.bytes / 1e6) + ' MB at a time). Make the photo smaller, or '
