@@ -309,3 +309,57 @@ def test_fem_before_the_activation_anticorrelates_with_gaze_on_video():
     assert mean_pcc(ex.explain("fem", layer="stem.2").values) > 0.1
     with pytest.raises(ValueError, match="layer='stem.2'"):
         ex.explain("fem", layer="stem.0")
+
+
+class FunctionalReluNet(nn.Module):
+    """A hand-written net whose ReLUs are functions: no module marks the activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.relu(self.conv1(x))
+        x = torch.nn.functional.relu(self.conv2(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_signed_features_warn_where_structure_cannot_tell(images):
+    import warnings
+
+    from xaiwidgets.families.fem import FEMWarning, negative_share
+
+    # the share is the negative part of the absolute mass (hand-worked)
+    assert negative_share(torch.tensor([-1.0, 3.0, 0.0])) == 0.25
+    assert negative_share(torch.zeros(3)) == 0.0
+    torch.manual_seed(0)
+    ex = xw.Explainer(FunctionalReluNet().eval(), images, progress=False)
+    conv = ex.activations(["conv2"])["conv2"]
+    assert negative_share(conv) > 0.25  # the convolution's output, before F.relu
+    with pytest.warns(FEMWarning, match=r"layer 'conv2' is negative"):
+        signed = ex.explain("fem", layer="conv2")
+    np.testing.assert_allclose(  # the map is still FEM of what the layer gives
+        signed.values, minmax(upsample_to(fem_map(conv), ex)).numpy(), atol=1e-6)
+    with pytest.warns(FEMWarning):
+        ex.fem_stack(layers=["conv1", "conv2"])
+    with pytest.warns(FEMWarning):
+        ex.channels("conv2", "fem")
+    # after a ReLU module, and at an activation module's output, FEM stays silent
+    resnet = xw.Explainer(make_tiny_resnet(), images, progress=False)
+    gelu = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GELU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    ex_gelu = xw.Explainer(gelu, images * 1e-3, progress=False)  # GELU ~ x/2: signed
+    assert negative_share(ex_gelu.activations(["1"])["1"]) > 0.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FEMWarning)
+        resnet.explain("fem")
+        resnet.fem_stack()
+        ex_gelu.explain("fem", layer="1")
+
+
+def upsample_to(raw: torch.Tensor, ex) -> torch.Tensor:
+    from xaiwidgets.core.ops import upsample
+
+    return upsample(raw, ex.context.size)

@@ -251,8 +251,11 @@ display(per_layer.pcc.mean("image").to_series().round(3).to_frame("pcc"))
 #
 # FEM reads every block's token grid: the per-block stack shows where each block's
 # unusually strong features are, from the stem's residual blocks (feature maps) to the
-# transformer blocks (token grids). The `FEMStackWidget` and `ExplainerWidget` take the
-# ViT like any CNN (their layer lists are the blocks).
+# transformer blocks (token grids). A transformer block's output is the residual stream:
+# signed, about half of its mass below zero, so FEM warns (`FEMWarning`) that a channel with
+# a negative mean subtracts where it fires. That is why the table above reads FEM at the
+# blocks' MLP activations. The `FEMStackWidget` and `ExplainerWidget` take the ViT like any
+# CNN (their layer lists are the blocks).
 
 # %%
 stack = vit.fem_stack()

@@ -23,6 +23,7 @@ tensor([[[2., 2.],
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -131,6 +132,57 @@ def post_activation(ctx: Context, layer: str) -> str | None:
     return None
 
 
+class FEMWarning(UserWarning):
+    """FEM ran on a layer whose features are signed (not the output of an activation)."""
+
+
+#: FEM warns when more than this share of a layer's absolute activation is negative
+SIGNED_SHARE = 0.25
+
+
+def negative_share(activation: torch.Tensor) -> float:
+    """The share of ``activation``'s absolute mass below zero (0 after a ReLU).
+
+    >>> negative_share(torch.tensor([-1.0, 3.0]))
+    0.25
+    """
+    magnitude = activation.abs().sum(dtype=torch.float64)
+    if not magnitude > 0:
+        return 0.0
+    return float(activation.clamp(max=0).sum(dtype=torch.float64).neg() / magnitude)
+
+
+def features(ctx: Context, layer: str) -> torch.Tensor:
+    """``layer``'s cached activation, with a :class:`FEMWarning` when it is signed.
+
+    :func:`check_post_activation` refuses layers that a known activation module follows;
+    this catches what module structure cannot show: a convolution followed by a
+    functional ``relu``, a residual stream (ConvNeXt stages, transformer blocks), a
+    linear bottleneck. Layers that end with an activation module (GELU and SiLU dip
+    below zero) are not checked. The share is computed once per layer and images.
+    """
+    activation = ctx.activations([layer])[layer]
+    share = ctx.memo(features, layer, lambda: _signed_share(ctx, layer, activation))
+    if share > SIGNED_SHARE:
+        warnings.warn(
+            f"FEM assumes non-negative features (after a ReLU), but {share:.0%} of the "
+            f"activation mass of layer {layer!r} is negative (a residual stream, a linear "
+            "bottleneck or an activation applied as a function): channels with a negative "
+            "mean subtract where they fire, so the map can invert. Prefer a layer after "
+            "an activation (Explainer.layers()), or read this map with care.",
+            FEMWarning, stacklevel=3)
+    return activation
+
+
+def _signed_share(ctx: Context, layer: str, activation: torch.Tensor) -> float:
+    order = list(ctx.shapes())
+    inside = [name for name in order if name.startswith(layer + ".")] if layer in order else []
+    last = _layers.resolve_layer(ctx.model, inside[-1] if inside else layer)
+    if isinstance(last, _layers._ACTIVATIONS):
+        return 0.0
+    return negative_share(activation)
+
+
 def check_post_activation(ctx: Context, layer: str) -> None:
     """Refuse a ``layer`` before its activation, naming :func:`post_activation`'s."""
     nearest = post_activation(ctx, layer)
@@ -209,6 +261,8 @@ def fem_stack(ctx: Context, layers: str | Sequence[str] | None = None,
     K = K_PARAM.validate(K)
     names = resolve_layers(ctx, layers)
     acts = ctx.activations(names)
+    for name in names:
+        features(ctx, name)  # warns on signed layers
     # the one FEM-stack cache (shared with mlfem): a repeated K costs no recomputation;
     # the DataArray gets its own copy so that editing it cannot corrupt the cache
     maps = fem_maps(ctx, names, K)
@@ -254,15 +308,15 @@ class FEM(Method):
         return post_activation(ctx, layer) or layer
 
     def attribute(self, ctx, target, layer, K) -> torch.Tensor:
-        return fem_map(ctx.activations([layer])[layer], K)
+        return fem_map(features(ctx, layer), K)
 
     def channel_terms(self, ctx, target, layer, K) -> torch.Tensor:
         """Each channel's share of the FEM map (see :func:`fem_channel_shares`)."""
-        return fem_channel_shares(ctx.activations([layer])[layer], K)
+        return fem_channel_shares(features(ctx, layer), K)
 
     def conditional(self, ctx, target, layer, channels, K) -> torch.Tensor:
         """Σ_{k ∈ channels} μ_k·B_k: the FEM of those channels alone."""
-        activation = ctx.activations([layer])[layer]
+        activation = features(ctx, layer)
         return fem_map(activation[:, channels.to(activation.device)], K)
 
     def stack(self, ctx: Context, layers: str | Sequence[str] | None = None,
