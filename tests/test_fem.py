@@ -363,3 +363,45 @@ def upsample_to(raw: torch.Tensor, ex) -> torch.Tensor:
     from xaiwidgets.core.ops import upsample
 
     return upsample(raw, ex.context.size)
+
+
+class SignedBlock(nn.Module):
+    """A residual block without a final activation (ConvNeXt-style): signed output."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = nn.GELU()
+        self.project = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.project(self.act(self.conv(x)))
+
+
+def test_default_layer_moves_inside_a_signed_block_to_its_activation(images):
+    import warnings
+
+    from xaiwidgets.families.fem import FEMWarning, inner_activation, negative_share
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), SignedBlock(4),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    ex = xw.Explainer(model, images, progress=False)
+    assert ex.default_layer() == "1" and inner_activation(ex.context, "1") == "1.act"
+    calls = []
+    handle = model[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FEMWarning)
+            result = ex.explain("fem")
+        assert len(calls) == 1  # the block and its activation came from one pass
+    finally:
+        handle.remove()
+    assert negative_share(ex.activations(["1"])["1"]) > 0.25
+    assert result.attrs["layer"] == "1.act"
+    expected = minmax(upsample_to(fem_map(ex.activations(["1.act"])["1.act"]), ex))
+    np.testing.assert_allclose(result.values, expected.numpy(), atol=1e-6)
+    # a block that ends with its activation keeps its output (ResNet's blocks)
+    resnet = xw.Explainer(make_tiny_resnet(), images, progress=False)
+    assert inner_activation(resnet.context, resnet.default_layer()) is None
+    assert resnet.explain("fem").attrs["layer"] == resnet.default_layer()

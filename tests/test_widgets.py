@@ -423,3 +423,26 @@ def test_new_view_gets_the_whole_current_figure():
     resync.join(5)
     assert [name for name, _ in sent][0] == "_py2js_update"
     assert sent[2][1]["trace_data"][1]["zmax"] == 99.0  # the re-sync has the batch's edit
+
+
+def test_layer_follows_each_methods_default_until_the_user_picks_one():
+    # on a class-token ViT the default layer (the last block's norm1) comes before an
+    # activation: FEM refuses it, so the widgets use each method's own default (FEM's
+    # after the activation) and the layer control shows the layer drawn
+    model, preprocess, classes = xw.models.load("shapes-vit")
+    images = xw.datasets.shapes(n=1, seed=1).image.values
+    w = xw.ExplainerWidget(model, images, preprocess=preprocess, classes=classes,
+                           method="fem")
+    assert w.error is None and w.result.attrs["layer"] == "blocks.3.mlp.act"
+    assert w.controls["layer"].value == "blocks.3.mlp.act" and w.layer_is_default
+    w.controls["method"].value = "gradcam"
+    assert w.result.attrs["layer"] == w.controls["layer"].value == "blocks.3.norm1"
+    w.controls["layer"].value = "blocks.2"  # the user's pick stays for every method
+    assert not w.layer_is_default and w.result.attrs["layer"] == "blocks.2"
+    w.controls["method"].value = "fem"
+    assert w.result.attrs["layer"] == "blocks.2" and w.error is None
+    compare = xw.CompareWidget(model, images, preprocess=preprocess, classes=classes,
+                               methods=["gradcam", "fem"])
+    assert compare.error is None
+    assert {k: v.attrs["layer"] for k, v in compare.results.items()} == \
+        {"gradcam": "blocks.3.norm1", "fem": "blocks.3.mlp.act"}

@@ -183,6 +183,27 @@ def _signed_share(ctx: Context, layer: str, activation: torch.Tensor) -> float:
     return negative_share(activation)
 
 
+def inner_activation(ctx: Context, layer: str) -> str | None:
+    """The last activation module that runs inside ``layer`` (once per pass, with a
+    feature-map grid of ``layer``'s resolution), when ``layer`` does not end with it;
+    else ``None``. FEM's default moves there when ``layer``'s output is signed.
+    """
+    order = list(ctx.shapes())
+    if layer not in order:
+        return None
+    inside = [name for name in order[:order.index(layer)] if name.startswith(layer + ".")]
+    if not inside or isinstance(_layers.resolve_layer(ctx.model, inside[-1]),
+                                _layers._ACTIVATIONS):
+        return None
+    shapes = ctx.map_shapes()
+    grid = shapes.get(layer, ())[-2:]
+    candidates = [name for name in inside
+                  if isinstance(_layers.resolve_layer(ctx.model, name), _layers._ACTIVATIONS)
+                  and ctx._calls.get(name, 1) == 1 and name in shapes
+                  and len(shapes[name]) == len(shapes[layer]) and shapes[name][-2:] == grid]
+    return candidates[-1] if candidates else None
+
+
 def check_post_activation(ctx: Context, layer: str) -> None:
     """Refuse a ``layer`` before its activation, naming :func:`post_activation`'s."""
     nearest = post_activation(ctx, layer)
@@ -303,9 +324,21 @@ class FEM(Method):
         check_post_activation(ctx, layer)
 
     def default_layer(self, ctx: Context) -> str | None:
-        """The deepest feature map (``ctx.default_layer()``), after its activation."""
+        """The deepest feature map (``ctx.default_layer()``), after its activation; for a
+        block whose output is signed (a residual stream: ConvNeXt, Swin; DenseNet's
+        concatenated convolutions) its last activation module (:func:`inner_activation`).
+        """
         layer = ctx.default_layer()
-        return post_activation(ctx, layer) or layer
+        after = post_activation(ctx, layer)
+        if after is not None:
+            return after
+        inner = inner_activation(ctx, layer)
+        if inner is None:
+            return layer
+        ctx.activations([layer, inner])  # one pass for both
+        signed = ctx.memo(features, layer, lambda: _signed_share(
+            ctx, layer, ctx.activations([layer])[layer])) > SIGNED_SHARE
+        return inner if signed else layer
 
     def attribute(self, ctx, target, layer, K) -> torch.Tensor:
         return fem_map(features(ctx, layer), K)

@@ -204,6 +204,9 @@ class ExplorerBase(BackgroundUpdates, Exportable, W.VBox):
         #: seconds taken by the last recomputation (not counting restyles)
         self.last_compute_s: float = 0.0
         self._todo: set[str] = set()   # changes not yet drawn (guarded by worker.lock)
+        #: True until the user picks a layer: each method then uses its own default
+        #: layer (FEM's is after the activation), and the ``layer`` control shows it
+        self.layer_is_default = True
         self.status = W.HTML(layout=W.Layout(min_height="1.6em"))
         self.progress = W.FloatProgress(min=0.0, max=1.0, description="computing",
                                         style=STYLE, layout=W.Layout(width="290px"))
@@ -584,6 +587,29 @@ class ExplorerBase(BackgroundUpdates, Exportable, W.VBox):
         """Instant, in the caller's thread: show/hide controls for the change."""
         if "image" in changed:
             self._sync_thumbnails()
+        if "layer" in changed:
+            self.layer_is_default = False
+
+    def _layer_for(self, method: Any, ex: Explainer) -> str | None:
+        """The ``layer`` argument for ``method``: ``None`` for a method without a layer,
+        the method's own default while the user has not picked one (it may run the
+        model: call it from ``_compute``), else the ``layer`` control's value."""
+        if not method.uses_layer:
+            return None
+        if self.layer_is_default:
+            return method.default_layer(ex.context) or self.controls["layer"].value
+        return self.controls["layer"].value
+
+    def _show_layer(self, layer: str | None) -> None:
+        """Show ``layer`` (a result's) in the ``layer`` control without recomputing,
+        adding it to the choices when the method's default is not among them."""
+        control = self.controls.get("layer")
+        if control is None or layer is None or control.value == layer:
+            return
+        with self._silenced():
+            if layer not in control.options:
+                control.options = [*control.options, layer]
+            control.value = layer
 
     def _needs_compute(self, changed: set[str]) -> bool:
         """False when ``changed`` only restyles what is drawn (or moves a clip's frame)."""

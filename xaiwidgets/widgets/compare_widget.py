@@ -150,7 +150,7 @@ class CompareWidget(ExplorerBase):
             m = get_method(name)
             result = ex.explain(
                 name, target=None if m.class_agnostic else target,
-                layer=self.controls["layer"].value if m.uses_layer else None,
+                layer=self._layer_for(m, ex),
                 **self._engine_params(self.method_params.get(name, {})))
             results[name] = result.assign_coords(image=[index])
         combined, scores = self.result, self.scores

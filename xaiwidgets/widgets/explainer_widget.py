@@ -156,7 +156,7 @@ class ExplainerWidget(ExplorerBase):
         options = self._target_options(ex) if "image" in changed else None
         target = None if m.class_agnostic else (
             options[0][1] if options else self.controls["target"].value)
-        layer = self.controls["layer"].value if m.uses_layer else None
+        layer = self._layer_for(m, ex)
         params = self._engine_params(self.params.values(m.name))
 
         def first_estimate(raw: torch.Tensor) -> None:
@@ -174,6 +174,8 @@ class ExplainerWidget(ExplorerBase):
             self.result = result
             with self._silenced():
                 self.params.show_used(m.name, result.attrs)
+            if m.uses_layer:
+                self._show_layer(layer)
             self._draw()
             return m.name
         return publish
