@@ -162,6 +162,18 @@ def test_a_real_kernel_closes_a_cells_widgets_when_the_cell_runs_again():
         other = int(run("h = xw.LookWidget(images); count()", "cell-2"))
         assert other > first  # another cell's widget does not close cell 1's
         assert json.loads(run("print(str(g.comm is not None).lower())", "cell-3"))
+        # a widget a background thread makes while cell 1 runs (an explorer's worker
+        # opening an image) belongs to no cell: cell 1's next run leaves it open
+        run("""
+            import threading
+            go, made = threading.Event(), []
+            maker = threading.Thread(target=lambda: go.wait() and made.append(
+                xw.LookWidget(images)))
+            maker.start()
+        """, "cell-4")
+        run("go.set(); maker.join(); g = xw.LookWidget(images)", "cell-1")
+        run("g = xw.LookWidget(images)", "cell-1")
+        assert json.loads(run("print(str(made[0].comm is not None).lower())", "cell-5"))
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)

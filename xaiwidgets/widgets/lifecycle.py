@@ -166,10 +166,13 @@ def running_cell(cell: str, run: str) -> Iterator[None]:
 
 def current_run() -> tuple[str, str] | None:
     """``(cell id, run id)`` of the notebook cell running now, or ``None`` outside a
-    kernel, outside a cell's run (a click's callback) or where the front end sends no
-    cell id."""
+    kernel, outside a cell's run (a click's callback), in a thread other than the one
+    running cells (a widget's worker: the kernel reports whichever cell runs meanwhile)
+    or where the front end sends no cell id."""
     if _SIMULATED.get() is not None:
         return _SIMULATED.get()
+    if threading.current_thread() is not threading.main_thread():
+        return None
     try:
         from IPython import get_ipython
 
