@@ -608,3 +608,20 @@ def test_an_epsilon_large_against_the_activations_is_named(images, scale, fix):
             r = xw.explain(model, images, "lrp", composite="epsilon", target=[1, 2],
                            epsilon=1e-9)
         assert (r.attrs["conservation_error"] < 0.05).all()
+
+
+def test_a_sigmoid_that_acts_as_a_bias_is_named_as_the_cause_of_lost_relevance():
+    # black pixels give the bias-free conv 0, sigmoid(0) = 0.5 then carries relevance that
+    # no pixel caused: the warning names the sigmoid, not an unseen operation
+    model, x = overflowing_sigmoid_net(1.0), half_black()
+    with pytest.warns(LRPWarning, match=r"activation modules '1' are not 0.*sigmoid\(0\)") \
+            as caught:
+        r = xw.Explainer(model, x, progress=False).explain("lrp", composite="epsilon")
+    assert not any("outside the rules' view" in str(w.message) for w in caught)
+    assert (r.attrs["conservation_error"] > 0.05).all()
+    # where no conv output is 0, the same model conserves relevance: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LRPWarning)
+        r = xw.Explainer(model, torch.rand(2, 3, 8, 8), progress=False).explain(
+            "lrp", composite="epsilon")
+    assert (r.attrs["conservation_error"] < 1e-3).all()

@@ -37,6 +37,17 @@ def warn_about(result: Explanation) -> None:
             "changed the model's logits; they are kept as layers of their own (LRP-ε)",
             LRPWarning, stacklevel=4)
     worst = float(result.conservation_error.max())
+    if result.offset_activations and worst > CONSERVATION_TOLERANCE:
+        names = ", ".join(repr(n) for n in result.offset_activations[:3])
+        more = len(result.offset_activations) - 3
+        warnings.warn(
+            f"LRP: relevance misses the target logit by {worst:.1%} because the model's "
+            f"activation modules {names}{f' (and {more} more)' if more > 0 else ''} are not 0 "
+            "where their input is 0 (sigmoid(0) = 0.5): like a bias, they add to the logit "
+            "a part that no pixel caused, and LRP cannot hand it back to the image. "
+            "Expected for such models: read the map as relative, or use a gradient method.",
+            LRPWarning, stacklevel=4)
+        return
     scale = (float(result.target_logit.abs().min()) if result.target_logit is not None
              else float("inf"))
     if result.conserving and worst > CONSERVATION_TOLERANCE and result.epsilon > 0.01 * scale:

@@ -67,6 +67,22 @@ class Explanation:
     #: that absorbs the relevance (large against the activations) from a lost one
     epsilon: float = 0.0
     target_logit: torch.Tensor | None = None
+    #: activations whose output is not 0 at 0 (Sigmoid: 0.5), which act as biases, in
+    #: a model that would otherwise conserve relevance (else empty)
+    offset_activations: list[str] = field(default_factory=list)
+
+
+#: activations with f(0) ≠ 0: like a bias, they put out a value that no input caused
+OFFSET_ACTIVATIONS = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)
+
+
+def offset_activations(model: nn.Module) -> list[str]:
+    """Names of ``model``'s activation modules whose output at 0 is not 0.
+
+    >>> offset_activations(nn.Sequential(nn.Conv2d(1, 1, 1), nn.Sigmoid(), nn.ReLU()))
+    ['1']
+    """
+    return [name for name, m in model.named_modules() if isinstance(m, OFFSET_ACTIVATIONS)]
 
 
 class _Cut(torch.autograd.Function):
@@ -302,10 +318,13 @@ class Canonized:
                     self.logits = None
         target_logit = logits.gather(1, target[:, None])[:, 0]
         error = (rel.flatten(1).sum(1) - target_logit).abs() / target_logit.abs()
+        conserving = _conserving(self.shadow, composite, rules, self.unmerged)
+        # sigmoid(0) = 0.5 acts as a bias: named as the cause where nothing else absorbs
+        offsets = offset_activations(self.shadow) if conserving else []
         return Explanation(rel.detach(), error, chosen.summary(), self.unseen, self.unmerged,
-                           _conserving(self.shadow, composite, rules, self.unmerged),
+                           conserving and not offsets,
                            0.0 if composite == "zero" else float(rules.get("epsilon", 1e-6)),
-                           target_logit)
+                           target_logit, offsets)
 
     # ------------------------------------------------- concept relevance (CRP)
     def output(self, layer: str) -> torch.Tensor:
