@@ -404,3 +404,38 @@ def test_explicit_targets_need_no_prediction_pass(tiny_resnet, images):
     assert sum(rows.sizes) == 2 * len(images)
     with pytest.raises(ValueError, match="out of range"):
         ex.explain("integrated_gradients", target=4, steps=2)
+
+
+class Tap(nn.Module):
+    """Hands its input on (not an affine layer: the pass does not expect a change)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1.0
+
+
+def test_a_record_changed_in_place_is_recomputed_with_copies_and_remembered(images):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Tap(), nn.ReLU(inplace=True),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        expected = model[0](images)  # signed: the ReLU after the tap must not show
+    assert (expected < 0).any()
+    passes = []
+    handle = model[0].register_forward_hook(lambda *a: passes.append(1))
+    try:
+        # in-place ReLUs stay on without autograd: the tap's record is overwritten once,
+        # seen by its version counter, and the pass runs again copying it
+        first = xw.Explainer(model, images, progress=False)
+        passes.clear()
+        np.testing.assert_allclose(first.activations(["1"])["1"].numpy(), expected.numpy(),
+                                   rtol=1e-6)
+        assert len(passes) == 2
+        # remembered for this model: the next Explainer copies at once, one pass
+        second = xw.Explainer(model, images, progress=False)
+        passes.clear()
+        np.testing.assert_allclose(second.activations(["1"])["1"].numpy(), expected.numpy(),
+                                   rtol=1e-6)
+        assert len(passes) == 1
+    finally:
+        handle.remove()
+    assert model[2].inplace is True

@@ -202,3 +202,33 @@ def test_no_shipped_method_changes_the_model_as_the_guide_says():
     assert "none of the shipped ones does" in guide
     assert "`changes_model = True`" in guide
     assert not hasattr(scoped, "HookSet")  # unused: one Scope collects every hook
+
+
+def test_guard_keeps_in_place_activations_only_while_no_holder_needs_them_off():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(inplace=True)).train()
+    with model_guard(model, keep_inplace=True):
+        assert not model.training and model[1].inplace
+        with model_guard(model):  # a pass with autograd inside a forward-only call
+            assert not model[1].inplace
+        assert model[1].inplace and not model.training
+        with model_guard(model, keep_inplace=True):
+            assert model[1].inplace
+    assert model.training and model[1].inplace
+    with model_guard(model):
+        with model_guard(model, keep_inplace=True):  # no-grad pass inside a gradient call
+            assert not model[1].inplace
+        assert not model[1].inplace
+    assert model.training and model[1].inplace
+
+
+def test_guard_failing_to_switch_in_place_off_restores_eval_mode_too():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(inplace=True), FailingFlag()).train()
+    with pytest.raises(RuntimeError):
+        with model_guard(model, keep_inplace=True):
+            with model_guard(model):
+                pass
+    assert model.training and model[1].inplace
+    with pytest.raises(RuntimeError):
+        with model_guard(model):
+            pass
+    assert all(m.training for m in model.modules()) and model[1].inplace

@@ -115,3 +115,38 @@ def test_exclusive_guard_waits_for_shared_users_and_keeps_them_out():
     with model_guard(model), pytest.raises(RuntimeError, match="changes_model"), \
             model_guard(model, exclusive=True):
         pass
+
+
+def test_forward_only_methods_keep_in_place_relus_beside_gradient_methods():
+    # FEM and MLFEM run the model with its own in-place ReLUs while gradient methods
+    # need them off: concurrent calls flip the flag under each other's passes, and
+    # every result still equals the serial one; the flags end as they began
+    model = make_tiny_resnet()  # its blocks' ReLU(inplace=True) runs twice
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    relus = [m for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+    flags = [r.inplace for r in relus]
+    assert any(flags)
+    seen: list[bool] = []
+    hooks = [r.register_forward_pre_hook(lambda m, _: seen.append(m.inplace)) for r in relus
+             if r.inplace]
+    try:
+        xw.Explainer(model, images, progress=False).explain("fem")
+        assert seen and all(seen)  # FEM alone: the model's in-place ReLUs ran as they are
+        seen.clear()
+        xw.Explainer(model, images, progress=False).explain("gradient", target=[0, 1])
+        assert seen and not any(seen)  # a gradient: switched off
+    finally:
+        for h in hooks:
+            h.remove()
+    names = ["fem", "mlfem", "gradient", "gradcam", "guided_backprop", "fem"]
+
+    def explain(name: str) -> np.ndarray:
+        ex = xw.Explainer(model, images, progress=False)
+        return ex.explain(name, target=[0, 1], **quick(name)).values
+
+    serial = {name: explain(name) for name in names}
+    for _ in range(3):
+        concurrent = run_together([lambda name=name: explain(name) for name in names])
+        for name, values in zip(names, concurrent, strict=True):
+            np.testing.assert_array_equal(values, serial[name], err_msg=name)
+    assert [r.inplace for r in relus] == flags

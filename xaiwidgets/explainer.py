@@ -264,7 +264,8 @@ class Explainer:
         resolved = {} if m is None else m.bind(ctx, m.resolve_params(params))
         if m is None and params:
             raise TypeError(f"the activation measure takes no parameters, got {sorted(params)}")
-        with model_guard(self.model, exclusive=m is not None and m.changes_model):
+        with model_guard(self.model, exclusive=m is not None and m.changes_model,
+                         keep_inplace=m is None or m.forward_only):
             if m is None:  # the activation measure ignores the target
                 terms, target_t = _with_target(
                     ctx, "ignored", target,
@@ -357,7 +358,8 @@ class Explainer:
                 f"method {m.name!r} does not support video clips (N,C,T,H,W): "
                 f"{m.clip_refusal}; on clips use one of {', '.join(usable)}"
             )
-        with model_guard(self.model, exclusive=m.changes_model), ctx.recording() as extra:
+        with (model_guard(self.model, exclusive=m.changes_model, keep_inplace=m.forward_only),
+              ctx.recording() as extra):
             m.check(ctx, layer, resolved)
             raw, target_t = _with_target(
                 ctx, m.targets, target, lambda given: attribute(ctx, given, layer, **resolved))

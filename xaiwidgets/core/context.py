@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -41,6 +42,11 @@ from .scoped import (
 )
 
 T = TypeVar("T")
+
+#: per model, the layers whose outputs it changes in place after they are made (an
+#: in-place ReLU after a BatchNorm): passes without autograd copy those records at once
+_OVERWRITTEN: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+_OVERWRITTEN_LOCK = threading.Lock()
 ProgressCallback = Callable[[int, int], None]
 #: which part of a model's output holds the logits: an index, a key or a callable
 OutputSelector = int | str | Callable[[Any], torch.Tensor] | None
@@ -248,12 +254,14 @@ class Context:
         """
         modules = {name: _layers.resolve_layer(self.model, name) for name in layers}
         # without autograd the records are not copied (MLFEM records 16 blocks); a
-        # model that changes a recorded output in place gets a second, copying pass
-        copies = (True,) if grad or not modules else (False, True)
+        # model that changes a recorded output in place (its in-place ReLU after a
+        # recorded BatchNorm) gets a second, copying pass, and copies from then on
+        copies = (True,) if grad or not modules or self._overwritten(modules) else (False, True)
         for copy in copies:
             context = torch.enable_grad() if grad else torch.no_grad()
             try:
-                with (model_guard(self.model), capture(modules, detach=not grad, copy=copy)
+                with (model_guard(self.model, keep_inplace=not grad),
+                      capture(modules, detach=not grad, copy=copy)
                       as acts, context, Scope() as scope):
                     stopper = self._stopper(modules) if stop and not grad else None
                     if stopper is not None:  # after capture's hooks: the record comes first
@@ -263,9 +271,18 @@ class Context:
                     except _PassDone:
                         out = None
                 break
-            except RecordOverwritten:
+            except RecordOverwritten as error:
+                with _OVERWRITTEN_LOCK:
+                    _OVERWRITTEN.setdefault(self.model, set()).update(error.layers)
                 continue
         return out, dict(acts)
+
+    def _overwritten(self, modules: dict[str, nn.Module]) -> bool:
+        """Whether a pass may change one of ``modules``' outputs in place after it is
+        made: an affine layer's (an in-place ReLU often follows a convolution or a
+        BatchNorm), or one an earlier pass saw changed."""
+        return (any(isinstance(m, _layers.AFFINE) for m in modules.values())
+                or bool(_OVERWRITTEN.get(self.model, set()) & modules.keys()))
 
     def _stopper(self, modules: dict[str, nn.Module]) -> tuple[nn.Module, Callable] | None:
         """The last of ``modules`` to finish and a forward hook that ends the pass at its

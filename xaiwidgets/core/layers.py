@@ -35,6 +35,10 @@ from .scoped import Scope
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.PReLU)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+#: modules whose output is an affine map of their input: before any activation, signed,
+#: and often changed in place by the activation after them (``ReLU(inplace=True)``)
+AFFINE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
+          nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 #: class-name endings of block modules (torchvision, timm): residual, MBConv, dense, ...

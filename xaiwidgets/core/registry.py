@@ -160,6 +160,9 @@ class Method:
     #: LRP canonizes a shadow copy); the Explainer then holds the model exclusively
     #: (other threads' calls on it wait)
     changes_model: ClassVar[bool] = False
+    #: True when the method only runs the model forward, without autograd (FEM): its
+    #: calls keep the model's in-place activations (see ``core.scoped.model_guard``)
+    forward_only: ClassVar[bool] = False
     #: normalise the final 2-D map to [0, 1] (CAM, FEM)
     normalize_output: ClassVar[bool] = False
     #: parameter overrides for a quick run (tests, previews): few samples/steps

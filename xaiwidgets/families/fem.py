@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import xarray as xr
-from torch import nn
 
 from ..core import layers as _layers
 from ..core.ops import map_dims, minmax, model_tag, upsample
@@ -92,9 +91,6 @@ def fem_channel_shares(activation: torch.Tensor, K: float = 1.0) -> torch.Tensor
     return torch.where(total != 0, terms / total.where(total != 0, 1), 0)
 
 
-#: modules whose output is an affine map of their input: before any activation, signed
-_PRE_ACTIVATION = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
-                   nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 def post_activation(ctx: Context, layer: str) -> str | None:
@@ -114,7 +110,7 @@ def post_activation(ctx: Context, layer: str) -> str | None:
     at = order.index(layer)
     inside = [name for name in order[:at] if name.startswith(layer + ".")]
     last = _layers.resolve_layer(ctx.model, inside[-1] if inside else layer)
-    if not isinstance(last, _PRE_ACTIVATION):
+    if not isinstance(last, _layers.AFFINE):
         return None
     blocks = set(ctx.block_layers())
     calls = ctx._calls
@@ -317,6 +313,7 @@ class FEM(Method):
     default_reduce = "map"
     uses_layer = True
     targets = "ignored"
+    forward_only = True
     normalize_output = True
     params = (K_PARAM,)
 

@@ -149,6 +149,7 @@ class MLFEM(Method):
     family = "fem"
     default_reduce = "map"
     targets = "ignored"
+    forward_only = True
     params = (
         Param("layers", None, kind="any", optional=True,
               doc="layer names, shallowest first (default: every block output)"),
