@@ -270,7 +270,7 @@ class DatasetExplorer(BackgroundUpdates, Exportable, W.VBox):
     def _predict_chunk(self, indices: np.ndarray) -> xr.Dataset:
         """The predictions for the images ``indices`` (consecutive), in batches."""
         predicted, confidence = [], []
-        with model_guard(self.model), torch.inference_mode():
+        with model_guard(self.model, keep_inplace=True), torch.inference_mode():  # no hooks
             for start in range(0, len(indices), self.batch_size):
                 x = chunk_images(self.source, indices[start:start + self.batch_size])
                 x = x.to(self.device)
