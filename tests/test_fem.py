@@ -67,6 +67,12 @@ def test_zero_variance_and_all_zero_activations():
     constant = torch.full((1, 1, 7, 7), 0.1)
     # a channel equal to its mean everywhere fires everywhere: R = μ = 0.1 exactly
     assert torch.allclose(fem_map(constant), torch.full((1, 7, 7), 0.1))
+    # also where a float32 mean of the equal values rounds (0.1 and 7.7 over 56², and
+    # 7.7 rounds down: its mean would be above every value and the channel never fire)
+    for value in (0.1, 7.7, 0.3):
+        big = torch.full((1, 1, 56, 56), value)
+        assert big.flatten(2).mean(-1).item() != big[0, 0, 0, 0].item()
+        assert torch.equal(fem_map(big), big[:, 0] * 1.0)
     zeros = fem_map(torch.zeros(2, 5, 4, 4))
     assert torch.equal(zeros, torch.zeros(2, 4, 4))
     assert torch.equal(minmax(zeros), torch.zeros(2, 4, 4))  # never NaN

@@ -61,17 +61,20 @@ def fem_map(activation: torch.Tensor, K: float = 1.0) -> torch.Tensor:
     n, volume = activation.shape[0], activation.shape[2:]
     dtype = torch.promote_types(activation.dtype, torch.float32)
     flat = activation.flatten(2).to(dtype)
-    # mean accumulated in float64: a constant channel then gets μ exactly equal to its
-    # value and σ = 0, so it fires everywhere as the definition says (MPS has no float64)
-    accumulate = dtype if flat.device.type == "mps" else torch.float64
-    mean = flat.mean(dim=-1, keepdim=True, dtype=accumulate).to(dtype)
-    std = (flat - mean).square_().mean(dim=-1, keepdim=True).sqrt_()
+    mean = flat.mean(dim=-1, keepdim=True)
+    # a constant channel gets μ exactly equal to its value (a float sum of equal values
+    # may round) and so σ = 0: it fires everywhere, as the definition says. amin/amax
+    # are two fast passes; a float64 mean cost 20x a float32 one (ResNet-50's layer1)
+    low = flat.amin(dim=-1, keepdim=True)
+    mean = torch.where(low == flat.amax(dim=-1, keepdim=True), low, mean)
+    deviation = flat - mean
+    std = deviation.square_().mean(dim=-1, keepdim=True).sqrt_()
     threshold = mean + K * std
     # F ≥ t  ⇔  F > the float just below t, and for floats a > b ⇔ a − b > 0, so
     # sign(relu(F − below)) is the exact binary mask, built in place (this is the
     # hot loop of a K change; a bool mask plus a float copy is several times slower)
     below = torch.nextafter(threshold, threshold.new_tensor(-float("inf")))
-    fired = (flat - below).relu_().sign_()
+    fired = torch.sub(flat, below, out=deviation).relu_().sign_()  # the buffer re-used
     return torch.bmm(mean.transpose(1, 2), fired).reshape(n, *volume)
 
 
