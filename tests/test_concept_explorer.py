@@ -417,3 +417,32 @@ def test_cancel_stops_the_dataset_pass_and_the_store_resumes_it(model, dataset, 
     xr.testing.assert_identical(c._refs[(LAYER, "activation", None)], whole)
     xr.testing.assert_identical(c.references, whole.sel(channel=c.channel))
     c.close()
+
+
+def test_a_vision_transformer_opens_on_a_measure_it_allows_with_its_token_channels():
+    # shapes-vit: LRP is refused on self-attention, and its default layer's output is
+    # (N, 65 tokens, 96): the channels are the 96 features on the 8x8 patch grid
+    model, preprocess, classes = xw.models.load("shapes-vit")
+    data = xw.datasets.shapes(n=12, seed=1)
+    ex = xw.Explainer(model, data.image.values[:2], preprocess=preprocess, progress=False)
+    layer = ex.default_layer()
+    with pytest.raises(ValueError, match="refused on models with self-attention"):
+        ex.channels(layer, "lrp", target=[0, 1])
+    terms = ex.channels(layer, "gradcam", target=[0, 1])
+    assert terms.sizes["channel"] == 96
+    # the same as Grad-CAM's α_k·ΣA_k on the token grid, computed here from the tokens
+    a, g = ex.context.layer_gradient(layer, torch.tensor([0, 1]))  # on the patch grid
+    assert a.shape == g.shape == (2, 96, 8, 8)
+    expected = (g.mean(dim=(2, 3)) * a.sum(dim=(2, 3))).detach().numpy()
+    np.testing.assert_allclose(terms.values, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="self-attention"):
+        xw.concepts.references(model, data, layer, top=2, by="relevance",
+                               preprocess=preprocess, progress=False)
+    refs = xw.concepts.references(model, data, layer, top=2, preprocess=preprocess,
+                                  progress=False)
+    assert refs.sizes["channel"] == 96
+    c = ConceptExplorer(model, data, preprocess=preprocess, classes=classes,
+                        background=False, browse=4, top=2)
+    assert c.controls["measure"].value == "gradcam" and c.error is None
+    c.select_channel(int(terms[0].argmax()))
+    assert c.error is None

@@ -92,6 +92,7 @@ def channel_maps(model: nn.Module, images: torch.Tensor, layer: str, by: str,
     lrp = get_method("lrp")
     params = lrp.resolve_params({"composite": composite})
     given = None if target is None else ex.context.parse_target(target)
+    lrp.check(ex.context, layer, params)  # refused on attention, channels-last layers
     with model_guard(ex.model, exclusive=True):
         kept, chosen, rules = lrp.prepare(ex.context, given, **params)
         maps = kept.layer_relevance(chosen, composite, rules, layer)

@@ -30,14 +30,16 @@ if TYPE_CHECKING:  # pragma: no cover
 def channel_count(ctx: Context, layer: str) -> int:
     """Number of channels of ``layer``'s output, from the construction probe (no pass).
 
-    A layer whose output is no feature map (N, C, h, w) (or (N, C, t, h, w) for clips)
-    has no channels in this sense: a clear error names the fix.
+    Token layers count as the feature maps they are read as (a ViT block's (N, L, D)
+    tokens: D channels on the patch grid, ``Context.layer_grid``). A layer whose output
+    is no feature map (N, C, h, w) (or (N, C, t, h, w) for clips) has no channels in
+    this sense: a clear error names the fix.
     """
-    shapes = ctx.shapes()
-    if layer not in shapes:
+    if layer not in ctx.shapes():
         raise ValueError(f"layer {layer!r} did not run in the model's forward pass; pick a "
                          "layer from Explainer.layers()")
-    shape = shapes[layer]
+    ctx.layer_grid(layer)  # an ambiguous token layer: its error names how to give the grid
+    shape = ctx.map_shapes().get(layer, ctx.shapes()[layer])
     if len(shape) not in (4, 5):
         raise ValueError(
             f"layer {layer!r} outputs shape {tuple(shape)}, not a feature map (N, C, h, w): "

@@ -70,6 +70,18 @@ CONCEPT_COLORS = tuple(tuple(int(round(255 * c)) for c in rgb)
                        for rgb in matplotlib.colormaps["tab10"].colors)
 
 
+def _first_measure(ex: Explainer, layer: str) -> str:
+    """The first of :data:`MEASURES` the model and layer allow (LRP is refused on
+    self-attention, FEM on layers before their activation); the activation otherwise."""
+    for name in MEASURES[:-1]:
+        try:
+            method = get_method(name)
+            method.check(ex.context, layer, method.bind(ex.context, method.resolve_params({})))
+        except ValueError:
+            continue
+        return name
+    return ACTIVATION
+
 class ConceptExplorer(ExplorerBase):
     """What a layer sees: channel contributions, conditional maps, reference patches.
 
@@ -138,12 +150,13 @@ class ConceptExplorer(ExplorerBase):
                              + "; ex.layers() lists the layers with channels")
         image = self._image_control()
         image.options = [(f"#{i}", i) for i in range(len(first))]
+        measure = _first_measure(ex, layer)
         self._add_controls({
             "image": image,
             "target": self._target_control(),
             "layer": W.Dropdown(options=layers, value=layer, description="layer", style=STYLE,
                                 layout=W.Layout(**LAYOUT)),
-            "measure": W.Dropdown(options=list(MEASURES), value="lrp", description="measure",
+            "measure": W.Dropdown(options=list(MEASURES), value=measure, description="measure",
                                   style=STYLE, layout=W.Layout(**LAYOUT),
                                   tooltip="a channel's contribution: LRP relevance (CRP), "
                                           "Grad-CAM term, share of the FEM map, or its "

@@ -141,8 +141,15 @@ class LRP(Method):
     )
 
     def check(self, ctx, layer, params) -> None:
-        """Refused on self-attention models (``families/attention.py`` says why)."""
+        """Refused on self-attention models (``families/attention.py`` says why); a
+        channel ``layer`` (CRP) must be laid out channels first."""
         refuse_attention(ctx.model, self.name)
+        if layer is not None and ctx.layer_grid(layer).layout != "map":
+            raise ValueError(
+                f"LRP's channel relevance (CRP) reads layer {layer!r} as (N, C, h, w), but "
+                f"its output is laid out as {ctx.layer_grid(layer).layout} (a channels-last "
+                "or token layer); pick a layer whose output is channels first, such as a "
+                "block output from Explainer.layers(), or the gradcam or activation measure")
 
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         alpha, beta = params["alpha"], params["beta"]
