@@ -310,3 +310,19 @@ def test_box_contributions_take_fewer_rows_when_memory_is_short(vgg, monkeypatch
     assert seen == list(range(1, 65))
     np.testing.assert_allclose(narrow.values, wide.values, rtol=1e-5,
                                atol=1e-6 * np.abs(wide.values).max())
+
+
+def test_nmf_factorises_the_positive_part_of_an_activation_that_dips_below_zero():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.GELU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2)).eval()
+    images = torch.rand(3, 3, 16, 16) - 0.5
+    ex = xw.Explainer(model, images, progress=False)
+    gelu = ex.activations(["1"])["1"]
+    assert float(gelu.min()) < 0  # GELU dips to -0.17
+    fac = xw.concepts.factorize(ex, "1", n=2, seed=0)
+    expected = float(gelu.clamp(max=0).abs().sum() / gelu.abs().sum())
+    assert fac.attrs["clamped_share"] == pytest.approx(expected, rel=1e-6) and expected > 0
+    assert float(fac.maps.min()) >= 0 and float(fac.basis.min()) >= 0
+    with pytest.raises(ValueError, match="negative activations.*activation"):
+        xw.concepts.factorize(ex, "0", n=2)  # a convolution's signed output stays refused

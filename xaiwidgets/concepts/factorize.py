@@ -23,6 +23,7 @@ import torch
 import xarray as xr
 
 from ..core.channels import channel_count
+from ..core.layers import ends_with_activation
 from ..core.ops import upsample
 
 
@@ -34,7 +35,9 @@ def factorize(ex: Any, layer: str | None = None, n: int = 8, seed: int = 0,
     the input size (bilinear; not normalised, so concepts compare), ``maps_layer``
     (W at the layer's resolution, dims "image", "concept", "v", "u") and ``basis``
     ("concept", "channel") H; all non-negative. A layer with negative activations (a
-    convolution before its ReLU) is refused: pick the activation after it.
+    convolution before its ReLU) is refused: pick the activation after it. An activation
+    that dips below zero (GELU, SiLU) is factorised on its positive part; ``attrs``
+    ``clamped_share`` is the share of its absolute mass that was negative.
     """
     from sklearn.decomposition import NMF
 
@@ -47,10 +50,16 @@ def factorize(ex: Any, layer: str | None = None, n: int = 8, seed: int = 0,
     if activation.ndim != 4:
         raise ValueError(f"factorize needs a feature map (N, C, h, w); layer {layer!r} gives "
                          f"{tuple(activation.shape)}")
+    clamped = 0.0
     if float(activation.min()) < 0:
-        raise ValueError(f"layer {layer!r} has negative activations (min "
-                         f"{float(activation.min()):.3g}); NMF needs non-negative ones: pick "
-                         "the ReLU (or block output) after it from Explainer.layers()")
+        if not ends_with_activation(ex.model, list(ex.context.shapes()), layer):
+            raise ValueError(f"layer {layer!r} has negative activations (min "
+                             f"{float(activation.min()):.3g}); NMF needs non-negative ones: "
+                             "pick the activation (or block output) after it from "
+                             "Explainer.layers()")
+        # GELU, SiLU, ELU dip below zero: NMF factorises their positive part
+        clamped = float(activation.clamp(max=0).abs().sum() / activation.abs().sum())
+        activation = activation.clamp(min=0)
     images, _, h, w = activation.shape
     rows = activation.permute(0, 2, 3, 1).reshape(-1, channels).numpy().astype(np.float64)
     rng = np.random.default_rng(seed)
@@ -68,4 +77,5 @@ def factorize(ex: Any, layer: str | None = None, n: int = 8, seed: int = 0,
         coords={"image": np.arange(images), "concept": np.arange(int(n)),
                 "channel": np.arange(channels)},
         attrs={"layer": layer, "n": int(n), "seed": int(seed), "fit_rows": len(fit_rows),
-               "reconstruction_err": float(nmf.reconstruction_err_)})
+               "reconstruction_err": float(nmf.reconstruction_err_),
+               "clamped_share": clamped})

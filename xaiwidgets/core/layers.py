@@ -50,6 +50,19 @@ _BLOCK_PREFIXES = ("Inception",)
 _NOT_BLOCKS = ("InceptionAux", "Inception3", "InceptionV3", "InceptionV4")
 
 
+def ends_with_activation(model: nn.Module, order: list[str], layer: str) -> bool:
+    """Whether ``layer``'s output is an activation module's (the layer itself, or the
+    last of its submodules to finish in ``order``, the modules in finishing order).
+
+    >>> m = nn.Sequential(nn.Sequential(nn.Conv2d(1, 1, 1), nn.GELU()), nn.Conv2d(1, 1, 1))
+    >>> order = ["0.0", "0.1", "0", "1"]
+    >>> ends_with_activation(m, order, "0"), ends_with_activation(m, order, "1")
+    (True, False)
+    """
+    inside = [name for name in order if name.startswith(layer + ".")] if layer in order else []
+    return isinstance(resolve_layer(model, inside[-1] if inside else layer), _ACTIVATIONS)
+
+
 def is_residual_block(module: nn.Module) -> bool:
     """True for block modules whose output is a stage of the network (by class name,
     which covers torchvision and timm): residual, MBConv, Inception, dense, Fire.

@@ -174,10 +174,7 @@ def features(ctx: Context, layer: str) -> torch.Tensor:
 
 
 def _signed_share(ctx: Context, layer: str, activation: torch.Tensor) -> float:
-    order = list(ctx.shapes())
-    inside = [name for name in order if name.startswith(layer + ".")] if layer in order else []
-    last = _layers.resolve_layer(ctx.model, inside[-1] if inside else layer)
-    if isinstance(last, _layers._ACTIVATIONS):
+    if _layers.ends_with_activation(ctx.model, list(ctx.shapes()), layer):
         return 0.0
     return negative_share(activation)
 
