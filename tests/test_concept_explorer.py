@@ -446,3 +446,10 @@ def test_a_vision_transformer_opens_on_a_measure_it_allows_with_its_token_channe
     assert c.controls["measure"].value == "gradcam" and c.error is None
     c.select_channel(int(terms[0].argmax()))
     assert c.error is None
+    # FEM needs the layer after the activation, which ex.layers() does not list: given
+    # in code, it is offered and used
+    fem = ConceptExplorer(model, data, layer="blocks.3.mlp.act", preprocess=preprocess,
+                          classes=classes, background=False, browse=4, top=2)
+    assert fem.controls["layer"].value == "blocks.3.mlp.act"
+    fem.controls["measure"].value = "fem"
+    assert fem.error is None

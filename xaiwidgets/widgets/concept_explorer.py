@@ -146,8 +146,11 @@ class ConceptExplorer(ExplorerBase):
         layers = ex.layers()
         layer = ex.default_layer() if layer is None else layer
         if layer not in layers:
-            raise ValueError(did_you_mean("layer", layer, layers)
-                             + "; ex.layers() lists the layers with channels")
+            if layer not in ex.context.shapes():
+                raise ValueError(did_you_mean("layer", layer, layers)
+                                 + "; ex.layers() lists the layers with channels")
+            channel_count(ex.context, layer)  # any module with channels (a ViT's mlp.act)
+            layers = [*layers, layer]
         image = self._image_control()
         image.options = [(f"#{i}", i) for i in range(len(first))]
         measure = _first_measure(ex, layer)
