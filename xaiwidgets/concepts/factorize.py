@@ -55,8 +55,8 @@ def factorize(ex: Any, layer: str | None = None, n: int = 8, seed: int = 0,
         if not ends_with_activation(ex.model, list(ex.context.shapes()), layer):
             raise ValueError(f"layer {layer!r} has negative activations (min "
                              f"{float(activation.min()):.3g}); NMF needs non-negative ones: "
-                             "pick the activation (or block output) after it from "
-                             "Explainer.layers()")
+                             "pick the ReLU (or other activation, or the block output) "
+                             "after it from Explainer.layers()")
         # GELU, SiLU, ELU dip below zero: NMF factorises their positive part
         clamped = float(activation.clamp(max=0).abs().sum() / activation.abs().sum())
         activation = activation.clamp(min=0)
