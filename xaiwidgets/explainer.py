@@ -266,13 +266,12 @@ class Explainer:
             raise TypeError(f"the activation measure takes no parameters, got {sorted(params)}")
         with model_guard(self.model, exclusive=m is not None and m.changes_model,
                          keep_inplace=m is None or m.forward_only):
-            if m is not None:  # the method's refusals (LRP on attention, FEM's layers)
-                m.check(ctx, layer, resolved)
             if m is None:  # the activation measure ignores the target
                 terms, target_t = _with_target(
                     ctx, "ignored", target,
                     lambda _: _channels.activation_terms(ctx.activations([layer])[layer]))
             else:
+                m.check(ctx, layer, resolved)  # its refusals (LRP on attention, FEM's layers)
                 terms, target_t = _with_target(
                     ctx, m.targets, target,
                     lambda given: m.channel_terms(ctx, given, layer, **resolved))

@@ -25,6 +25,7 @@ import xarray as xr
 from ..core.channels import channel_count
 from ..core.layers import ends_with_activation
 from ..core.ops import upsample
+from ..families.fem import negative_share
 
 
 def factorize(ex: Any, layer: str | None = None, n: int = 8, seed: int = 0,
@@ -58,7 +59,7 @@ def factorize(ex: Any, layer: str | None = None, n: int = 8, seed: int = 0,
                              "pick the ReLU (or other activation, or the block output) "
                              "after it from Explainer.layers()")
         # GELU, SiLU, ELU dip below zero: NMF factorises their positive part
-        clamped = float(activation.clamp(max=0).abs().sum() / activation.abs().sum())
+        clamped = negative_share(activation)
         activation = activation.clamp(min=0)
     images, _, h, w = activation.shape
     rows = activation.permute(0, 2, 3, 1).reshape(-1, channels).numpy().astype(np.float64)

@@ -94,8 +94,6 @@ def fem_channel_shares(activation: torch.Tensor, K: float = 1.0) -> torch.Tensor
     return torch.where(total != 0, terms / total.where(total != 0, 1), 0)
 
 
-
-
 def post_activation(ctx: Context, layer: str) -> str | None:
     """The nearest layer after the activation, when ``layer``'s output comes before it
     (the last module to finish inside it is a convolution or a normalisation: signed
@@ -161,7 +159,7 @@ def features(ctx: Context, layer: str) -> torch.Tensor:
     below zero) are not checked. The share is computed once per layer and images.
     """
     activation = ctx.activations([layer])[layer]
-    share = ctx.memo(features, layer, lambda: _signed_share(ctx, layer, activation))
+    share = signed_share(ctx, layer)
     if share > SIGNED_SHARE:
         warnings.warn(
             f"FEM assumes non-negative features (after a ReLU), but {share:.0%} of the "
@@ -173,10 +171,15 @@ def features(ctx: Context, layer: str) -> torch.Tensor:
     return activation
 
 
-def _signed_share(ctx: Context, layer: str, activation: torch.Tensor) -> float:
-    if _layers.ends_with_activation(ctx.model, list(ctx.shapes()), layer):
-        return 0.0
-    return negative_share(activation)
+def signed_share(ctx: Context, layer: str) -> float:
+    """:func:`negative_share` of ``layer``'s activation, 0 for a layer that ends with an
+    activation module; computed once per layer and images (``Context.memo``)."""
+    def build() -> float:
+        if _layers.ends_with_activation(ctx.model, list(ctx.shapes()), layer):
+            return 0.0
+        return negative_share(ctx.activations([layer])[layer])
+
+    return ctx.memo(signed_share, layer, build)
 
 
 def inner_activation(ctx: Context, layer: str) -> str | None:
@@ -188,8 +191,7 @@ def inner_activation(ctx: Context, layer: str) -> str | None:
     if layer not in order:
         return None
     inside = [name for name in order[:order.index(layer)] if name.startswith(layer + ".")]
-    if not inside or isinstance(_layers.resolve_layer(ctx.model, inside[-1]),
-                                _layers._ACTIVATIONS):
+    if not inside or _layers.ends_with_activation(ctx.model, order, layer):
         return None
     shapes = ctx.map_shapes()
     grid = shapes.get(layer, ())[-2:]
@@ -333,9 +335,7 @@ class FEM(Method):
         if inner is None:
             return layer
         ctx.activations([layer, inner])  # one pass for both
-        signed = ctx.memo(features, layer, lambda: _signed_share(
-            ctx, layer, ctx.activations([layer])[layer])) > SIGNED_SHARE
-        return inner if signed else layer
+        return inner if signed_share(ctx, layer) > SIGNED_SHARE else layer
 
     def attribute(self, ctx, target, layer, K) -> torch.Tensor:
         return fem_map(features(ctx, layer), K)

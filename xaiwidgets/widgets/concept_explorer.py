@@ -82,6 +82,7 @@ def _first_measure(ex: Explainer, layer: str) -> str:
         return name
     return ACTIVATION
 
+
 class ConceptExplorer(ExplorerBase):
     """What a layer sees: channel contributions, conditional maps, reference patches.
 
